@@ -1,0 +1,3 @@
+"""launcher: a training loop that stays exact from one GPU to many nodes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,66 @@
+"""Batch arithmetic and which samples make up each optimizer step.
+
+The samples of global step `s` are a slice of a seeded per-epoch permutation of the training split,
+`global_batch_size` long (shorter for the last step of an epoch). They depend on the seed, the
+epoch and the global batch size only, never on how the global batch is split into ranks and
+micro-steps: a run moved from 2 ranks x 4 micro-steps to 1 rank x 8 gets the same updates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_size: int  # samples per process per micro-step
+    gradient_accumulation_steps: int  # micro-steps per optimizer step
+    world_size: int  # processes
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step, over all processes and micro-steps."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    def steps_per_epoch(self, n_samples: int) -> int:
+        """Optimizer steps per pass over `n_samples`; the last one takes the remainder (a partial window)."""
+        return math.ceil(n_samples / self.global_batch_size)
+
+    def total_steps(self, n_samples: int, max_steps: int | None, epochs: int | None) -> int:
+        bounds = [b for b in (max_steps, epochs and epochs * self.steps_per_epoch(n_samples)) if b is not None]
+        return min(bounds)
+
+    def describe(self) -> str:
+        return (
+            f"global batch {self.global_batch_size} = micro-batch {self.micro_batch_size}"
+            f" x accumulation {self.gradient_accumulation_steps} x world size {self.world_size}"
+        )
+
+
+def epoch_order(n_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The order of the training samples in `epoch`: the same on every rank and every world size."""
+    if not shuffle:
+        return np.arange(n_samples)
+    return np.random.default_rng([seed, epoch]).permutation(n_samples)
+
+
+def step_window(order: np.ndarray, step_in_epoch: int, global_batch_size: int) -> np.ndarray:
+    """Sample indices of one optimizer step (fewer than `global_batch_size` at the end of an epoch)."""
+    start = step_in_epoch * global_batch_size
+    return order[start : start + global_batch_size]
+
+
+def rank_micro_batches(window: np.ndarray, rank: int, plan: BatchPlan) -> list[np.ndarray]:
+    """This rank's share of a window, as exactly `gradient_accumulation_steps` index arrays.
+
+    Ranks take every world_size-th sample, so a partial window spreads evenly; a micro-batch may
+    be short or empty (the loader pads it with rows that carry no target tokens), which keeps the
+    number of forward/backward passes, and so the collectives, the same on every rank.
+    """
+    mine = window[rank :: plan.world_size]
+    mb = plan.micro_batch_size
+    return [mine[k * mb : (k + 1) * mb] for k in range(plan.gradient_accumulation_steps)]
+

@@ -1,0 +1,100 @@
+"""Everything the loop needs, built from the config in the order correctness requires:
+validate input, build and freeze the bare model, join the process group, prepare data, wrap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch import nn
+
+from launcher.batches import BatchPlan
+from launcher.config import Config
+from launcher.data import ByteTokenizer, EvalData, TrainData, prepare_splits
+from launcher.distributed import check_hardware, make_accelerator, seed_initial_weights, seed_rank_streams
+from launcher.errors import UsageError
+from launcher.freezing import apply_freeze, parameter_table
+from launcher.models import build_model
+from launcher.optim import build_lr_schedule, build_optimizer
+from launcher.outputs import check_output_dir, prepare_output_dir
+
+
+@dataclass
+class Run:
+    cfg: Config
+    accelerator: Accelerator
+    model: nn.Module  # wrapped (DDP, compiled, ...) by accelerator.prepare
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    train_data: TrainData
+    eval_data: EvalData | None
+    plan: BatchPlan
+    total_steps: int
+    frozen: set[str]
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def build_bare_model(cfg: Config) -> tuple[nn.Module, set[str]]:
+    """The model with the freeze patterns applied, on CPU, identical on every rank and world size."""
+    seed_initial_weights(cfg.seed)
+    model = build_model(cfg.model, ByteTokenizer.vocab_size, cfg.data.seq_len)
+    return model, apply_freeze(model, cfg.freeze)
+
+
+def build_run(cfg: Config, overwrite: bool = False) -> Run:
+    check_hardware(cfg.train)
+    check_output_dir(cfg.output_dir, overwrite)
+    model, frozen = build_bare_model(cfg)  # freezing precedes wrapping: DDP and the optimizer see only trainable params
+
+    accelerator = make_accelerator(cfg.train)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    plan = BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size)
+    accelerator.wait_for_everyone()  # every rank has checked output_dir before the main process writes to it
+    if accelerator.is_main_process:
+        prepare_output_dir(cfg, overwrite)
+    train_blocks, eval_blocks = _prepare_data_main_first(cfg, accelerator)
+
+    pin = accelerator.device.type == "cuda"
+    train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin)
+    eval_data = None
+    if eval_blocks is not None and len(eval_blocks):
+        eval_mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
+        eval_data = EvalData(eval_blocks, rank, world_size, eval_mb, cfg.eval.max_samples, pin)
+    total_steps = plan.total_steps(len(train_data), cfg.train.max_steps, cfg.train.epochs)
+
+    optimizer = build_optimizer(model, cfg.train)
+    lr_schedule = build_lr_schedule(optimizer, cfg.train, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    seed_rank_streams(cfg.seed, rank)
+
+    accelerator.print(parameter_table(accelerator.unwrap_model(model)))
+    accelerator.print(
+        f"{plan.describe()}; {len(train_data)} training samples of {cfg.data.seq_len} tokens,"
+        f" {train_data.steps_per_epoch} steps per epoch, {total_steps} steps;"
+        f" {len(eval_blocks) if eval_blocks is not None else 0} held-out samples"
+    )
+    return Run(cfg, accelerator, model, optimizer, lr_schedule, train_data, eval_data, plan, total_steps, frozen)
+
+
+def _prepare_data_main_first(cfg: Config, accelerator: Accelerator):
+    """The main process tokenizes (and caches) first; the others then read its cache.
+
+    A data error on the main process is sent to every rank, so all exit with it instead of waiting.
+    """
+    result, error = None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = prepare_splits(cfg.data, cfg.seed)
+        except UsageError as err:
+            error = [err.lines]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0] is not None:
+        raise UsageError(*error[0])
+    return result if result is not None else prepare_splits(cfg.data, cfg.seed)

@@ -1,0 +1,75 @@
+"""`launcher train CONFIG [key=value ...]`: parse, build, run. Bad input: one line per problem, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launcher.errors import UsageError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="launcher", description="Exact, fast training from one GPU to many nodes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train from a YAML config")
+    train.add_argument("config", help="YAML config file, e.g. configs/default.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=100")
+    train.add_argument("--overwrite", action="store_true", help="replace the run in an existing non-empty output_dir")
+    args = parser.parse_args(argv)
+    try:
+        return run_train(args, argv)
+    except UsageError as err:
+        from launcher.distributed import env_rank
+
+        if env_rank() == 0:  # every rank finds the same problem; one report is enough
+            for line in err.lines:
+                print(f"launcher: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def run_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from launcher.config import load_config
+    from launcher.distributed import launched_by_a_launcher, processes_to_start, relaunch
+
+    cfg = load_config(args.config, args.overrides)
+    nproc = processes_to_start(cfg.launch)
+    if not launched_by_a_launcher() and nproc > 1:
+        preflight(cfg, args.overwrite)  # bad input fails here, once, before any process starts
+        return relaunch(nproc, argv)
+
+    from launcher.build import build_run
+    from launcher.loop import train
+
+    run = build_run(cfg, overwrite=args.overwrite)
+    summary = train(run)
+    if run.is_main_process:
+        report(summary, cfg)
+    return 0
+
+
+def preflight(cfg, overwrite: bool) -> None:
+    """The checks a launched run would make before training, without starting it."""
+    import torch
+
+    from launcher.build import build_bare_model
+    from launcher.data import load_documents
+    from launcher.distributed import check_hardware
+    from launcher.outputs import check_output_dir
+
+    check_hardware(cfg.train)
+    check_output_dir(cfg.output_dir, overwrite)
+    with torch.device("meta"):  # parameter names and shapes only, no memory
+        build_bare_model(cfg)
+    load_documents(cfg.data)
+
+
+def report(summary: dict, cfg) -> None:
+    if summary["eval_loss"] is not None:
+        start = f" (at step 0: {summary['first_eval_loss']:.4f})" if summary["first_eval_loss"] is not None else ""
+        print(f"eval loss {summary['eval_loss']:.4f}{start} after {summary['steps']} steps")
+    if summary["skipped_steps"]:
+        print(f"{summary['skipped_steps']} steps skipped for inf/nan gradients (fp16 loss scaling)")
+    print(f"outputs: {cfg.output_dir}/ (config.yaml, metrics.jsonl, final/model.safetensors)")

@@ -1,0 +1,221 @@
+"""The run configuration: typed sections, loaded from YAML plus dotted `key=value` overrides.
+
+Validation is pydantic's; this module only turns its errors into one line per problem that names
+the key and the fix, and checks the cross-field rules a single field cannot express.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from launcher.errors import UsageError
+
+DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TrainConfig(Section):
+    micro_batch_size: int = Field(8, ge=1, description="samples per process per micro-step")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    max_steps: int | None = Field(None, ge=0, description="optimizer steps to run; 0 writes the initial weights and exits")
+    epochs: int | None = Field(None, ge=1, description="upper bound on passes over the training split")
+    learning_rate: float = Field(3e-4, gt=0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices and embeddings (not biases or norms)")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup from 0")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of the peak (cosine, linear)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the total gradient norm to this; null disables clipping")
+    grad_norm_type: float = Field(2.0, gt=0, description="p of the p-norm used for clipping and logging (inf allowed)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast precision; fp16 adds a loss scaler")
+    compile: bool = Field(False, description="torch.compile the model")
+    log_every: int = Field(10, ge=1, description="optimizer steps between metrics rows (each costs one host-device sync)")
+
+
+class EvalConfig(Section):
+    every_steps: int | None = Field(None, ge=1, description="optimizer steps between evaluations; null: only at the end")
+    at_start: bool = Field(True, description="also evaluate the initial weights (step 0)")
+    micro_batch_size: int | None = Field(None, ge=1, description="samples per process per eval batch; null: train.micro_batch_size")
+    max_samples: int | None = Field(None, ge=1, description="evaluate on the first N held-out samples only; null: all")
+
+
+class DataConfig(Section):
+    path: Path | None = Field(None, description="local .txt/.jsonl/.json/.csv/.parquet file; null: the built-in corpus")
+    text_field: str = Field("text", min_length=1, description="column holding the text (.jsonl/.json/.csv/.parquet)")
+    seq_len: int = Field(128, ge=2, description="tokens per training sequence")
+    pack: bool = Field(True, description="concatenate documents into full blocks; false: one padded sequence per document chunk")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="fraction of documents held out for evaluation; 0 disables evaluation")
+    shuffle: bool = Field(True, description="reshuffle the training samples every epoch (seeded)")
+    cache_dir: Path | None = Field(None, description="where tokenized data is cached; null: the datasets library's default")
+
+    @field_validator("path")
+    @classmethod
+    def _existing_data_file(cls, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        if path.suffix not in DATA_SUFFIXES:
+            raise ValueError(f"'{path}' has an unsupported suffix; use one of {', '.join(DATA_SUFFIXES)}")
+        if not path.is_file():
+            raise ValueError(f"file '{path}' not found; point it at an existing file, or null for the built-in corpus")
+        return path
+
+
+class ModelConfig(Section):
+    factory: str | None = Field(None, description="'module:callable' building your own model; null: the built-in GPT")
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for model.factory")
+    n_layer: int = Field(4, ge=1, description="built-in GPT: transformer blocks")
+    n_head: int = Field(4, ge=1, description="built-in GPT: attention heads per block")
+    d_model: int = Field(128, ge=1, description="built-in GPT: width of the residual stream")
+    dropout: float = Field(0.0, ge=0, lt=1, description="built-in GPT: dropout probability (0 keeps the forward deterministic)")
+
+    @field_validator("factory")
+    @classmethod
+    def _module_colon_callable(cls, factory: str | None) -> str | None:
+        if factory is not None and factory.count(":") != 1:
+            raise ValueError(f"'{factory}' is not of the form 'module:callable'")
+        return factory
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.factory is None and self.d_model % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) must be a multiple of model.n_head ({self.n_head})")
+        return self
+
+
+class LaunchConfig(Section):
+    nproc_per_node: int | Literal["auto"] = Field(
+        1, description="processes a plain `launcher train` starts (auto: every GPU, or 2 CPU processes); ignored under accelerate launch/torchrun"
+    )
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive(cls, n: int | str) -> int | str:
+        if isinstance(n, int) and n < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return n
+
+
+class Config(Section):
+    seed: int = Field(0, description="seeds initial weights and data order (identical across world sizes)")
+    output_dir: Path = Field(Path("outputs/run"), description="where config.yaml, metrics.jsonl and final/ go")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze: globs on dotted names, 're:' for a regex")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _has_a_length(self) -> Config:
+        if self.train.max_steps is None and self.train.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs (or both: the smaller bound wins)")
+        return self
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML file, apply `dotted.key=value` overrides, validate; raise UsageError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file '{path}' not found; pass the path of a YAML file such as configs/default.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(f"{path}: not valid YAML{at} ({problem}); fix the syntax there") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    problems = []
+    for item in overrides:
+        try:
+            _apply_override(raw, item)
+        except UsageError as err:
+            problems += err.lines
+    if problems:
+        raise UsageError(*problems)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise UsageError(*(_explain(path, e) for e in err.errors())) from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise UsageError(f"override '{item}' is not of the form dotted.key=value (e.g. train.max_steps=100)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"override '{item}': '{'.'.join(parents[: i + 1])}' is not a section")
+    node[leaf] = value
+
+
+def _explain(path: Path, error: dict) -> str:
+    """One line for one pydantic error: the key, what is wrong, and the fix."""
+    # pydantic appends the union member it tried ('int', "literal['auto']") to the location
+    loc = [str(p) for p in error["loc"] if not str(p).startswith(("literal[", "int", "float", "function-"))]
+    key = ".".join(loc) or "(top level)"
+    kind, ctx, got = error["type"], error.get("ctx", {}), error.get("input")
+    if kind == "extra_forbidden":
+        parent_model = _section_at(loc[:-1])
+        known = list(parent_model.model_fields) if parent_model else []
+        close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
+        hint = f"did you mean '{'.'.join(loc[:-1] + close)}'?" if close else f"known keys here: {', '.join(known)}"
+        return f"{path}: unknown key '{key}'; {hint}"
+    if kind == "missing":
+        return f"{path}: {key} is required; add it"
+    if kind == "value_error":
+        return f"{path}: {key}: {error['msg'].removeprefix('Value error, ')}"
+    field = _field_at(loc)
+    desc = f" ({field.description})" if field is not None and field.description else ""
+    fixes = {
+        "greater_than_equal": lambda: f"set {key} to {ctx.get('ge')} or more",
+        "greater_than": lambda: f"set {key} to more than {ctx.get('gt')}",
+        "less_than_equal": lambda: f"set {key} to {ctx.get('le')} or less",
+        "less_than": lambda: f"set {key} to less than {ctx.get('lt')}",
+        "literal_error": lambda: f"set {key} to one of {ctx.get('expected')}",
+    }
+    fix = fixes.get(kind, lambda: f"set {key} to a valid value{desc}")()
+    return f"{path}: {key}: {error['msg'].lower()} (got {got!r}); {fix}"
+
+
+def _section_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _field_at(loc: list[str]):
+    section = _section_at(loc[:-1]) if loc else None
+    return section.model_fields.get(loc[-1]) if section else None
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config, as written to OUTPUT_DIR/config.yaml (loads back to the same Config)."""
+    data = config.model_dump(mode="json")
+    if math.isinf(config.train.grad_norm_type):
+        data["train"]["grad_norm_type"] = float("inf")
+    return yaml.safe_dump(data, sort_keys=False)

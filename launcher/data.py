@@ -1,0 +1,206 @@
+"""Text data through HF `datasets`: load, split held-out documents, tokenize (cached), pack into blocks.
+
+Every sample is a fixed-width row of `seq_len + 1` token ids plus its valid `length`; the model
+reads `ids[:-1]` and predicts `ids[1:]`. Rows shorter than the width (the end of a document when
+`pack` is false, or the tail of a packed chunk) are padded, and their padding carries no target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from launcher.batches import BatchPlan, epoch_order, rank_micro_batches, step_window
+from launcher.config import DataConfig
+from launcher.errors import UsageError
+
+IGNORE_INDEX = -100  # label of positions that are not predicted (padding)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens, plus an end-of-document token. Lossless and needs no download."""
+
+    eos_id = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [rows, seq_len] int64
+    labels: torch.Tensor  # [rows, seq_len] int64, IGNORE_INDEX where nothing is predicted
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
+
+
+@dataclass
+class Window:
+    """One optimizer step's data on this rank, and the step's target-token count over all ranks."""
+
+    micro_batches: list[Batch]
+    global_target_tokens: int
+
+
+def builtin_corpus_file(cache_dir: Path) -> Path:
+    """The CPython documentation topics shipped with Python (pydoc_data) as JSON lines, written once."""
+    import pydoc_data.topics
+
+    path = cache_dir / f"pydoc-topics-py{sys.version_info.major}.{sys.version_info.minor}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({"title": k, "text": v}) for k, v in sorted(pydoc_data.topics.topics.items())]
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(path)  # atomic: ranks racing here all see a complete file
+    return path
+
+
+def load_documents(cfg: DataConfig) -> datasets.Dataset:
+    """The documents as a Dataset with one column, `text`."""
+    cache_dir = cfg.cache_dir or Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher"))
+    path = cfg.path or builtin_corpus_file(cache_dir)
+    builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[path.suffix]
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        docs = datasets.load_dataset(
+            builder, data_files=str(path), split="train", cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None, **kwargs
+        )
+    except Exception as err:  # the datasets library raises many types for an unreadable file
+        raise UsageError(f"data.path: cannot read '{path}' as {builder} ({type(err).__name__}: {err}); fix the file") from None
+    field = "text" if builder == "text" else cfg.text_field
+    if field not in docs.column_names:
+        raise UsageError(
+            f"data.text_field: '{path}' has no column '{field}' (columns: {', '.join(docs.column_names)}); set data.text_field"
+        )
+    return docs.select_columns([field]).rename_column(field, "text") if field != "text" else docs.select_columns(["text"])
+
+
+def split_documents(docs: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Hold out whole documents, so no evaluated text was trained on."""
+    if eval_fraction == 0:
+        return docs, None
+    n_eval = max(1, round(eval_fraction * len(docs)))
+    if len(docs) - n_eval < 1:
+        raise UsageError(
+            f"data.eval_fraction: {len(docs)} document(s) cannot be split into train and eval; add documents or set data.eval_fraction=0"
+        )
+    split = docs.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def tokenize_into_blocks(docs: datasets.Dataset, seq_len: int, pack: bool) -> datasets.Dataset:
+    """Rows of `seq_len + 1` token ids (padded) and their valid `length`; rows with no target are dropped."""
+    tokenizer = ByteTokenizer()
+    width = seq_len + 1
+
+    def to_blocks(batch):
+        streams = [tokenizer.encode(text) + [tokenizer.eos_id] for text in batch["text"]]
+        if pack:  # one stream per map batch: blocks cross document boundaries
+            streams = [[t for s in streams for t in s]]
+        rows, lengths = [], []
+        for stream in streams:
+            for start in range(0, len(stream), width):
+                block = stream[start : start + width]
+                if len(block) >= 2:
+                    lengths.append(len(block))
+                    rows.append(block + [0] * (width - len(block)))
+        return {"input_ids": rows, "length": lengths}
+
+    features = datasets.Features(
+        {"input_ids": datasets.Sequence(datasets.Value("int32"), length=width), "length": datasets.Value("int32")}
+    )
+    blocks = docs.map(to_blocks, batched=True, batch_size=1000, remove_columns=docs.column_names, features=features)
+    return blocks.with_format("numpy")
+
+
+def rows_to_batch(rows: dict, n_rows: int, width: int, pin: bool) -> Batch:
+    """Inputs and next-token labels as `n_rows` rows; rows beyond the data are padding with no targets."""
+    ids, lengths = rows["input_ids"], rows["length"]
+    full = np.zeros((n_rows, width), dtype=np.int64)
+    full[: len(ids)] = ids
+    valid = np.zeros((n_rows, 1), dtype=np.int64)
+    valid[: len(ids), 0] = lengths
+    targets = full[:, 1:].copy()
+    targets[np.arange(width - 1)[None, :] >= valid - 1] = IGNORE_INDEX
+    inputs, labels = torch.from_numpy(full[:, :-1].copy()), torch.from_numpy(targets)
+    if pin:  # page-locked host memory lets the copy to the GPU run asynchronously
+        inputs, labels = inputs.pin_memory(), labels.pin_memory()
+    return Batch(inputs, labels)
+
+
+def _lengths(blocks: datasets.Dataset) -> np.ndarray:
+    return np.asarray(blocks.select_columns(["length"])[:]["length"], dtype=np.int64)
+
+
+def _read_rows(blocks: datasets.Dataset, idx: np.ndarray) -> dict:
+    if len(idx) == 0:
+        return {"input_ids": np.zeros((0, blocks.features["input_ids"].length)), "length": np.zeros(0)}
+    return blocks[idx]
+
+
+class TrainData:
+    """This rank's micro-batches for any optimizer step, computed from the step alone (O(1) to seek)."""
+
+    def __init__(self, blocks: datasets.Dataset, plan: BatchPlan, rank: int, seed: int, shuffle: bool, pin: bool):
+        self.blocks, self.plan, self.rank, self.seed, self.shuffle, self.pin = blocks, plan, rank, seed, shuffle, pin
+        self.width = blocks.features["input_ids"].length
+        self.target_counts = _lengths(blocks) - 1
+        self.steps_per_epoch = plan.steps_per_epoch(len(blocks))
+        self._epoch, self._order = -1, None
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def window(self, step: int) -> Window:
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, epoch_order(len(self.blocks), self.seed, epoch, self.shuffle)
+        window = step_window(self._order, step_in_epoch, self.plan.global_batch_size)
+        micro = [
+            rows_to_batch(_read_rows(self.blocks, idx), self.plan.micro_batch_size, self.width, self.pin)
+            for idx in rank_micro_batches(window, self.rank, self.plan)
+        ]
+        return Window(micro, int(self.target_counts[window].sum()))
+
+
+class EvalData:
+    """The held-out samples sharded over ranks without duplicates; every rank runs the same number of batches."""
+
+    def __init__(self, blocks: datasets.Dataset, rank: int, world_size: int, micro_batch_size: int, max_samples: int | None, pin: bool):
+        n = min(len(blocks), max_samples or len(blocks))
+        self.blocks, self.micro_batch_size, self.pin = blocks, micro_batch_size, pin
+        self.width = blocks.features["input_ids"].length
+        self.target_tokens = int((_lengths(blocks)[:n] - 1).sum())  # all ranks: the loss denominator
+        self.mine = np.arange(rank, n, world_size)
+        per_rank = -(-n // world_size)
+        self.n_batches = -(-per_rank // micro_batch_size)
+
+    def __iter__(self):
+        mb = self.micro_batch_size
+        for b in range(self.n_batches):
+            idx = self.mine[b * mb : (b + 1) * mb]
+            yield rows_to_batch(_read_rows(self.blocks, idx), mb, self.width, self.pin)
+
+
+def prepare_splits(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Tokenized training and held-out blocks (the held-out split is None when data.eval_fraction is 0)."""
+    datasets.disable_progress_bars()
+    train_docs, eval_docs = split_documents(load_documents(cfg), cfg.eval_fraction, seed)
+    train_blocks = tokenize_into_blocks(train_docs, cfg.seq_len, cfg.pack)
+    if len(train_blocks) == 0:
+        raise UsageError("data.path: the training split has no text; use a larger file or a smaller data.eval_fraction")
+    eval_blocks = tokenize_into_blocks(eval_docs, cfg.seq_len, cfg.pack) if eval_docs is not None else None
+    return train_blocks, eval_blocks

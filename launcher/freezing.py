@@ -1,0 +1,67 @@
+"""Freezing parameters by name, on the bare model before it is wrapped by DDP or DeepSpeed.
+
+A pattern is a glob on dotted parameter names (`blocks.0.*`), or a regular expression after `re:`
+that must match the whole name (`re:blocks\\.[01]\\..*`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections import defaultdict
+
+from torch import nn
+
+from launcher.errors import UsageError
+
+
+def matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def frozen_names(model: nn.Module, patterns: list[str]) -> set[str]:
+    """Names the patterns freeze. Raises UsageError for a pattern that matches nothing or freezes everything."""
+    names = [name for name, _ in model.named_parameters()]
+    problems, frozen = [], set()
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                problems.append(f"freeze: '{pattern}' is not a valid regular expression ({err}); fix it")
+                continue
+        hits = {name for name in names if matches(pattern, name)}
+        if not hits:
+            closest = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=3, cutoff=0.0)
+            problems.append(f"freeze: '{pattern}' matches no parameter; closest names: {', '.join(closest)}")
+        frozen |= hits
+    if not problems and names and frozen == set(names):
+        problems.append(f"freeze: the patterns freeze all {len(names)} parameters; leave at least one trainable")
+    if problems:
+        raise UsageError(*problems)
+    return frozen
+
+
+def apply_freeze(model: nn.Module, patterns: list[str]) -> set[str]:
+    """Set requires_grad=False on the matched parameters; returns their names."""
+    frozen = frozen_names(model, patterns)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return frozen
+
+
+def parameter_table(model: nn.Module) -> str:
+    """Trainable and frozen parameter counts per top-level module, with totals."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, param in model.named_parameters():
+        counts[name.split(".")[0]][0 if param.requires_grad else 1] += param.numel()
+    rows = [(top, t, f) for top, (t, f) in counts.items()]
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'module':<{width}}  {'trainable':>12}  {'frozen':>12}"]
+    lines += [f"{top:<{width}}  {t:>12,}  {f:>12,}" for top, t, f in rows]
+    return "\n".join(lines)

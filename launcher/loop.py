@@ -1,0 +1,149 @@
+"""The training loop and evaluation.
+
+Loss normalization: the gradient of an optimizer step is the gradient of the mean loss over every
+target token of the step's global batch (all micro-steps, all ranks, padding excluded). The token
+count is known on every rank before the step from the sample lengths, so each micro-step backward
+uses `sum_of_token_losses * scale` with
+
+    scale = accumulation * world_size / global_target_tokens
+
+which undoes `Accelerator.backward`'s division by the accumulation steps and DDP's mean over
+ranks. A partial last window, short micro-batches and padded rows are all exact this way.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from launcher.build import Run
+from launcher.data import IGNORE_INDEX, Batch
+from launcher.metrics import MetricsLog
+from launcher.models import logits_of
+from launcher.outputs import save_weights
+
+
+def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the batch's target tokens, in fp32."""
+    logits = logits_of(model(batch.input_ids))
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def train(run: Run) -> dict:
+    """Run optimizer steps until `run.total_steps`; evaluate, log, and write the final weights."""
+    acc, model, optimizer, cfg = run.accelerator, run.model, run.optimizer, run.cfg
+    metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    accumulation = run.plan.gradient_accumulation_steps
+    first_eval = last_eval = None
+    if run.eval_data is not None and cfg.eval.at_start and run.total_steps > 0:
+        first_eval = last_eval = log_eval(run, metrics, step=0)
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    skipped_steps, interval = 0, Interval(acc.device)
+    for step in range(run.total_steps):
+        window = run.train_data.window(step)
+        scale = accumulation * run.plan.world_size / window.global_target_tokens
+        lr = run.lr_schedule.get_last_lr()[0]
+        for k, micro in enumerate(window.micro_batches):
+            is_sync = k == accumulation - 1
+            acc.sync_gradients = is_sync  # AcceleratedOptimizer and DeepSpeed act only on the sync micro-step
+            # no_sync: gradients accumulate locally; the one all-reduce happens in the last backward
+            with nullcontext() if is_sync else acc.no_sync(model):
+                loss_sum = token_loss_sum(model, micro.to(acc.device))
+                acc.backward(loss_sum * scale)
+            interval.loss_sum += loss_sum.detach()  # stays on the device: no sync per micro-step
+        is_log_step = (step + 1) % cfg.train.log_every == 0 or step + 1 == run.total_steps
+        grad_norm = clip_gradients(acc, params, cfg.train.max_grad_norm, cfg.train.grad_norm_type, measure=is_log_step)
+        optimizer.step()
+        if optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped it; the schedule must not advance
+            skipped_steps += 1
+        else:
+            run.lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        interval.add_step(window.global_target_tokens)
+        metrics.advance()
+
+        if is_log_step:  # the only host-device syncs of a training step, once per log interval
+            row = interval.flush(acc)
+            metrics.write({"step": step + 1, "epoch": step // run.train_data.steps_per_epoch, **row, "lr": lr,
+                           "grad_norm": float(grad_norm), "skipped_steps": skipped_steps})
+        if run.eval_data is not None and cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0:
+            last_eval = log_eval(run, metrics, step + 1)
+
+    if run.eval_data is not None and run.total_steps > 0 and (last_eval is None or last_eval[0] != run.total_steps):
+        last_eval = log_eval(run, metrics, run.total_steps)
+    metrics.close()
+    weights = save_final_weights(run)
+    return {"steps": run.total_steps, "skipped_steps": skipped_steps, "weights": weights,
+            "first_eval_loss": first_eval and first_eval[1], "eval_loss": last_eval and last_eval[1]}
+
+
+class Interval:
+    """Loss and throughput since the last metrics row; the loss sum stays on the device until flushed."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.target_tokens, self.steps, self.started_s = 0, 0, time.perf_counter()
+
+    def add_step(self, global_target_tokens: int) -> None:
+        self.target_tokens += global_target_tokens
+        self.steps += 1
+
+    def flush(self, acc) -> dict:
+        loss_sum = acc.reduce(self.loss_sum, reduction="sum").item()  # one collective and one sync per interval
+        elapsed_s = time.perf_counter() - self.started_s
+        row = {"loss": loss_sum / self.target_tokens, "tokens_per_s": self.target_tokens / elapsed_s,
+               "s_per_step": elapsed_s / self.steps}
+        self.__init__(self.loss_sum.device)
+        return row
+
+
+def clip_gradients(acc, params, max_norm: float | None, norm_type: float, measure: bool):
+    """Clip the synced gradients (unscaled first under fp16); returns the pre-clip total norm.
+
+    Without clipping, the norm is only computed on steps that log it (it costs a pass over the grads).
+    """
+    if max_norm is not None:
+        return acc.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+    if not measure:
+        return None
+    acc.unscale_gradients()
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], norm_type=norm_type)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean loss over every held-out target token, exact across ranks; the training mode is restored."""
+    model = run.model
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum = torch.zeros((), dtype=torch.float64, device=run.accelerator.device)
+        for batch in run.eval_data:
+            loss_sum += token_loss_sum(model, batch.to(run.accelerator.device))
+        return run.accelerator.reduce(loss_sum, reduction="sum").item() / run.eval_data.target_tokens
+    finally:
+        model.train(was_training)
+
+
+def log_eval(run: Run, metrics: MetricsLog, step: int) -> tuple[int, float]:
+    eval_loss = evaluate(run)
+    metrics.write({"step": step, "eval_loss": eval_loss, "eval_tokens": run.eval_data.target_tokens})
+    return step, eval_loss
+
+
+def save_final_weights(run: Run):
+    """Full, unwrapped weights (gathered from every rank where they are sharded), written by the main process."""
+    state_dict = run.accelerator.get_state_dict(run.model)  # a collective under ZeRO-3: every rank calls it
+    path = None
+    if run.is_main_process:
+        path = save_weights(state_dict, run.cfg, run.cfg.output_dir / "final")
+    run.accelerator.wait_for_everyone()
+    return path
