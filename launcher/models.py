@@ -22,7 +22,9 @@ class Block(nn.Module):
         super().__init__()
         self.n_head, self.dropout = n_head, dropout
         self.attn_norm = nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        # no bias: a key bias has an identically zero gradient (softmax ignores a per-query constant),
+        # and Adam would turn the rounding noise in that zero into updates of size lr
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.attn_out = nn.Linear(d_model, d_model)
         self.mlp_norm = nn.LayerNorm(d_model)
         self.mlp_in = nn.Linear(d_model, 4 * d_model)

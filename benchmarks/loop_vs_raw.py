@@ -1,0 +1,197 @@
+"""Throughput of the launcher's loop against a hand-written PyTorch loop: same model, weights and batches.
+
+Both sides train the built-in GPT from the same seed on the same batches in the same order, with
+AdamW (launcher.optim groups), the same LR schedule, 2 micro-steps of accumulation normalized by
+the step's target tokens, clipping at 1.0 and zero_grad(set_to_none=True). The raw loop is a best
+case: its batches are materialized on the device before timing and it has no Accelerate. The
+launcher side runs its real pipeline: build_run (untimed setup) then train() (timed). Rounds
+alternate raw/launcher, each from fresh weights, and the median of each side is reported.
+
+Run from the repository root:
+  .venv/bin/python benchmarks/loop_vs_raw.py                                   # CPU, tiny (configs/default.yaml model)
+  .venv/bin/python benchmarks/loop_vs_raw.py --steps 40 --rounds 3
+  .venv/bin/python benchmarks/loop_vs_raw.py --device cuda --mixed-precision bf16 --preset gpt2-small
+  .venv/bin/python benchmarks/loop_vs_raw.py --device cuda --mixed-precision bf16 --preset gpt2-small --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = {
+    "tiny": [],  # configs/default.yaml as shipped: 4 layers, 4 heads, d_model 128, seq_len 128, micro-batch 8
+    "gpt2-small": ["model.n_layer=12", "model.n_head=12", "model.d_model=768", "data.seq_len=1024", "train.micro_batch_size=8"],
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per round and side")
+    parser.add_argument("--rounds", type=int, default=3, help="raw/launcher pairs; the median of each side is reported")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps per side before the first round")
+    parser.add_argument("--log-every", type=int, default=50, help="steps between loss reads (host-device syncs), both sides")
+    args = parser.parse_args()
+    if args.mixed_precision == "fp16" and args.device != "cuda":
+        parser.error("--mixed-precision fp16 needs --device cuda (its loss scaler is GPU-only)")
+    return args
+
+
+def make_config(args: argparse.Namespace, output_dir: Path, max_steps: int):
+    from launcher.config import load_config
+
+    return load_config(REPO / "configs" / "default.yaml", PRESETS[args.preset] + [
+        f"output_dir={output_dir}", f"train.max_steps={max_steps}", "train.epochs=null",
+        f"train.mixed_precision='{args.mixed_precision}'", f"train.compile={str(args.compile).lower()}",
+        "train.gradient_accumulation_steps=2", "train.max_grad_norm=1.0", f"train.log_every={args.log_every}",
+        "data.eval_fraction=0",  # no held-out split, so no evaluation: the loop alone is timed
+    ])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels are asynchronous: the clock must wait for them
+        torch.cuda.synchronize(device)
+
+
+def run_launcher(args: argparse.Namespace, max_steps: int) -> tuple[float, float, dict[str, torch.Tensor]]:
+    """(seconds in train(), seconds of its final weights save, the saved weights); build_run is not timed."""
+    from launcher.build import build_run
+    from launcher.loop import save_final_weights, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = make_config(args, Path(tmp) / "run", max_steps)
+        with contextlib.redirect_stdout(io.StringIO()):  # build_run prints the parameter table every round
+            run = build_run(cfg, overwrite=True)
+        synchronize(run.accelerator.device)
+        started_s = time.perf_counter()
+        summary = train(run)
+        synchronize(run.accelerator.device)
+        train_s = time.perf_counter() - started_s
+        # train() ends by writing the final weights (about 0.5 GB for gpt2-small); time that write once
+        # more and report it, so the table compares the loops and not the disk
+        started_s = time.perf_counter()
+        save_final_weights(run)
+        save_s = time.perf_counter() - started_s
+        return train_s, save_s, load_file(summary["weights"])
+
+
+def materialize(train_data, steps: int, device: torch.device) -> list[tuple[list, int]]:
+    """The launcher's micro-batches for steps 0..steps-1, copied to the device now (outside any timing)."""
+    windows = [train_data.window(step) for step in range(steps)]
+    batches = [([micro.to(device) for micro in w.micro_batches], w.global_target_tokens) for w in windows]
+    synchronize(device)
+    return batches
+
+
+def run_raw(args: argparse.Namespace, batches: list, device: torch.device) -> tuple[float, torch.nn.Module]:
+    """A hand-written loop over pre-materialized batches: autocast, backward, clip, step, schedule."""
+    from launcher.build import build_bare_model
+    from launcher.data import IGNORE_INDEX
+    from launcher.optim import build_lr_schedule, build_optimizer
+
+    cfg = make_config(args, Path("unused"), len(batches))
+    model, _ = build_bare_model(cfg)  # same seed and frozen parameters as build_run
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.train)
+    lr_schedule = build_lr_schedule(optimizer, cfg.train, len(batches))
+    forward = torch.compile(model) if args.compile else model  # what Accelerate does with dynamo_backend="inductor"
+    params = [p for p in model.parameters() if p.requires_grad]
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type) if args.mixed_precision == "fp16" else None
+    loss_sum_total = torch.zeros((), dtype=torch.float64, device=device)
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    started_s = time.perf_counter()
+    for step, (micro_batches, global_target_tokens) in enumerate(batches):
+        for micro in micro_batches:
+            # autocast around the forward only, as Accelerate wraps model.forward; the loss in fp32
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                logits = forward(micro.input_ids)
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), micro.labels.flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            # times the reciprocal, as the launcher's scale does: the gradients match it bit for bit
+            loss = loss_sum * (1.0 / global_target_tokens)
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum_total += loss_sum.detach()
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        if scaler:  # best case: no check for a skipped step (the launcher's costs nothing either)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % args.log_every == 0 or step + 1 == len(batches):
+            loss_sum_total.item()  # the one host-device sync per log interval, as the launcher's metrics row
+    synchronize(device)
+    return time.perf_counter() - started_s, model
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "1"  # the launcher picks CUDA whenever it is available otherwise
+    else:  # TF32 matmuls on both sides (the launcher's process is this one)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    device = torch.device(args.device)
+    from launcher.build import build_run
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        cfg = make_config(args, Path(tmp) / "run", args.steps)
+        run = build_run(cfg, overwrite=True)  # only for its TrainData: the launcher's own batch schedule
+        batches = materialize(run.train_data, max(args.steps, args.warmup_steps), device)
+        plan = run.plan
+        del run
+    target_tokens = sum(tokens for _, tokens in batches[: args.steps])
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
+          f" torch {torch.__version__}")
+    print(f"preset {args.preset}: {cfg.model.n_layer} layers, {cfg.model.n_head} heads, d_model {cfg.model.d_model},"
+          f" seq_len {cfg.data.seq_len}; {plan.describe()}; mixed precision {args.mixed_precision},"
+          f" compile {args.compile}; {args.steps} steps x {args.rounds} rounds, log every {args.log_every}")
+
+    # warm-up: compilation (cached for fresh models of the same code), allocator, thread pools
+    run_raw(args, batches[: args.warmup_steps], device)
+    run_launcher(args, args.warmup_steps)
+
+    raw_s, launcher_s, save_s = [], [], []
+    for _ in range(args.rounds):
+        elapsed_s, raw_model = run_raw(args, batches[: args.steps], device)
+        raw_s.append(elapsed_s)
+        elapsed_s, save_elapsed_s, launcher_weights = run_launcher(args, args.steps)
+        launcher_s.append(elapsed_s - save_elapsed_s)
+        save_s.append(save_elapsed_s)
+
+    print(f"\n{'side':<10} {'tokens/s':>12} {'s/step':>10}   (median of {args.rounds}; target tokens)")
+    for side, times in (("raw", raw_s), ("launcher", launcher_s)):
+        median_s = statistics.median(times)
+        print(f"{side:<10} {target_tokens / median_s:>12,.0f} {median_s / args.steps:>10.4f}   rounds: "
+              + " ".join(f"{t:.2f}s" for t in times))
+    print(f"launcher/raw = {statistics.median(raw_s) / statistics.median(launcher_s):.3f}x"
+          f"  (launcher times exclude its final weights save, median {statistics.median(save_s):.3f}s)")
+    # both sides should have done the same work: exact on CPU in fp32, close elsewhere
+    max_diff = max((raw_model.state_dict()[name].float().cpu() - w.float()).abs().max().item() for name, w in launcher_weights.items())
+    print(f"final weights, max |launcher - raw| = {max_diff:.3g}")
+
+
+if __name__ == "__main__":
+    main()

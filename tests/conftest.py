@@ -1,0 +1,110 @@
+"""Shared test helpers: small corpora, configs, and launching real multi-process runs on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_cli(*args: str, nproc: int = 1, timeout: float = 300, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """`launcher <args>` as 1 process, or `nproc` gloo processes under torchrun / accelerate launch on a free port."""
+    if nproc == 1:
+        cmd = [PYTHON, "-m", "launcher", *args]
+    elif launcher == "torchrun":
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "launcher", *args]
+    else:
+        cmd = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--main_process_port", str(free_port()), "-m", "launcher", *args]
+    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_worker(script: str, *args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A test worker from tests/workers under torchrun with `nproc` gloo processes."""
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(REPO / "tests" / "workers" / script), *args]
+    return subprocess.run(cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def write_documents(path: Path, n_docs: int, seed: int = 0, min_chars: int = 5, max_chars: int = 120) -> Path:
+    """A JSON-lines corpus of `n_docs` documents of varied lengths (deterministic)."""
+    rng = torch.Generator().manual_seed(seed)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbled boxes".split()
+    with path.open("w") as f:
+        for i in range(n_docs):
+            n_chars = int(torch.randint(min_chars, max_chars + 1, (1,), generator=rng))
+            text, k = "", i
+            while len(text) < n_chars:
+                text += words[(k * 7 + len(text)) % len(words)] + " "
+                k += 1
+            f.write(json.dumps({"text": text[:n_chars]}) + "\n")
+    return path
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def tiny_config(tmp_path: Path, **sections) -> dict:
+    """A config for a model small enough that a multi-rank test takes seconds."""
+    config = {
+        "seed": 1,
+        "output_dir": str(tmp_path / "out"),
+        "model": {"n_layer": 2, "n_head": 2, "d_model": 32},
+        "data": {"path": str(write_documents(tmp_path / "docs.jsonl", 40)), "seq_len": 32, "pack": False, "eval_fraction": 0.1},
+        "train": {"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 4, "learning_rate": 1e-2,
+                  "warmup_steps": 1, "log_every": 1},
+        "eval": {"at_start": False},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            config.setdefault(name, {}).update(values)
+        else:
+            config[name] = values
+    return config
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(output_dir) / "final" / "model.safetensors"))
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each session tokenizes into its own cache, so tests never read a stale one."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("LAUNCHER_CACHE", str(cache))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
