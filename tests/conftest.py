@@ -108,3 +108,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "cache"
     monkeypatch.setenv("LAUNCHER_CACHE", str(cache))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
+
+
+def reset_accelerate() -> None:
+    """In-process runs share Accelerate's singleton state; a new Run in the same process needs it reset."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()

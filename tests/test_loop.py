@@ -1,0 +1,138 @@
+"""The loop in one process, against a hand-written reference and for its evaluation and gradient hygiene."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import final_weights, metrics, reset_accelerate, tiny_config, write_config
+from launcher.build import build_bare_model, build_run
+from launcher.config import load_config
+from launcher.data import IGNORE_INDEX
+from launcher.loop import evaluate, train
+from launcher.optim import build_lr_schedule, build_optimizer
+
+
+def make_run(tmp_path: Path, **sections):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, **sections)))
+    return build_run(config, overwrite=True)
+
+
+def test_matches_a_hand_written_loop(tmp_path: Path, fresh_accelerate):
+    """Token-weighted loss over each step's window, global-norm clipping, AdamW without decay on 1-D
+    parameters, warmup then cosine: the launcher's weights equal a plain PyTorch loop's."""
+    run = make_run(tmp_path, train={"max_steps": 5, "max_grad_norm": 0.3, "warmup_steps": 2, "gradient_accumulation_steps": 3},
+                   freeze=["pos_embed.weight"])
+    windows = [run.train_data.window(step) for step in range(run.total_steps)]
+    model, _ = build_bare_model(run.cfg)
+    optimizer = build_optimizer(model, run.cfg.train)
+    schedule = build_lr_schedule(optimizer, run.cfg.train, run.total_steps)
+    for window in windows:
+        rows = [b for b in window.micro_batches]
+        inputs = torch.cat([b.input_ids for b in rows])
+        labels = torch.cat([b.labels for b in rows])
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)  # mean over all targets
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+
+    train(run)
+    trained = final_weights(run.cfg.output_dir)
+    for name, param in model.state_dict().items():
+        torch.testing.assert_close(trained[name], param, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(p.grad is None for p in run.model.parameters()), "zero_grad(set_to_none=True) after the last step"
+
+
+def test_gradients_present_before_the_loop_are_discarded(tmp_path: Path, fresh_accelerate):
+    run = make_run(tmp_path / "a", train={"max_steps": 2})
+    train(run)
+    clean = final_weights(run.cfg.output_dir)
+    reset_accelerate()
+    run = make_run(tmp_path / "b", train={"max_steps": 2})
+    for p in run.model.parameters():
+        p.grad = torch.full_like(p, 1e3)
+    train(run)
+    for name, tensor in final_weights(run.cfg.output_dir).items():
+        torch.testing.assert_close(tensor, clean[name], rtol=0, atol=0, msg=name)
+
+
+class FailingEvalData:
+    target_tokens = 1
+
+    def __iter__(self):
+        raise RuntimeError("disk on fire")
+
+
+def test_evaluation_uses_eval_mode_no_grad_and_restores_training(tmp_path: Path, fresh_accelerate):
+    run = make_run(tmp_path, data={"eval_fraction": 0.2})
+    seen_modes = []
+    run.model.register_forward_pre_hook(lambda module, args: seen_modes.append((module.training, torch.is_grad_enabled())))
+    run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = evaluate(run)
+    assert math.isfinite(loss) and loss > 0
+    assert seen_modes and set(seen_modes) == {(False, False)}
+    assert run.model.training, "training mode restored"
+    assert all(p.grad is None for p in run.model.parameters()), "evaluation created .grad"
+
+    run.model.eval()
+    evaluate(run)
+    assert not run.model.training, "a model in eval mode stays in eval mode"
+
+    run.model.train()
+    run.eval_data = FailingEvalData()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        evaluate(run)
+    assert run.model.training, "training mode restored although evaluation raised"
+
+
+def test_eval_loss_is_the_token_weighted_mean(tmp_path: Path, fresh_accelerate):
+    """eval_loss = sum of per-token losses / number of target tokens, with a last batch that is padded."""
+    run = make_run(tmp_path, data={"eval_fraction": 0.25}, eval={"micro_batch_size": 5})
+    bare = run.accelerator.unwrap_model(run.model)
+    total, count = 0.0, 0
+    blocks = run.eval_data.blocks
+    for i in range(len(blocks)):
+        n = int(blocks[i]["length"])
+        ids = torch.as_tensor(blocks[i]["input_ids"][:n], dtype=torch.long)[None]
+        with torch.no_grad():
+            logits = bare(ids[:, :-1])
+        total += F.cross_entropy(logits[0], ids[0, 1:], reduction="sum").item()
+        count += n - 1
+    assert len(blocks) % 5 != 0, "the test needs a padded last eval batch"
+    assert run.eval_data.target_tokens == count
+    assert evaluate(run) == pytest.approx(total / count, rel=1e-6)
+
+
+def test_max_steps_zero_writes_the_initial_weights(tmp_path: Path, fresh_accelerate):
+    run = make_run(tmp_path, train={"max_steps": 0})
+    summary = train(run)
+    assert summary["steps"] == 0
+    model, _ = build_bare_model(run.cfg)
+    weights = final_weights(run.cfg.output_dir)
+    assert set(weights) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(weights[name], tensor), name
+    assert not (run.cfg.output_dir / "metrics.jsonl").read_text()
+
+
+def test_metrics_rows(tmp_path: Path, fresh_accelerate):
+    run = make_run(tmp_path, train={"max_steps": 6, "log_every": 4}, eval={"every_steps": 3, "at_start": True})
+    summary = train(run)
+    rows = metrics(run.cfg.output_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train_rows] == [4, 6]  # every log_every steps, and the last
+    assert [r["step"] for r in eval_rows] == [0, 3, 6]
+    for row in train_rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch", "skipped_steps"} <= set(row)
+        assert row["grad_norm"] > 0 and row["tokens_per_s"] > 0
+    assert summary["eval_loss"] == eval_rows[-1]["eval_loss"]
+    assert (run.cfg.output_dir / "config.yaml").exists()
+    assert load_config(run.cfg.output_dir / "config.yaml") == run.cfg
