@@ -55,10 +55,10 @@ def build_run(cfg: Config, overwrite: bool = False) -> Run:
     accelerator = make_accelerator(cfg.train)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     plan = BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size)
+    train_blocks, eval_blocks = _prepare_data_main_first(cfg, accelerator)  # a data error leaves output_dir untouched
     accelerator.wait_for_everyone()  # every rank has checked output_dir before the main process writes to it
     if accelerator.is_main_process:
         prepare_output_dir(cfg, overwrite)
-    train_blocks, eval_blocks = _prepare_data_main_first(cfg, accelerator)
 
     pin = accelerator.device.type == "cuda"
     train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin)

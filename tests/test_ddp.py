@@ -56,3 +56,16 @@ def test_no_gradient_leaks_between_windows(tmp_path: Path):
     assert [row["epoch"] for row in rows] == [0, 1, 2, 3]  # one window per epoch: the same samples each step
     assert len({row["grad_norm"] for row in rows}) == 1, rows
     assert len({row["loss"] for row in rows}) == 1, rows
+
+
+def test_eval_loss_is_exact_across_ranks(tmp_path: Path):
+    """An odd number of held-out samples, sharded over 2 ranks in batches of 3 (uneven, padded): the same
+    eval loss as one process, with no sample counted twice."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, data={"eval_fraction": 0.3}, eval={"at_start": True, "micro_batch_size": 3}, train={"max_steps": 1}))
+    check(run_cli("train", str(config), f"output_dir={tmp_path / 'one'}"))
+    check(run_cli("train", str(config), f"output_dir={tmp_path / 'two'}", nproc=2))
+    one = [r for r in metrics(tmp_path / "one") if "eval_loss" in r]
+    two = [r for r in metrics(tmp_path / "two") if "eval_loss" in r]
+    assert one[0]["eval_tokens"] == two[0]["eval_tokens"]
+    assert abs(one[0]["eval_loss"] - two[0]["eval_loss"]) < 1e-6, (one, two)
