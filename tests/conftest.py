@@ -123,3 +123,12 @@ def fresh_accelerate():
     reset_accelerate()
     yield
     reset_accelerate()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: fp16 loss scaling and bf16/compile on CUDA are GPU-only paths; run on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,56 @@
+"""GPU-only paths: fp16 loss scaling (Accelerate uses no GradScaler on CPU), bf16 and torch.compile on CUDA."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import final_weights, metrics, tiny_config, write_config
+from launcher.build import build_run
+from launcher.config import load_config
+from launcher.loop import train
+from launcher.optim import lr_factor
+
+pytestmark = pytest.mark.gpu
+
+
+def make_run(tmp_path: Path, **sections):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return build_run(load_config(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, **sections))), overwrite=True)
+
+
+def test_fp16_overflow_steps_are_skipped_counted_and_do_not_advance_the_schedule(tmp_path: Path, fresh_accelerate):
+    steps = 30
+    run = make_run(tmp_path, model={"factory": "factories:overflowing_gpt"},
+                   train={"mixed_precision": "fp16", "max_steps": steps, "warmup_steps": 40, "max_grad_norm": 1.0})
+    summary = train(run)
+    rows = [r for r in metrics(run.cfg.output_dir) if "loss" in r]
+    skipped = summary["skipped_steps"]
+    assert 1 <= skipped < steps, summary
+    assert rows[-1]["skipped_steps"] == skipped
+    assert run.lr_schedule.last_epoch == steps - skipped  # the schedule counts only steps that were taken
+    # the lr logged at each step is the warmup value for the number of steps taken before it
+    taken = 0
+    for row in rows:
+        assert row["lr"] == pytest.approx(run.cfg.train.learning_rate * lr_factor(taken, steps, run.cfg.train))
+        taken = row["step"] - row["skipped_steps"]
+    assert all(torch.isfinite(t).all() for t in final_weights(run.cfg.output_dir).values())
+
+
+def test_bf16_trains_with_fp32_master_weights(tmp_path: Path, fresh_accelerate):
+    run = make_run(tmp_path, train={"mixed_precision": "bf16", "max_steps": 20}, eval={"at_start": True})
+    summary = train(run)
+    assert summary["eval_loss"] < summary["first_eval_loss"]
+    assert all(t.dtype == torch.float32 for t in final_weights(run.cfg.output_dir).values())
+
+
+def test_compiled_matches_eager(tmp_path: Path, fresh_accelerate):
+    results = []
+    for compile_model in (False, True):
+        run = make_run(tmp_path / str(compile_model), train={"compile": compile_model, "max_steps": 5})
+        train(run)
+        results.append([r["loss"] for r in metrics(run.cfg.output_dir) if "loss" in r])
+        from conftest import reset_accelerate
+
+        reset_accelerate()
+    assert results[0] == pytest.approx(results[1], rel=1e-3)
