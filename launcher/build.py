@@ -70,10 +70,10 @@ def build_run(cfg: Config, overwrite: bool = False) -> Run:
 
     optimizer = build_optimizer(model, cfg.train)
     lr_schedule = build_lr_schedule(optimizer, cfg.train, total_steps)
+    accelerator.print(parameter_table(model))
     model, optimizer = accelerator.prepare(model, optimizer)
     seed_rank_streams(cfg.seed, rank)
 
-    accelerator.print(parameter_table(accelerator.unwrap_model(model)))
     accelerator.print(
         f"{plan.describe()}; {len(train_data)} training samples of {cfg.data.seq_len} tokens,"
         f" {train_data.steps_per_epoch} steps per epoch, {total_steps} steps;"

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 
 from launcher.build import Run
 from launcher.data import IGNORE_INDEX, Batch
@@ -141,7 +142,11 @@ def log_eval(run: Run, metrics: MetricsLog, step: int) -> tuple[int, float]:
 
 def save_final_weights(run: Run):
     """Full, unwrapped weights (gathered from every rank where they are sharded), written by the main process."""
-    state_dict = run.accelerator.get_state_dict(run.model)  # a collective under ZeRO-3: every rank calls it
+    acc = run.accelerator
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        state_dict = acc.get_state_dict(run.model)  # gathers ZeRO-3 shards: a collective, every rank calls it
+    else:  # without the DDP and torch.compile wrappers, so names match the bare model's
+        state_dict = acc.unwrap_model(run.model, keep_torch_compile=False).state_dict()
     path = None
     if run.is_main_process:
         path = save_weights(state_dict, run.cfg, run.cfg.output_dir / "final")

@@ -160,3 +160,17 @@ def test_golden_run(tmp_path: Path, fresh_accelerate):
         assert loss == pytest.approx(want_loss, rel=1e-5) and norm == pytest.approx(want_norm, rel=1e-5), step
     for (step, loss), (want_step, want_loss) in zip(got_eval, GOLDEN_EVAL):
         assert step == want_step and loss == pytest.approx(want_loss, rel=1e-5)
+
+
+def test_compiled_model_trains_like_eager_and_exports_bare_names(tmp_path: Path, fresh_accelerate):
+    losses, weights = [], []
+    for compile_model in (False, True):
+        run = make_run(tmp_path / str(compile_model), train={"compile": compile_model, "max_steps": 3})
+        train(run)
+        losses.append([r["loss"] for r in metrics(run.cfg.output_dir) if "loss" in r])
+        weights.append(final_weights(run.cfg.output_dir))
+        reset_accelerate()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert set(weights[1]) == set(weights[0])  # no '_orig_mod.' prefix from torch.compile
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-3, atol=1e-4)
