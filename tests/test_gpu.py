@@ -42,3 +42,26 @@ def test_bf16_trains_with_fp32_master_weights(tmp_path: Path, fresh_accelerate):
     summary = train(run)
     assert summary["eval_loss"] < summary["first_eval_loss"]
     assert all(t.dtype == torch.float32 for t in final_weights(run.cfg.output_dir).values())
+
+
+def test_no_host_device_sync_per_step(tmp_path: Path, fresh_accelerate):
+    """CUDA's sync debug mode flags every synchronizing call: a run of 8 steps must make no more of them than a
+    run of 4 (with one log row at the end of each), so nothing in a micro-step or a step waits for the GPU."""
+    import warnings
+
+    from conftest import reset_accelerate
+
+    counts = []
+    for steps in (4, 8):
+        run = make_run(tmp_path / str(steps), data={"eval_fraction": 0},
+                       train={"max_steps": steps, "log_every": 1000, "gradient_accumulation_steps": 4})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train(run)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        reset_accelerate()
+    assert counts[0] == counts[1], counts
