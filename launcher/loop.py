@@ -91,6 +91,10 @@ class Interval:
 
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
         self.target_tokens, self.steps, self.started_s = 0, 0, time.perf_counter()
 
     def add_step(self, global_target_tokens: int) -> None:
@@ -102,7 +106,7 @@ class Interval:
         elapsed_s = time.perf_counter() - self.started_s
         row = {"loss": loss_sum / self.target_tokens, "tokens_per_s": self.target_tokens / elapsed_s,
                "s_per_step": elapsed_s / self.steps}
-        self.__init__(self.loss_sum.device)
+        self.reset()
         return row
 
 
