@@ -12,6 +12,8 @@ Run from the repository root:
   .venv/bin/python benchmarks/loop_vs_raw.py --steps 40 --rounds 3
   .venv/bin/python benchmarks/loop_vs_raw.py --device cuda --mixed-precision bf16 --preset gpt2-small
   .venv/bin/python benchmarks/loop_vs_raw.py --device cuda --mixed-precision bf16 --preset gpt2-small --compile
+On a CPU shared with other jobs, OMP_NUM_THREADS=1 in front keeps a busy neighbour from stalling
+both sides' thread pools (the rounds then vary less).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+
+from launcher.build import build_bare_model, build_run
+from launcher.config import load_config
+from launcher.data import IGNORE_INDEX
+from launcher.loop import save_final_weights, train
+from launcher.optim import build_lr_schedule, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {
@@ -53,8 +61,6 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace, output_dir: Path, max_steps: int):
-    from launcher.config import load_config
-
     return load_config(REPO / "configs" / "default.yaml", PRESETS[args.preset] + [
         f"output_dir={output_dir}", f"train.max_steps={max_steps}", "train.epochs=null",
         f"train.mixed_precision='{args.mixed_precision}'", f"train.compile={str(args.compile).lower()}",
@@ -70,9 +76,6 @@ def synchronize(device: torch.device) -> None:
 
 def run_launcher(args: argparse.Namespace, max_steps: int) -> tuple[float, float, dict[str, torch.Tensor]]:
     """(seconds in train(), seconds of its final weights save, the saved weights); build_run is not timed."""
-    from launcher.build import build_run
-    from launcher.loop import save_final_weights, train
-
     with tempfile.TemporaryDirectory() as tmp:
         cfg = make_config(args, Path(tmp) / "run", max_steps)
         with contextlib.redirect_stdout(io.StringIO()):  # build_run prints the parameter table every round
@@ -100,11 +103,7 @@ def materialize(train_data, steps: int, device: torch.device) -> list[tuple[list
 
 def run_raw(args: argparse.Namespace, batches: list, device: torch.device) -> tuple[float, torch.nn.Module]:
     """A hand-written loop over pre-materialized batches: autocast, backward, clip, step, schedule."""
-    from launcher.build import build_bare_model
-    from launcher.data import IGNORE_INDEX
-    from launcher.optim import build_lr_schedule, build_optimizer
-
-    cfg = make_config(args, Path("unused"), len(batches))
+    cfg = make_config(args, Path("unused"), len(batches))  # the raw loop writes nothing
     model, _ = build_bare_model(cfg)  # same seed and frozen parameters as build_run
     model.to(device)
     optimizer = build_optimizer(model, cfg.train)
@@ -133,7 +132,7 @@ def run_raw(args: argparse.Namespace, batches: list, device: torch.device) -> tu
         if scaler:
             scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        if scaler:  # best case: no check for a skipped step (the launcher's costs nothing either)
+        if scaler:  # best case: the schedule steps even when the scaler skipped the step (no check at all)
             scaler.step(optimizer)
             scaler.update()
         else:
@@ -153,8 +152,6 @@ def main() -> None:
     else:  # TF32 matmuls on both sides (the launcher runs in this process)
         torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device(args.device)
-    from launcher.build import build_run
-
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         cfg = make_config(args, Path(tmp) / "run", args.steps)
         run = build_run(cfg, overwrite=True)  # only for its TrainData: the launcher's own batch schedule
@@ -190,7 +187,8 @@ def main() -> None:
     print(f"  best round vs best round: {min(raw_s) / min(launcher_s):.3f}x; launcher times exclude"
           f" its final weights save (median {statistics.median(save_s):.3f}s)")
     # both sides should have done the same work: exact on CPU in fp32, close elsewhere
-    max_diff = max((raw_model.state_dict()[name].float().cpu() - w.float()).abs().max().item() for name, w in launcher_weights.items())
+    raw_weights = raw_model.state_dict()
+    max_diff = max((raw_weights[name].float().cpu() - w.float()).abs().max().item() for name, w in launcher_weights.items())
     print(f"final weights, max |launcher - raw| = {max_diff:.3g}")
 
 
