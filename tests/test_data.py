@@ -84,3 +84,19 @@ def test_held_out_documents_are_not_trained_on(tmp_path: Path):
     train_texts = {decode(r[:n]) for r, n in zip(train_blocks[:]["input_ids"], train_blocks[:]["length"])}
     eval_texts = {decode(r[:n]) for r, n in zip(eval_blocks[:]["input_ids"], eval_blocks[:]["length"])}
     assert len(eval_texts) == 4 and len(train_texts) == 16 and not train_texts & eval_texts
+
+
+def test_row_store_reads_the_same_rows_as_datasets():
+    import datasets
+
+    from launcher.data import RowStore
+
+    blocks = tokenize_into_blocks(datasets.Dataset.from_dict({"text": TEXTS * 700}), seq_len=7, pack=True)
+    store = RowStore(blocks)
+    assert len(store) == len(blocks) > 1000  # several Arrow chunks
+    idx = np.random.default_rng(0).permutation(len(blocks))[:50]
+    rows = store.rows(idx)
+    assert np.array_equal(rows["input_ids"], blocks[idx]["input_ids"])
+    assert np.array_equal(rows["length"], blocks[idx]["length"])
+    shuffled = blocks.shuffle(seed=1)  # a view with an indices mapping
+    assert np.array_equal(RowStore(shuffled).rows(idx)["input_ids"], shuffled[idx]["input_ids"])

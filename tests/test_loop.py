@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,15 +98,16 @@ def test_eval_loss_is_the_token_weighted_mean(tmp_path: Path, fresh_accelerate):
     run = make_run(tmp_path, data={"eval_fraction": 0.25}, eval={"micro_batch_size": 5})
     bare = run.accelerator.unwrap_model(run.model)
     total, count = 0.0, 0
-    blocks = run.eval_data.blocks
-    for i in range(len(blocks)):
-        n = int(blocks[i]["length"])
-        ids = torch.as_tensor(blocks[i]["input_ids"][:n], dtype=torch.long)[None]
+    store = run.eval_data.store
+    for i in range(len(store)):
+        row = store.rows(np.array([i]))
+        n = int(row["length"][0])
+        ids = torch.as_tensor(row["input_ids"][0, :n], dtype=torch.long)[None]
         with torch.no_grad():
             logits = bare(ids[:, :-1])
         total += F.cross_entropy(logits[0], ids[0, 1:], reduction="sum").item()
         count += n - 1
-    assert len(blocks) % 5 != 0, "the test needs a padded last eval batch"
+    assert len(store) % 5 != 0, "the test needs a padded last eval batch"
     assert run.eval_data.target_tokens == count
     assert evaluate(run) == pytest.approx(total / count, rel=1e-6)
 
