@@ -4,8 +4,10 @@ Both sides train the built-in GPT from the same seed on the same batches in the 
 AdamW (launcher.optim groups), the same LR schedule, 2 micro-steps of accumulation normalized by
 the step's target tokens, clipping at 1.0 and zero_grad(set_to_none=True). The raw loop is a best
 case: its batches are materialized on the device before timing and it has no Accelerate. The
-launcher side runs its real pipeline: build_run (untimed setup) then train() (timed). Rounds
-alternate raw/launcher, each from fresh weights, and the median of each side is reported.
+launcher side runs its real pipeline: build_run (untimed setup, once) then train() (timed). Each
+side is built once and warmed up by one untimed round (torch.compile pays its compilation there),
+then rounds of the same steps alternate raw/launcher, and the median of each side is reported:
+steady-state throughput, as a long run sees it.
 
 Run from the repository root:
   .venv/bin/python benchmarks/loop_vs_raw.py                                   # CPU, tiny (configs/default.yaml model)
@@ -52,7 +54,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per round and side")
     parser.add_argument("--rounds", type=int, default=3, help="raw/launcher pairs; the median of each side is reported")
-    parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps per side before the first round")
     parser.add_argument("--log-every", type=int, default=50, help="steps between loss reads (host-device syncs), both sides")
     args = parser.parse_args()
     if args.mixed_precision == "fp16" and args.device != "cuda":
@@ -74,23 +75,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_launcher(args: argparse.Namespace, max_steps: int) -> tuple[float, float, dict[str, torch.Tensor]]:
-    """(seconds in train(), seconds of its final weights save, the saved weights); build_run is not timed."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = make_config(args, Path(tmp) / "run", max_steps)
-        with contextlib.redirect_stdout(io.StringIO()):  # build_run prints the parameter table every round
-            run = build_run(cfg, overwrite=True)
-        synchronize(run.accelerator.device)
+class LauncherSide:
+    """build_run once (untimed); each round is one train() over the same steps, which continues from the
+    current weights exactly as the raw side does."""
+
+    def __init__(self, args: argparse.Namespace, output_dir: Path):
+        with contextlib.redirect_stdout(io.StringIO()):  # build_run prints the parameter table
+            self.run = build_run(make_config(args, output_dir, args.steps), overwrite=True)
+
+    def round(self) -> tuple[float, float]:
+        """(seconds in train() less its final weights save, seconds of that save)."""
+        device = self.run.accelerator.device
+        synchronize(device)
         started_s = time.perf_counter()
-        summary = train(run)
-        synchronize(run.accelerator.device)
+        self.summary = train(self.run)
+        synchronize(device)
         train_s = time.perf_counter() - started_s
         # train() ends by writing the final weights (about 0.5 GB for gpt2-small); time that write once
-        # more and report it, so the table compares the loops and not the disk
+        # more and subtract it, so the table compares the loops and not the disk
         started_s = time.perf_counter()
-        save_final_weights(run)
+        save_final_weights(self.run)
         save_s = time.perf_counter() - started_s
-        return train_s, save_s, load_file(summary["weights"])
+        return train_s - save_s, save_s
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return load_file(self.summary["weights"])
 
 
 def materialize(train_data, steps: int, device: torch.device) -> list[tuple[list, int]]:
@@ -101,48 +110,54 @@ def materialize(train_data, steps: int, device: torch.device) -> list[tuple[list
     return batches
 
 
-def run_raw(args: argparse.Namespace, batches: list, device: torch.device) -> tuple[float, torch.nn.Module]:
+class RawSide:
     """A hand-written loop over pre-materialized batches: autocast, backward, clip, step, schedule."""
-    cfg = make_config(args, Path("unused"), len(batches))  # the raw loop writes nothing
-    model, _ = build_bare_model(cfg)  # same seed and frozen parameters as build_run
-    model.to(device)
-    optimizer = build_optimizer(model, cfg.train)
-    lr_schedule = build_lr_schedule(optimizer, cfg.train, len(batches))
-    forward = torch.compile(model) if args.compile else model  # what Accelerate does with dynamo_backend="inductor"
-    params = [p for p in model.parameters() if p.requires_grad]
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    scaler = torch.amp.GradScaler(device.type) if args.mixed_precision == "fp16" else None
-    loss_sum_total = torch.zeros((), dtype=torch.float64, device=device)
 
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    synchronize(device)
-    started_s = time.perf_counter()
-    for step, (micro_batches, global_target_tokens) in enumerate(batches):
-        for micro in micro_batches:
-            # autocast around the forward only, as Accelerate wraps model.forward; the loss in fp32
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-                logits = forward(micro.input_ids)
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), micro.labels.flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
-            # times the reciprocal, as the launcher's scale does: the gradients match it bit for bit
-            loss = loss_sum * (1.0 / global_target_tokens)
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum_total += loss_sum.detach()
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        if scaler:  # best case: the schedule steps even when the scaler skipped the step (no check at all)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        lr_schedule.step()
+    def __init__(self, args: argparse.Namespace, batches: list, device: torch.device):
+        self.args, self.batches, self.device = args, batches, device
+        cfg = make_config(args, Path("unused"), len(batches))  # the raw loop writes nothing
+        self.max_grad_norm = cfg.train.max_grad_norm
+        self.model, _ = build_bare_model(cfg)  # same seed and frozen parameters as build_run
+        self.model.to(device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.lr_schedule = build_lr_schedule(self.optimizer, cfg.train, len(batches))
+        self.forward = torch.compile(self.model) if args.compile else self.model  # as Accelerate's dynamo_backend
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+        self.scaler = torch.amp.GradScaler(device.type) if args.mixed_precision == "fp16" else None
+
+    def round(self) -> float:
+        model, optimizer, scaler, device = self.model, self.optimizer, self.scaler, self.device
+        loss_sum_total = torch.zeros((), dtype=torch.float64, device=device)
+        model.train()
         optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % args.log_every == 0 or step + 1 == len(batches):
-            loss_sum_total.item()  # the one host-device sync per log interval, as the launcher's metrics row
-    synchronize(device)
-    return time.perf_counter() - started_s, model
+        synchronize(device)
+        started_s = time.perf_counter()
+        for step, (micro_batches, global_target_tokens) in enumerate(self.batches):
+            for micro in micro_batches:
+                # autocast around the forward only, as Accelerate wraps model.forward; the loss in fp32
+                with torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext():
+                    logits = self.forward(micro.input_ids)
+                loss_sum = F.cross_entropy(logits.float().flatten(0, 1), micro.labels.flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum")
+                # times the reciprocal, as the launcher's scale does: the gradients match it bit for bit
+                loss = loss_sum * (1.0 / global_target_tokens)
+                (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum_total += loss_sum.detach()
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            if scaler:  # best case: the schedule steps even when the scaler skipped the step (no check at all)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            self.lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % self.args.log_every == 0 or step + 1 == len(self.batches):
+                loss_sum_total.item()  # the one host-device sync per log interval, as the launcher's metrics row
+        synchronize(device)
+        return time.perf_counter() - started_s
 
 
 def main() -> None:
@@ -152,29 +167,26 @@ def main() -> None:
     else:  # TF32 matmuls on both sides (the launcher runs in this process)
         torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device(args.device)
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        cfg = make_config(args, Path(tmp) / "run", args.steps)
-        run = build_run(cfg, overwrite=True)  # only for its TrainData: the launcher's own batch schedule
-        batches = materialize(run.train_data, max(args.steps, args.warmup_steps), device)
-        plan = run.plan
-        del run
-    target_tokens = sum(tokens for _, tokens in batches[: args.steps])
+    tmp_root = tempfile.TemporaryDirectory()
+    launcher = LauncherSide(args, Path(tmp_root.name) / "launcher")
+    cfg, plan = launcher.run.cfg, launcher.run.plan
+    # the launcher's own batch schedule, copied to the device for the raw side
+    batches = materialize(launcher.run.train_data, args.steps, device)
+    target_tokens = sum(tokens for _, tokens in batches)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({hardware}), torch {torch.__version__}")
     print(f"preset {args.preset}: {cfg.model.n_layer} layers, {cfg.model.n_head} heads, d_model {cfg.model.d_model},"
           f" seq_len {cfg.data.seq_len}; {plan.describe()}; mixed precision {args.mixed_precision},"
           f" compile {args.compile}; {args.steps} steps x {args.rounds} rounds, log every {args.log_every}")
 
-    # warm-up: compilation (cached for fresh models of the same code), allocator, thread pools
-    run_raw(args, batches[: args.warmup_steps], device)
-    run_launcher(args, args.warmup_steps)
-
+    raw = RawSide(args, batches, device)
+    raw.round()  # warm-up: compilation, allocator, thread pools
+    launcher.round()
     raw_s, launcher_s, save_s = [], [], []
     for _ in range(args.rounds):
-        elapsed_s, raw_model = run_raw(args, batches[: args.steps], device)
-        raw_s.append(elapsed_s)
-        elapsed_s, save_elapsed_s, launcher_weights = run_launcher(args, args.steps)
-        launcher_s.append(elapsed_s - save_elapsed_s)
+        raw_s.append(raw.round())
+        elapsed_s, save_elapsed_s = launcher.round()
+        launcher_s.append(elapsed_s)
         save_s.append(save_elapsed_s)
 
     print(f"\n{'side':<10} {'tokens/s':>12} {'s/step':>10}   (median of {args.rounds} rounds; target tokens)")
@@ -187,9 +199,10 @@ def main() -> None:
     print(f"  best round vs best round: {min(raw_s) / min(launcher_s):.3f}x; launcher times exclude"
           f" its final weights save (median {statistics.median(save_s):.3f}s)")
     # both sides should have done the same work: exact on CPU in fp32, close elsewhere
-    raw_weights = raw_model.state_dict()
-    max_diff = max((raw_weights[name].float().cpu() - w.float()).abs().max().item() for name, w in launcher_weights.items())
+    raw_weights = raw.model.state_dict()
+    max_diff = max((raw_weights[name].float().cpu() - w.float()).abs().max().item() for name, w in launcher.weights().items())
     print(f"final weights, max |launcher - raw| = {max_diff:.3g}")
+    tmp_root.cleanup()
 
 
 if __name__ == "__main__":

@@ -46,13 +46,13 @@ def test_bf16_trains_with_fp32_master_weights(tmp_path: Path, fresh_accelerate):
 
 def test_no_host_device_sync_per_step(tmp_path: Path, fresh_accelerate):
     """CUDA's sync debug mode flags every synchronizing call: a run of 8 steps must make no more of them than a
-    run of 4 (with one log row at the end of each), so nothing in a micro-step or a step waits for the GPU."""
+    run of 4 (one log row at the end of each), so nothing in a micro-step or a step waits for the GPU."""
     import warnings
 
     from conftest import reset_accelerate
 
     counts = []
-    for steps in (4, 8):
+    for steps in (2, 4, 8):  # the first run pays one-time initialization (CUDA context, cuBLAS) and is not compared
         run = make_run(tmp_path / str(steps), data={"eval_fraction": 0},
                        train={"max_steps": steps, "log_every": 1000, "gradient_accumulation_steps": 4})
         with warnings.catch_warnings(record=True) as caught:
@@ -64,4 +64,4 @@ def test_no_host_device_sync_per_step(tmp_path: Path, fresh_accelerate):
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
         reset_accelerate()
-    assert counts[0] == counts[1], counts
+    assert counts[1] == counts[2], counts
