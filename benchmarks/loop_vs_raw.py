@@ -36,7 +36,8 @@ from safetensors.torch import load_file
 from launcher.build import build_bare_model, build_run
 from launcher.config import load_config
 from launcher.data import IGNORE_INDEX
-from launcher.loop import save_final_weights, train
+from launcher.loop import train
+from launcher.metrics import read_metrics
 from launcher.optim import build_lr_schedule, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,20 +84,19 @@ class LauncherSide:
         with contextlib.redirect_stdout(io.StringIO()):  # build_run prints the parameter table
             self.run = build_run(make_config(args, output_dir, args.steps), overwrite=True)
 
-    def round(self) -> tuple[float, float]:
-        """(seconds in train() less its final weights save, seconds of that save)."""
-        device = self.run.accelerator.device
-        synchronize(device)
-        started_s = time.perf_counter()
+    def round(self) -> float:
+        """Seconds of the training steps of one train(), as the loop itself timed them.
+
+        train() also evaluates (off here) and writes the final weights (0.5 GB for gpt2-small); the
+        metrics rows' s_per_step covers exactly the steps: from before the first step to the host-device
+        sync that reads the loss, like the raw side's clock.
+        """
+        metrics_path = self.run.cfg.output_dir / "metrics.jsonl"
+        rows_before = len(read_metrics(metrics_path)) if metrics_path.exists() else 0
         self.summary = train(self.run)
-        synchronize(device)
-        train_s = time.perf_counter() - started_s
-        # train() ends by writing the final weights (about 0.5 GB for gpt2-small); time that write once
-        # more and subtract it, so the table compares the loops and not the disk
-        started_s = time.perf_counter()
-        save_final_weights(self.run)
-        save_s = time.perf_counter() - started_s
-        return train_s - save_s, save_s
+        rows = [r for r in read_metrics(metrics_path)[rows_before:] if "s_per_step" in r]
+        steps = [0] + [r["step"] for r in rows]
+        return sum(r["s_per_step"] * (step - prev) for r, prev, step in zip(rows, steps, steps[1:]))
 
     def weights(self) -> dict[str, torch.Tensor]:
         return load_file(self.summary["weights"])
@@ -182,12 +182,10 @@ def main() -> None:
     raw = RawSide(args, batches, device)
     raw.round()  # warm-up: compilation, allocator, thread pools
     launcher.round()
-    raw_s, launcher_s, save_s = [], [], []
+    raw_s, launcher_s = [], []
     for _ in range(args.rounds):
         raw_s.append(raw.round())
-        elapsed_s, save_elapsed_s = launcher.round()
-        launcher_s.append(elapsed_s)
-        save_s.append(save_elapsed_s)
+        launcher_s.append(launcher.round())
 
     print(f"\n{'side':<10} {'tokens/s':>12} {'s/step':>10}   (median of {args.rounds} rounds; target tokens)")
     for side, times in (("raw", raw_s), ("launcher", launcher_s)):
@@ -196,8 +194,7 @@ def main() -> None:
               + " ".join(f"{t:.2f}s" for t in times))
     print(f"launcher/raw = {statistics.median(raw_s) / statistics.median(launcher_s):.3f}x")
     # on a shared machine a busy neighbour slows whole rounds; the best rounds are the least disturbed
-    print(f"  best round vs best round: {min(raw_s) / min(launcher_s):.3f}x; launcher times exclude"
-          f" its final weights save (median {statistics.median(save_s):.3f}s)")
+    print(f"  best round vs best round: {min(raw_s) / min(launcher_s):.3f}x")
     # both sides should have done the same work: exact on CPU in fp32, close elsewhere
     raw_weights = raw.model.state_dict()
     max_diff = max((raw_weights[name].float().cpu() - w.float()).abs().max().item() for name, w in launcher.weights().items())
