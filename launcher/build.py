@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
 
 from launcher.batches import BatchPlan
@@ -52,7 +52,7 @@ def build_run(cfg: Config, overwrite: bool = False) -> Run:
     check_output_dir(cfg.output_dir, overwrite)
     model, frozen = build_bare_model(cfg)  # freezing precedes wrapping: DDP and the optimizer see only trainable params
 
-    accelerator = make_accelerator(cfg.train)
+    accelerator = make_accelerator(cfg.train, cfg.deepspeed)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     plan = BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size)
     train_blocks, eval_blocks = _prepare_data_main_first(cfg, accelerator)  # a data error leaves output_dir untouched
@@ -75,7 +75,7 @@ def build_run(cfg: Config, overwrite: bool = False) -> Run:
     seed_rank_streams(cfg.seed, rank)
 
     accelerator.print(
-        f"{plan.describe()}; {len(train_data)} training samples of {cfg.data.seq_len} tokens,"
+        f"{backend_name(accelerator)}: {plan.describe()}; {len(train_data)} training samples of {cfg.data.seq_len} tokens,"
         f" {train_data.steps_per_epoch} steps per epoch, {total_steps} steps;"
         f" {len(eval_blocks) if eval_blocks is not None else 0} held-out samples"
     )
@@ -98,3 +98,10 @@ def _prepare_data_main_first(cfg: Config, accelerator: Accelerator):
     if error[0] is not None:
         raise UsageError(*error[0])
     return result if result is not None else prepare_splits(cfg.data, cfg.seed)
+
+
+def backend_name(accelerator: Accelerator) -> str:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    return {DistributedType.NO: "single process", DistributedType.MULTI_CPU: "DDP (gloo)"}.get(
+        accelerator.distributed_type, f"DDP ({accelerator.distributed_type.value})")

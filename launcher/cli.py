@@ -37,7 +37,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     nproc = processes_to_start(cfg.launch)
     if not launched_by_a_launcher() and nproc > 1:
-        preflight(cfg, args.overwrite)  # bad input fails here, once, before any process starts
+        preflight(cfg, args.overwrite, nproc)  # bad input fails here, once, before any process starts
         return relaunch(nproc, argv)
 
     from launcher.build import build_run
@@ -50,16 +50,17 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def preflight(cfg, overwrite: bool) -> None:
+def preflight(cfg, overwrite: bool, world_size: int) -> None:
     """The checks a launched run would make before training, without starting it."""
     import torch
 
     from launcher.build import build_bare_model
     from launcher.data import load_documents
-    from launcher.distributed import check_hardware
+    from launcher.distributed import check_hardware, resolved_deepspeed_config
     from launcher.outputs import check_output_dir
 
     check_hardware(cfg.train)
+    resolved_deepspeed_config(cfg.deepspeed, cfg.train, world_size)
     check_output_dir(cfg.output_dir, overwrite)
     with torch.device("meta"):  # parameter names and shapes only, no memory
         build_bare_model(cfg)

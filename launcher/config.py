@@ -42,6 +42,11 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model")
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics rows (each costs one host-device sync)")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
 
 class EvalConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="optimizer steps between evaluations; null: only at the end")
@@ -114,7 +119,15 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze: globs on dotted names, 're:' for a regex")
+    deepspeed: Path | None = Field(None, description="DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) to train with DeepSpeed; null: DDP")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _existing_json(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"file '{path}' not found; point it at a JSON such as configs/deepspeed/zero2.json, or null for DDP")
+        return path
 
     @model_validator(mode="after")
     def _has_a_length(self) -> Config:

@@ -9,11 +9,13 @@ import os
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 
+from launcher import deepspeed_config
 from launcher.config import LaunchConfig, TrainConfig
 from launcher.errors import UsageError
 
@@ -21,6 +23,27 @@ from launcher.errors import UsageError
 def launched_by_a_launcher() -> bool:
     """True under accelerate launch, torchrun or srun-started workers (they set WORLD_SIZE)."""
     return "WORLD_SIZE" in os.environ
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def deepspeed_json(configured: Path | None) -> Path | None:
+    """The DeepSpeed JSON: the config's `deepspeed` key, or the one an accelerate config selected."""
+    from_accelerate = None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        named = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not named or named == "none":
+            raise UsageError(
+                "accelerate config: DeepSpeed is selected without deepspeed_config_file; name a JSON such as configs/deepspeed/zero2.json there"
+            )
+        from_accelerate = Path(named)
+    if configured and from_accelerate and configured.resolve() != from_accelerate.resolve():
+        raise UsageError(
+            f"deepspeed: the config names '{configured}' but the accelerate config names '{from_accelerate}'; keep one of them"
+        )
+    return configured or from_accelerate
 
 
 def env_rank() -> int:
@@ -50,22 +73,37 @@ def check_hardware(cfg: TrainConfig) -> None:
         raise UsageError("train.mixed_precision: fp16 needs a CUDA GPU (its loss scaler is GPU-only); use bf16 or no on CPU")
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
+def resolved_deepspeed_config(configured: Path | None, cfg: TrainConfig, world_size: int) -> dict | None:
+    """The DeepSpeed JSON in use (if any) with every launcher-owned value filled from `cfg` (mismatches refused)."""
+    json_path = deepspeed_json(configured)
+    if json_path is None:
+        return None
+    return deepspeed_config.resolve(deepspeed_config.read_deepspeed_json(json_path), cfg, world_size, json_path)
+
+
+def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None) -> Accelerator:
     """The Accelerator, which joins the process group when launched with several processes.
 
     Accumulation is declared here so that `Accelerator.backward` (and DeepSpeed) divide each
     micro-step's loss by it; the loop multiplies it back in its exact token normalization.
     """
     on_cpu = not torch.cuda.is_available()
-    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    several = env_world_size() > 1
+    ds_config = resolved_deepspeed_config(deepspeed, cfg, env_world_size())
+    plugin = DeepSpeedPlugin(hf_ds_config=ds_config) if ds_config else None
+    if plugin is not None and on_cpu:
+        # Accelerate silently drops DeepSpeed when told to use the CPU (cpu=True or ACCELERATE_USE_CPU);
+        # without that flag, the gloo backend below still keeps the run on the CPU
+        os.environ.pop("ACCELERATE_USE_CPU", None)
     # gloo on CPU; naming it is also what makes Accelerate count DeepSpeed's CPU ranks
     kwargs = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=10))] if on_cpu and several else []
     return Accelerator(
-        cpu=on_cpu,
+        cpu=on_cpu and plugin is None,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         dynamo_backend="inductor" if cfg.compile else "no",
         step_scheduler_with_optimizer=False,
+        deepspeed_plugin=plugin,
         kwargs_handlers=kwargs,
     )
 

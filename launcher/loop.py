@@ -114,8 +114,10 @@ def clip_gradients(acc, params, max_norm: float | None, norm_type: float, measur
     """Clip the synced gradients (unscaled first under fp16); returns the pre-clip total norm.
 
     Without clipping, the norm is only computed on steps that log it (it costs a pass over the grads).
+    Under DeepSpeed the engine has already clipped (its gradient_clipping is train.max_grad_norm) and
+    stepped inside the sync micro-step's backward; this reads the pre-clip norm it computed then.
     """
-    if max_norm is not None:
+    if max_norm is not None or acc.distributed_type == DistributedType.DEEPSPEED:
         return acc.clip_grad_norm_(params, max_norm, norm_type=norm_type)
     if not measure:
         return None
@@ -148,7 +150,7 @@ def save_final_weights(run: Run):
     """Full, unwrapped weights (gathered from every rank where they are sharded), written by the main process."""
     acc = run.accelerator
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        state_dict = acc.get_state_dict(run.model)  # gathers ZeRO-3 shards: a collective, every rank calls it
+        state_dict = deepspeed_full_state_dict(acc, run.model)
     else:  # without the DDP and torch.compile wrappers, so names match the bare model's
         state_dict = acc.unwrap_model(run.model, keep_torch_compile=False).state_dict()
     path = None
@@ -156,3 +158,21 @@ def save_final_weights(run: Run):
         path = save_weights(state_dict, run.cfg, run.cfg.output_dir / "final")
     run.accelerator.wait_for_everyone()
     return path
+
+
+def deepspeed_full_state_dict(acc, engine) -> dict[str, torch.Tensor]:
+    """Consolidated weights under any ZeRO stage; collectives under ZeRO-3, so every rank calls it.
+
+    Trainable parameters come from the optimizer's fp32 master copies (under bf16/fp16 the module
+    holds only 16-bit copies); frozen parameters and buffers from the module.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    # ZeRO-3: needs stage3_gather_16bit_weights_on_model_save, and returns None off the main process
+    state_dict = acc.get_state_dict(engine)
+    for name, param in acc.unwrap_model(engine).named_parameters():
+        if param.requires_grad:
+            master = safe_get_full_fp32_param(param)  # a collective under ZeRO-3: every rank asks
+            if master is not None and state_dict is not None:
+                state_dict[name] = master.detach().to("cpu")
+    return state_dict

@@ -31,3 +31,10 @@ def test_resolved_config_round_trips(tmp_path: Path):
     saved = tmp_path / "config.yaml"
     saved.write_text(to_yaml(config))
     assert load_config(saved) == config
+
+
+def test_a_bare_no_in_yaml_means_no_mixed_precision(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 1\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
