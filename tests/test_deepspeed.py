@@ -94,11 +94,11 @@ def test_under_torchrun_the_mismatch_is_reported_once_by_rank_0(tmp_path: Path):
 
 def test_every_mismatch_is_listed_before_any_process_starts(tmp_path: Path):
     ds_json = write_deepspeed_json(tmp_path / "ds.json", train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=8,
-                                   gradient_clipping=1.0, fp16={"enabled": True}, optimizer={"type": "Adam"})
+                                   gradient_clipping=1.0, fp16={"enabled": True}, optimizer={"type": "Adam"}, train_batch_size=999)
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, deepspeed=str(ds_json), launch={"nproc_per_node": 2}))
     proc = run_cli("train", str(config), "train.max_grad_norm=0.5")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 6, lines  # optimizer, micro-batch, accumulation, global batch, clipping, fp16
     assert all(line.startswith("launcher: error: ") for line in lines)
-    assert "remove 'optimizer'" in lines[0] and "train_batch_size" in proc.stderr
+    assert "remove 'optimizer'" in lines[0] and "train_batch_size is 999 but train.micro_batch_size x train.gradient_accumulation_steps x world size gives 8" in proc.stderr
