@@ -7,7 +7,9 @@ import pytest
 from conftest import REPO
 from launcher.config import Config, load_config, to_yaml
 
-SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))  # launcher configs; configs/accelerate holds accelerate's own
+ACCELERATE = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
+DEEPSPEED = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
@@ -38,3 +40,34 @@ def test_a_bare_no_in_yaml_means_no_mixed_precision(tmp_path: Path):
     path.write_text("train:\n  max_steps: 1\n  mixed_precision: no\n")
     assert load_config(path).train.mixed_precision == "no"
     assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_shipped_accelerate_config_loads_and_says_how_to_run_it(path: Path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert path.read_text().startswith("# ") and "accelerate launch --config_file configs/accelerate/" + path.name in path.read_text()
+    if config.distributed_type == "DEEPSPEED":
+        ds_json = REPO / config.deepspeed_config["deepspeed_config_file"]
+        assert ds_json.is_file()
+        # Accelerate refuses a DeepSpeed JSON next to accelerate-level precision settings
+        assert "mixed_precision:" not in path.read_text()
+
+
+@pytest.mark.parametrize("path", DEEPSPEED, ids=lambda p: p.name)
+def test_shipped_deepspeed_json_is_all_auto_for_launcher_values(path: Path):
+    from launcher.deepspeed_config import read_deepspeed_json, resolve, zero_stage
+
+    raw = read_deepspeed_json(path)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):
+        assert raw[key] == "auto", key
+    assert raw["fp16"]["enabled"] == "auto" and raw["bf16"]["enabled"] == "auto"
+    assert "optimizer" not in raw and "scheduler" not in raw
+    cfg = load_config(REPO / "configs" / "default.yaml", ["train.mixed_precision=bf16", "train.max_grad_norm=0.7"])
+    resolved = resolve(raw, cfg.train, world_size=8, source=path)
+    assert resolved["train_batch_size"] == 8 * 2 * 8 and resolved["gradient_clipping"] == 0.7
+    assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
+    assert zero_stage(resolved) == int(path.stem[4])
+    if zero_stage(resolved) == 3:  # the final export gathers full weights
+        assert resolved["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
