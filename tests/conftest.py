@@ -30,9 +30,17 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, nproc: int = 1, timeout: float = 300, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """`launcher <args>` as 1 process, or `nproc` gloo processes under torchrun / accelerate launch on a free port."""
-    if nproc == 1:
+def gpu_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in cpu_env().items() if k not in ("ACCELERATE_USE_CPU", "CUDA_VISIBLE_DEVICES")}
+    env.update(PYTHONPATH=str(REPO / "tests"), **extra)  # tests/factories.py for model.factory
+    return env
+
+
+def run_cli(*args: str, nproc: int = 1, timeout: float = 300, launcher: str | None = None, gpu: bool = False) -> subprocess.CompletedProcess:
+    """`launcher <args>` as a plain process (nproc 1, no launcher named), or `nproc` processes under torchrun /
+    accelerate launch on a free port: gloo on CPU, or on the GPU(s) with gpu=True."""
+    launcher = launcher or ("plain" if nproc == 1 else "torchrun")
+    if launcher == "plain":
         cmd = [PYTHON, "-m", "launcher", *args]
     elif launcher == "torchrun":
         cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
@@ -40,7 +48,7 @@ def run_cli(*args: str, nproc: int = 1, timeout: float = 300, launcher: str = "t
     else:
         cmd = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
                "--main_process_port", str(free_port()), "-m", "launcher", *args]
-    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=gpu_env() if gpu else cpu_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def run_worker(script: str, *args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:

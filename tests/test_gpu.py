@@ -65,3 +65,29 @@ def test_no_host_device_sync_per_step(tmp_path: Path, fresh_accelerate):
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
         reset_accelerate()
     assert counts[1] == counts[2], counts
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_deepspeed_on_one_gpu(tmp_path: Path, stage: int, precision: str):
+    """ZeRO-2/3 with bf16 and fp16 on one GPU (torchrun, 1 process): finite losses, fp32 exported weights;
+    under fp16 the overflowing model makes the loss scaler skip steps, which are counted."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
+    from conftest import check, run_cli
+
+    overrides = [f"deepspeed=configs/deepspeed/zero{stage}.json", f"train.mixed_precision={precision}", "train.max_steps=12"]
+    if precision == "fp16":
+        overrides.append("model.factory=factories:overflowing_gpt")
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    proc = check(run_cli("train", str(config), *overrides, nproc=1, launcher="torchrun", gpu=True, timeout=600))
+    assert f"DeepSpeed ZeRO-{stage}: " in proc.stdout
+    rows = [r for r in metrics(tmp_path / "out") if "loss" in r]
+    assert len(rows) == 12
+    weights = final_weights(tmp_path / "out")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    if precision == "fp16":
+        assert 1 <= rows[-1]["skipped_steps"] < 12, rows[-1]
+        print(f"ZeRO-{stage} fp16: {rows[-1]['skipped_steps']} of 12 steps skipped for overflow")
+    else:
+        assert rows[-1]["skipped_steps"] == 0 and rows[-1]["loss"] < rows[0]["loss"]
+    print(f"ZeRO-{stage} {precision}: losses {[round(r['loss'], 3) for r in rows]}")
