@@ -12,6 +12,7 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
 
 from launcher.batches import BatchPlan
+from launcher.checkpoints import load_checkpoint, resume_path
 from launcher.config import Config
 from launcher.data import ByteTokenizer, EvalData, TrainData, prepare_splits
 from launcher.distributed import check_hardware, make_accelerator, seed_initial_weights, seed_rank_streams
@@ -34,6 +35,8 @@ class Run:
     plan: BatchPlan
     total_steps: int
     frozen: set[str]
+    start_step: int = 0  # optimizer steps already done (from the checkpoint resumed)
+    skipped_steps: int = 0  # fp16 overflow steps among them
 
     @property
     def is_main_process(self) -> bool:
@@ -49,16 +52,14 @@ def build_bare_model(cfg: Config) -> tuple[nn.Module, set[str]]:
 
 def build_run(cfg: Config, overwrite: bool = False) -> Run:
     check_hardware(cfg.train)
-    check_output_dir(cfg.output_dir, overwrite)
+    check_output_dir(cfg.output_dir, overwrite, resuming=cfg.resume is not None)
+    checkpoint = resume_path(cfg.resume, cfg.output_dir)
     model, frozen = build_bare_model(cfg)  # freezing precedes wrapping: DDP and the optimizer see only trainable params
 
     accelerator = make_accelerator(cfg.train, cfg.deepspeed)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     plan = BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size)
     train_blocks, eval_blocks = _prepare_data_main_first(cfg, accelerator)  # a data error leaves output_dir untouched
-    accelerator.wait_for_everyone()  # every rank has checked output_dir before the main process writes to it
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg, overwrite)
 
     pin = accelerator.device.type == "cuda"
     train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin)
@@ -72,14 +73,23 @@ def build_run(cfg: Config, overwrite: bool = False) -> Run:
     lr_schedule = build_lr_schedule(optimizer, cfg.train, total_steps)
     accelerator.print(parameter_table(model))
     model, optimizer = accelerator.prepare(model, optimizer)
-    seed_rank_streams(cfg.seed, rank)
+    accelerator.register_for_checkpointing(lr_schedule)
+    seed_rank_streams(cfg.seed, rank)  # a resumed run then restores every rank's RNG states from the checkpoint
+    state = load_checkpoint(accelerator, checkpoint, plan.global_batch_size) if checkpoint else None
+
+    accelerator.wait_for_everyone()  # every rank has checked output_dir and the checkpoint before anything is written
+    if accelerator.is_main_process:
+        prepare_output_dir(cfg, overwrite, resume_step=state.step if state else None)
 
     accelerator.print(
         f"{backend_name(accelerator)}: {plan.describe()}; {len(train_data)} training samples of {cfg.data.seq_len} tokens,"
         f" {train_data.steps_per_epoch} steps per epoch, {total_steps} steps;"
         f" {len(eval_blocks) if eval_blocks is not None else 0} held-out samples"
     )
-    return Run(cfg, accelerator, model, optimizer, lr_schedule, train_data, eval_data, plan, total_steps, frozen)
+    if state:
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    return Run(cfg, accelerator, model, optimizer, lr_schedule, train_data, eval_data, plan, total_steps, frozen,
+               start_step=state.step if state else 0, skipped_steps=state.skipped_steps if state else 0)
 
 
 def _prepare_data_main_first(cfg: Config, accelerator: Accelerator):

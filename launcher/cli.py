@@ -38,16 +38,25 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     nproc = processes_to_start(cfg.launch)
     if not launched_by_a_launcher() and nproc > 1:
         preflight(cfg, args.overwrite, nproc)  # bad input fails here, once, before any process starts
-        return relaunch(nproc, argv)
+        code = relaunch(nproc, argv)
+        from launcher.outputs import PREEMPTED_MARKER
+        from launcher.preemption import EXIT_PREEMPTED
+
+        # torchrun reports any failed worker as 1; the marker says the workers stopped for preemption
+        return EXIT_PREEMPTED if code != 0 and (cfg.output_dir / PREEMPTED_MARKER).exists() else code
+
+    from launcher.preemption import EXIT_PREEMPTED, PreemptionFlag
+
+    preemption = PreemptionFlag()  # before the slow imports and set-up: an early signal must not kill the process
 
     from launcher.build import build_run
     from launcher.loop import train
 
     run = build_run(cfg, overwrite=args.overwrite)
-    summary = train(run)
+    summary = train(run, preemption)
     if run.is_main_process:
         report(summary, cfg)
-    return 0
+    return EXIT_PREEMPTED if summary["preempted"] else 0
 
 
 def preflight(cfg, overwrite: bool, world_size: int) -> None:
@@ -55,19 +64,27 @@ def preflight(cfg, overwrite: bool, world_size: int) -> None:
     import torch
 
     from launcher.build import build_bare_model
+    from launcher.checkpoints import resume_path
     from launcher.data import load_documents
     from launcher.distributed import check_hardware, resolved_deepspeed_config
     from launcher.outputs import check_output_dir
 
     check_hardware(cfg.train)
     resolved_deepspeed_config(cfg.deepspeed, cfg.train, world_size)
-    check_output_dir(cfg.output_dir, overwrite)
+    check_output_dir(cfg.output_dir, overwrite, resuming=cfg.resume is not None)
+    resume_path(cfg.resume, cfg.output_dir)
     with torch.device("meta"):  # parameter names and shapes only, no memory
         build_bare_model(cfg)
     load_documents(cfg.data)
 
 
 def report(summary: dict, cfg) -> None:
+    if summary["preempted"]:
+        from launcher.outputs import mark_preempted
+
+        checkpoint = mark_preempted(cfg.output_dir, summary["steps"])
+        print(f"preempted: stopped after step {summary['steps']}; checkpoint {checkpoint}; run again with resume=auto to continue")
+        return
     if summary["eval_loss"] is not None:
         start = f" (at step 0: {summary['first_eval_loss']:.4f})" if summary["first_eval_loss"] is not None else ""
         print(f"eval loss {summary['eval_loss']:.4f}{start} after {summary['steps']} steps")

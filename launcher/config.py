@@ -98,6 +98,11 @@ class ModelConfig(Section):
         return self
 
 
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(None, ge=1, description="optimizer steps between checkpoints (and one at the end); null: only on preemption")
+    keep_last: int | None = Field(None, ge=1, description="keep the newest N checkpoints; null: keep all")
+
+
 class LaunchConfig(Section):
     nproc_per_node: int | Literal["auto"] = Field(
         1, description="processes a plain `launcher train` starts (auto: every GPU, or 2 CPU processes); ignored under accelerate launch/torchrun"
@@ -120,6 +125,8 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze: globs on dotted names, 're:' for a regex")
     deepspeed: Path | None = Field(None, description="DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) to train with DeepSpeed; null: DDP")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    resume: str | None = Field(None, min_length=1, description="'auto': the newest complete checkpoint in output_dir (none: start fresh); or a checkpoint folder")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     @field_validator("deepspeed")

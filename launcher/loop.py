@@ -20,11 +20,14 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 
-from launcher.build import Run
+from launcher.build import Run, backend_name
+from launcher.checkpoints import TrainerState, save_checkpoint
+from launcher.config import CheckpointConfig
 from launcher.data import IGNORE_INDEX, Batch
 from launcher.metrics import MetricsLog
 from launcher.models import logits_of
 from launcher.outputs import save_weights
+from launcher.preemption import PreemptionFlag
 
 
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -35,20 +38,25 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     )
 
 
-def train(run: Run) -> dict:
-    """Run optimizer steps until `run.total_steps`; evaluate, log, and write the final weights."""
+def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
+    """Run optimizer steps from `run.start_step` to `run.total_steps`; evaluate, log, checkpoint, write the final weights.
+
+    With `preemption`, a signal on any rank stops every rank at the same step boundary, after a checkpoint.
+    """
     acc, model, optimizer, cfg = run.accelerator, run.model, run.optimizer, run.cfg
-    metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps)
+    metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps, run.start_step)
     params = [p for p in model.parameters() if p.requires_grad]
     accumulation = run.plan.gradient_accumulation_steps
+    if preemption is not None:
+        preemption.connect()
     first_eval = last_eval = None
-    if run.eval_data is not None and cfg.eval.at_start and run.total_steps > 0:
+    if run.eval_data is not None and cfg.eval.at_start and run.start_step == 0 and run.total_steps > 0:
         first_eval = last_eval = log_eval(run, metrics, step=0)
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    skipped_steps, interval = 0, Interval(acc.device)
-    for step in range(run.total_steps):
+    steps_done, skipped_steps, interval, preempted = run.start_step, run.skipped_steps, Interval(acc.device), False
+    for step in range(run.start_step, run.total_steps):
         window = run.train_data.window(step)
         scale = accumulation * run.plan.world_size / window.global_target_tokens
         lr = run.lr_schedule.get_last_lr()[0]
@@ -68,22 +76,36 @@ def train(run: Run) -> dict:
         else:
             run.lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        steps_done = step + 1
         interval.add_step(window.global_target_tokens)
         metrics.advance()
 
         if is_log_step:  # the only host-device syncs of a training step, once per log interval
             row = interval.flush(acc)
-            metrics.write({"step": step + 1, "epoch": step // run.train_data.steps_per_epoch, **row, "lr": lr,
+            metrics.write({"step": steps_done, "epoch": step // run.train_data.steps_per_epoch, **row, "lr": lr,
                            "grad_norm": float(grad_norm), "skipped_steps": skipped_steps})
-        if run.eval_data is not None and cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0:
-            last_eval = log_eval(run, metrics, step + 1)
+        if run.eval_data is not None and cfg.eval.every_steps and steps_done % cfg.eval.every_steps == 0:
+            last_eval = log_eval(run, metrics, steps_done)
+        preempted = preemption is not None and preemption.agreed()  # one small CPU collective per step
+        if preempted or checkpoint_due(cfg.checkpoint, steps_done, run.total_steps):
+            save_checkpoint(acc, cfg.output_dir, TrainerState(steps_done, skipped_steps, run.plan.global_batch_size,
+                            run.plan.world_size, backend_name(acc)), cfg.checkpoint.keep_last)
+        if preempted:
+            break
 
-    if run.eval_data is not None and run.total_steps > 0 and (last_eval is None or last_eval[0] != run.total_steps):
-        last_eval = log_eval(run, metrics, run.total_steps)
+    summary = {"steps": steps_done, "skipped_steps": skipped_steps,
+               "preempted": preempted, "weights": None, "first_eval_loss": first_eval and first_eval[1], "eval_loss": None}
+    if not preempted:
+        if run.eval_data is not None and run.total_steps > 0 and (last_eval is None or last_eval[0] != run.total_steps):
+            last_eval = log_eval(run, metrics, run.total_steps)
+        summary.update(weights=save_final_weights(run), eval_loss=last_eval and last_eval[1])
     metrics.close()
-    weights = save_final_weights(run)
-    return {"steps": run.total_steps, "skipped_steps": skipped_steps, "weights": weights,
-            "first_eval_loss": first_eval and first_eval[1], "eval_loss": last_eval and last_eval[1]}
+    return summary
+
+
+def checkpoint_due(cfg: CheckpointConfig, steps_done: int, total_steps: int) -> bool:
+    """Every `every_steps` optimizer steps and at the end, when checkpointing is on."""
+    return cfg.every_steps is not None and (steps_done % cfg.every_steps == 0 or steps_done == total_steps)
 
 
 class Interval:

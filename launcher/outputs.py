@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,21 +12,23 @@ from safetensors.torch import save_file
 from launcher.config import Config, to_yaml
 from launcher.errors import UsageError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "final")  # what a run writes; --overwrite removes only these
+RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "preempted.json")  # --overwrite removes only these
+PREEMPTED_MARKER = "preempted.json"  # written when a run stops for preemption; removed when the next one starts
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output_dir unless --overwrite (checked before anything is written)."""
+def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool = False) -> None:
+    """Refuse an existing non-empty output_dir unless --overwrite or resuming (checked before anything is written)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"output_dir: '{output_dir}' is a file; set output_dir to a directory path")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite and not resuming:
         raise UsageError(
             f"output_dir: '{output_dir}' already exists and is not empty; pass --overwrite to replace its run, or set output_dir=NEW_DIR"
         )
 
 
-def prepare_output_dir(cfg: Config, overwrite: bool) -> None:
-    """Main process only: clear a previous run's files (with --overwrite) and write the resolved config."""
+def prepare_output_dir(cfg: Config, overwrite: bool, resume_step: int | None) -> None:
+    """Main process only: clear a previous run's files (with --overwrite), keep a resumed run's metrics up to
+    its checkpoint (later rows will be logged again), and write the resolved config."""
     out = cfg.output_dir
     if overwrite:
         for name in RUN_FILES:
@@ -35,6 +38,11 @@ def prepare_output_dir(cfg: Config, overwrite: bool) -> None:
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / PREEMPTED_MARKER).unlink(missing_ok=True)
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        lines = metrics.read_text().splitlines(keepends=True) if resume_step is not None else []
+        metrics.write_text("".join(line for line in lines if json.loads(line)["step"] <= resume_step))
     (out / "config.yaml").write_text(to_yaml(cfg))
 
 
@@ -52,3 +60,10 @@ def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: Pa
     save_file(tensors, str(path), metadata={"format": "pt"})
     (directory / "config.yaml").write_text(to_yaml(cfg))
     return path
+
+
+def mark_preempted(output_dir: Path, step: int) -> Path:
+    """Main process, after a preemption checkpoint: tell the job script (and a relaunching parent) to requeue."""
+    checkpoint = output_dir / "checkpoints" / f"step-{step:09d}"
+    (output_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "checkpoint": str(checkpoint)}) + "\n")
+    return checkpoint

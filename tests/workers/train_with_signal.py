@@ -1,0 +1,35 @@
+"""Under torchrun (or alone): train, and have rank 0 send itself SIGUSR1 at its N-th training micro-step.
+
+The signal is real and reaches the real handler; the hook only chooses the moment (mid-window when
+N is not the last micro-step of a step). Exits like `launcher train`: EXIT_PREEMPTED after a preemption.
+Usage: train_with_signal.py CONFIG MICRO_STEP [key=value ...]
+"""
+
+import os
+import signal
+import sys
+
+from launcher.build import build_run
+from launcher.config import load_config
+from launcher.loop import train
+from launcher.outputs import mark_preempted
+from launcher.preemption import EXIT_PREEMPTED, PreemptionFlag
+
+config_path, micro_step, *overrides = sys.argv[1:]
+preemption = PreemptionFlag()
+run = build_run(load_config(config_path, overrides))
+forwards = [0]
+
+
+def signal_at_micro_step(module, args):
+    if module.training:
+        if forwards[0] == int(micro_step) and run.accelerator.process_index == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        forwards[0] += 1
+
+
+run.accelerator.unwrap_model(run.model).register_forward_pre_hook(signal_at_micro_step)
+summary = train(run, preemption)
+if summary["preempted"] and run.is_main_process:
+    mark_preempted(run.cfg.output_dir, summary["steps"])
+sys.exit(EXIT_PREEMPTED if summary["preempted"] else 0)
