@@ -75,3 +75,44 @@ def _has_deepspeed() -> bool:
     except ImportError:
         return False
     return True
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, Path]:
+    tmp_path = tmp_path_factory.mktemp("finished")
+    config = resume_config(tmp_path, max_steps=3)
+    check(run_cli("train", str(config)))
+    return config, tmp_path / "out"
+
+
+BAD_RESUMES = {  # name: (how to break it, overrides, expected text in the one line)
+    "missing path": (None, ["resume=/no/such/checkpoint"], "resume: checkpoint '/no/such/checkpoint' does not exist"),
+    "truncated weights": ("truncate", [], "cannot be loaded"),
+    "no trainer state": ("no-state", [], "is not a complete checkpoint"),
+    "other model shape": (None, ["model.d_model=64"], "was written by a model of a different shape"),
+    "other global batch": (None, ["train.micro_batch_size=2"], "global batch of 8, this run has 4"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_RESUMES)
+def test_a_checkpoint_that_cannot_be_resumed_is_refused_and_kept(tmp_path: Path, finished_run, name: str):
+    config, out = finished_run
+    breakage, overrides, expected = BAD_RESUMES[name]
+    checkpoint = tmp_path / "copy"
+    shutil.copytree(out / "checkpoints" / "step-000000003", checkpoint)
+    if breakage == "truncate":
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif breakage == "no-state":
+        (checkpoint / "trainer_state.json").unlink()
+    resume = [] if any(o.startswith("resume=") for o in overrides) else [f"resume={checkpoint}"]
+    before, before_out = snapshot(tmp_path), snapshot(out)
+    proc = run_cli("train", str(config), f"output_dir={out}", *resume, *overrides)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launcher: error: resume: ") and expected in lines[0], lines
+    assert snapshot(tmp_path) == before and snapshot(out) == before_out  # nothing deleted or rewritten
