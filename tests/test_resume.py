@@ -116,3 +116,17 @@ def test_a_checkpoint_that_cannot_be_resumed_is_refused_and_kept(tmp_path: Path,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("launcher: error: resume: ") and expected in lines[0], lines
     assert snapshot(tmp_path) == before and snapshot(out) == before_out  # nothing deleted or rewritten
+
+
+def test_resume_on_another_world_size_with_the_same_global_batch(tmp_path: Path):
+    """2 ranks x 2 micro-steps, stopped after step 3, resumed on 1 rank x 4 micro-steps: the same samples per step,
+    so the run ends where the uninterrupted 2-rank run ends (to 1e-5: summation order differs; dropout off)."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, train={"max_steps": 6, "gradient_accumulation_steps": 2, "micro_batch_size": 4}, checkpoint={"every_steps": 3}))
+    check(run_cli("train", str(config), f"output_dir={tmp_path / 'straight'}", nproc=2))
+    stopped = run_with_signal(config, 5, 2, f"output_dir={tmp_path / 'moved'}")  # the last micro-step of step 3
+    assert stopped.returncode != 0 and json.loads((tmp_path / "moved" / "preempted.json").read_text())["step"] == 3
+    check(run_cli("train", str(config), f"output_dir={tmp_path / 'moved'}", "resume=auto", "train.gradient_accumulation_steps=4"))
+    straight, moved = final_weights(tmp_path / "straight"), final_weights(tmp_path / "moved")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(moved[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
