@@ -19,8 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=100")
     train.add_argument("--overwrite", action="store_true", help="replace the run in an existing non-empty output_dir")
     args = parser.parse_args(argv)
+    from launcher.preemption import PreemptionFlag
+
+    # first of all: a preemption signal that arrives before the handler exists kills the process
+    preemption = PreemptionFlag()
     try:
-        return run_train(args, argv)
+        return run_train(args, argv, preemption)
     except UsageError as err:
         from launcher.distributed import env_rank
 
@@ -30,11 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def run_train(args: argparse.Namespace, argv: list[str]) -> int:
+def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     from launcher.config import load_config
-    from launcher.distributed import launched_by_a_launcher, processes_to_start, relaunch
+    from launcher.distributed import default_resume, launched_by_a_launcher, processes_to_start, relaunch, requeue_slurm_job
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.resume is None:
+        cfg.resume = default_resume()  # "auto" inside a SLURM job, so that a requeued job continues
     nproc = processes_to_start(cfg.launch)
     if not launched_by_a_launcher() and nproc > 1:
         preflight(cfg, args.overwrite, nproc)  # bad input fails here, once, before any process starts
@@ -45,17 +51,18 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         # torchrun reports any failed worker as 1; the marker says the workers stopped for preemption
         return EXIT_PREEMPTED if code != 0 and (cfg.output_dir / PREEMPTED_MARKER).exists() else code
 
-    from launcher.preemption import EXIT_PREEMPTED, PreemptionFlag
-
-    preemption = PreemptionFlag()  # before the slow imports and set-up: an early signal must not kill the process
-
     from launcher.build import build_run
     from launcher.loop import train
+    from launcher.preemption import EXIT_PREEMPTED
 
     run = build_run(cfg, overwrite=args.overwrite)
     summary = train(run, preemption)
     if run.is_main_process:
         report(summary, cfg)
+        if summary["preempted"]:
+            requeue_slurm_job()  # only now: the checkpoint is complete, and requeueing kills the job at once
+    if summary["preempted"]:
+        run.accelerator.wait_for_everyone()  # no rank exits (failing the launch) before the main process requeued
     return EXIT_PREEMPTED if summary["preempted"] else 0
 
 

@@ -51,6 +51,23 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def in_slurm_job() -> bool:
+    return "SLURM_JOB_ID" in os.environ
+
+
+def default_resume() -> str | None:
+    """`resume` when the config leaves it unset: `auto` inside a SLURM job (a requeued job continues), else none."""
+    return "auto" if in_slurm_job() else None
+
+
+def requeue_slurm_job() -> None:
+    """Put this SLURM job back in the queue (it keeps its id; SLURM_RESTART_COUNT counts the restarts).
+
+    SLURM kills the running job at once, so call this only after the checkpoint is complete."""
+    if in_slurm_job() and os.environ.get("SLURM_JOB_ID"):
+        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+
+
 def processes_to_start(cfg: LaunchConfig) -> int:
     if cfg.nproc_per_node != "auto":
         return cfg.nproc_per_node

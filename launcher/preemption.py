@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped early on purpose, run it again to continue
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -28,6 +25,8 @@ class PreemptionFlag:
 
     def connect(self) -> None:
         """Once the process group exists (every rank calls it): the group the flags are agreed on."""
+        import torch.distributed as dist  # here, not at import: the handler is installed before torch loads
+
         if self._group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # a separate gloo group: the agreement is a CPU tensor even when training runs on NCCL
             self._group = dist.new_group(backend="gloo")
@@ -37,6 +36,9 @@ class PreemptionFlag:
 
     def agreed(self) -> bool:
         """True on every rank if any rank has been signalled (a collective: all ranks call it each step)."""
+        import torch
+        import torch.distributed as dist
+
         local = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         if self._group is not None:
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group)
