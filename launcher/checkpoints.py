@@ -2,7 +2,7 @@
 
 A checkpoint is `OUTPUT_DIR/checkpoints/step-NNNNNNNNN/`: Accelerate's state (model, optimizer,
 grad scaler, every rank's RNG states, the LR schedule) plus `trainer_state.json` (the step, which
-is also the data position, and what a resume must agree with). It is written under a temporary
+is also the data position, and what a resume must agree with) and the resolved config. It is written under a temporary
 name and renamed once every rank's files are on disk and flushed, so a crash or `kill -9` during a
 save never leaves a checkpoint that looks complete and cannot load. Older ones are deleted only
 after the new one is complete.
@@ -29,6 +29,7 @@ NAME = re.compile(r"step-(\d{9})")
 @dataclass
 class TrainerState:
     step: int  # optimizer steps done; also the data position (batches.py derives the samples from it)
+    epoch: int  # the epoch the next step belongs to (step // steps per epoch)
     skipped_steps: int  # fp16 overflow steps among them
     global_batch_size: int
     world_size: int
@@ -79,8 +80,10 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(acc: Accelerator, output_dir: Path, state: TrainerState, keep_last: int | None) -> Path:
-    """Every rank calls this at the same optimizer-step boundary; returns the complete checkpoint."""
+def save_checkpoint(acc: Accelerator, output_dir: Path, state: TrainerState, config_yaml: str, keep_last: int | None) -> Path:
+    """Every rank calls this at the same optimizer-step boundary; returns the complete checkpoint.
+
+    `config_yaml` is the run's resolved config, kept beside the state it produced."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{state.step:09d}"
     partial = root / f".partial-{final.name}"
@@ -92,6 +95,7 @@ def save_checkpoint(acc: Accelerator, output_dir: Path, state: TrainerState, kee
     acc.save_state(str(partial))
     acc.wait_for_everyone()  # every rank's files (its RNG states, DeepSpeed shards) are written
     if acc.is_main_process:
+        (partial / "config.yaml").write_text(config_yaml)
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         _fsync_tree(partial)
         if final.exists():  # the same step saved before (a resumed run that stops where it resumed)

@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType
 
 from launcher.build import Run, backend_name
 from launcher.checkpoints import TrainerState, save_checkpoint
-from launcher.config import CheckpointConfig
+from launcher.config import CheckpointConfig, to_yaml
 from launcher.data import IGNORE_INDEX, Batch
 from launcher.metrics import MetricsLog
 from launcher.models import logits_of
@@ -88,8 +88,9 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
             last_eval = log_eval(run, metrics, steps_done)
         preempted = preemption is not None and preemption.agreed()  # one small CPU collective per step
         if preempted or checkpoint_due(cfg.checkpoint, steps_done, run.total_steps):
-            save_checkpoint(acc, cfg.output_dir, TrainerState(steps_done, skipped_steps, run.plan.global_batch_size,
-                            run.plan.world_size, backend_name(acc)), cfg.checkpoint.keep_last)
+            state = TrainerState(steps_done, steps_done // run.train_data.steps_per_epoch, skipped_steps,
+                                 run.plan.global_batch_size, run.plan.world_size, backend_name(acc))
+            save_checkpoint(acc, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last)
         if preempted:
             break
 

@@ -3,6 +3,7 @@ uninterrupted run (fp32, CPU, same world size; DDP and DeepSpeed ZeRO-2), with d
 RNG states matter."""
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,11 +24,12 @@ def resume_config(tmp_path: Path, **train) -> Path:
         checkpoint={"every_steps": 3, "keep_last": 2}))
 
 
-def run_with_signal(config: Path, micro_step: int, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
+def run_with_signal(config: Path, micro_step: int, nproc: int, *overrides: str, second_signal: bool = False) -> subprocess.CompletedProcess:
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(REPO / "tests" / "workers" / "train_with_signal.py"),
            str(config), str(micro_step), *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    env = cpu_env(PYTHONPATH=str(REPO), SECOND_SIGNAL_DURING_SAVE="1" if second_signal else "0")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 SCENARIOS = {  # name: (processes, extra overrides, rank-0 micro-steps at which SIGUSR1 arrives)
@@ -49,11 +51,16 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path: Path, name: 
 
     for micro_step in signal_points:
         out = tmp_path / f"stopped-at-{micro_step}"
-        stopped = run_with_signal(config, micro_step, nproc, f"output_dir={out}", *overrides)
+        # the 1-rank run also gets a SIGTERM in the middle of its checkpoint save: nothing changes
+        stopped = run_with_signal(config, micro_step, nproc, f"output_dir={out}", *overrides, second_signal=nproc == 1)
         assert stopped.returncode != 0, stopped.stdout[-2000:]
         marker = json.loads((out / "preempted.json").read_text())
         stop_step = micro_step // ACCUMULATION + 1  # the step during which the signal arrived completes first
         assert marker["step"] == stop_step and Path(marker["checkpoint"]).is_dir(), marker
+        state = json.loads((Path(marker["checkpoint"]) / "trainer_state.json").read_text())
+        steps_per_epoch = int(re.search(r"(\d+) steps per epoch", stopped.stdout).group(1))
+        assert state["step"] == stop_step and state["epoch"] == stop_step // steps_per_epoch
+        assert (Path(marker["checkpoint"]) / "config.yaml").is_file()
         assert not (out / "final").exists()
 
         resumed = check(run_cli("train", str(config), f"output_dir={out}", "resume=auto", *overrides, nproc=nproc))

@@ -2,7 +2,8 @@
 
 The signal is real and reaches the real handler; the hook only chooses the moment (mid-window when
 N is not the last micro-step of a step). Exits like `launcher train`: EXIT_PREEMPTED after a preemption.
-Usage: train_with_signal.py CONFIG MICRO_STEP [key=value ...]
+With SECOND_SIGNAL_DURING_SAVE=1 in the environment, a SIGTERM also arrives in the middle of that
+checkpoint save. Usage: train_with_signal.py CONFIG MICRO_STEP [key=value ...]
 """
 
 import os
@@ -29,6 +30,8 @@ def signal_at_micro_step(module, args):
 
 
 run.accelerator.unwrap_model(run.model).register_forward_pre_hook(signal_at_micro_step)
+if os.environ.get("SECOND_SIGNAL_DURING_SAVE") == "1":
+    run.accelerator.register_save_state_pre_hook(lambda *args: os.kill(os.getpid(), signal.SIGTERM))
 summary = train(run, preemption)
 if summary["preempted"] and run.is_main_process:
     mark_preempted(run.cfg.output_dir, summary["steps"])
