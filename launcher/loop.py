@@ -38,6 +38,27 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     )
 
 
+def settle_ddp_buckets(run: Run) -> None:
+    """One backward of zeros before the first step, so that DDP's gradient buckets have their final layout.
+
+    DDP regroups its buckets after the first backward, in the order gradients became ready. With more
+    than two ranks the layout changes the summation order inside the all-reduce, so a run resumed from a
+    checkpoint (whose first step would use the initial layout) would drift from the uninterrupted run by
+    float rounding. This settles the layout the same way in every run; it changes no weight, gradient,
+    optimizer state or RNG stream.
+    """
+    if not isinstance(run.model, torch.nn.parallel.DistributedDataParallel):
+        return
+    acc, width = run.accelerator, run.cfg.data.seq_len
+    empty = Batch(torch.zeros(1, width, dtype=torch.long, device=acc.device),
+                  torch.full((1, width), IGNORE_INDEX, dtype=torch.long, device=acc.device))
+    devices = [acc.device] if acc.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        acc.sync_gradients = True
+        acc.backward(token_loss_sum(run.model, empty))  # no target token: a loss of 0, all-reduced once
+    run.optimizer.zero_grad(set_to_none=True)
+
+
 def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     """Run optimizer steps from `run.start_step` to `run.total_steps`; evaluate, log, checkpoint, write the final weights.
 
@@ -54,6 +75,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         first_eval = last_eval = log_eval(run, metrics, step=0)
 
     model.train()
+    settle_ddp_buckets(run)
     optimizer.zero_grad(set_to_none=True)
     steps_done, skipped_steps, interval, preempted = run.start_step, run.skipped_steps, Interval(acc.device), False
     for step in range(run.start_step, run.total_steps):

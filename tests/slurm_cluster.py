@@ -42,8 +42,31 @@ class SlurmCluster:
         self._start_munge_if_needed()
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(f"""ClusterName=launchertest
-SlurmctldHost={self.host}
+        self.conf.write_text(self._conf_text())
+        subprocess.run(["slurmctld", "-f", str(self.conf), "-c"], check=True, env=self.env)
+        self.pid_files.append(self.root / "slurmctld.pid")
+        self._start_nodes()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True).stdout.split()
+            if states and all(s == "idle" for s in states):
+                return self
+            time.sleep(0.5)
+        raise RuntimeError(f"the test SLURM nodes did not become idle (states: {states!r}); see {self.root}/log")
+
+    def _start_nodes(self) -> None:
+        subprocess.run(["slurmd", "-f", str(self.conf)], check=True, env=self.env)
+        self.pid_files.append(self.root / f"slurmd-{self.host}.pid")
+
+    def _controller(self) -> str:
+        return self.host
+
+    def _node_lines(self) -> str:
+        return f"NodeName={self.host} CPUs={os.cpu_count()} RealMemory=2000 State=UNKNOWN"
+
+    def _conf_text(self) -> str:
+        return f"""ClusterName=launchertest
+SlurmctldHost={self._controller()}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 SlurmUser=root
@@ -65,20 +88,9 @@ ReturnToService=2
 MpiDefault=none
 JobRequeue=1
 KillWait=10
-NodeName={self.host} CPUs={os.cpu_count()} RealMemory=2000 State=UNKNOWN
+{self._node_lines()}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
-        subprocess.run(["slurmctld", "-f", str(self.conf), "-c"], check=True, env=self.env)
-        self.pid_files.append(self.root / "slurmctld.pid")
-        subprocess.run(["slurmd", "-f", str(self.conf)], check=True, env=self.env)
-        self.pid_files.append(self.root / f"slurmd-{self.host}.pid")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True).stdout.strip()
-            if state == "idle":
-                return self
-            time.sleep(0.5)
-        raise RuntimeError(f"the test SLURM node did not become idle (state: {state!r}); see {self.root}/log")
+"""
 
     def _start_munge_if_needed(self) -> None:
         if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
@@ -118,3 +130,75 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
             except (OSError, ValueError):
                 pass
+
+
+class TwoNodeCluster(SlurmCluster):
+    """Two SLURM nodes on this machine: each slurmd in its own network namespace with its own hostname and
+    address on a private /24 bridge that this class creates and removes; one slurmctld on the bridge.
+
+    slurmd is started through `nsenter --net` plus new UTS and mount namespaces (hostname, /etc/hosts);
+    `ip netns exec` would remount /sys and hide the cgroup filesystem slurmd needs.
+    """
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        tag = os.getpid() % 200 + 20
+        self.subnet = f"10.{tag}.77"
+        self.bridge = f"ltbr{tag}"
+        self.names = [f"lt{tag}n1", f"lt{tag}n2"]  # hostnames, namespaces and SLURM node names
+        self.addresses = {name: f"{self.subnet}.{11 + i}" for i, name in enumerate(self.names)}
+        self.made_links: list[str] = []
+        self.made_namespaces: list[str] = []
+
+    def start(self) -> TwoNodeCluster:
+        try:
+            self._make_network()
+            return super().start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    def _make_network(self) -> None:
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self.made_links.append(self.bridge)
+        self._ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        for i, name in enumerate(self.names):
+            self._ip("netns", "add", name)
+            self.made_namespaces.append(name)
+            host_end, node_end = f"{name}h", f"{name}p"
+            self._ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
+            self.made_links.append(host_end)
+            self._ip("link", "set", node_end, "netns", name)
+            self._ip("link", "set", host_end, "master", self.bridge, "up")
+            self._ip("-n", name, "addr", "add", f"{self.addresses[name]}/24", "dev", node_end)
+            self._ip("-n", name, "link", "set", node_end, "up")
+            self._ip("-n", name, "link", "set", "lo", "up")
+        hosts = [f"127.0.0.1 localhost", f"{self.subnet}.1 {self.host}"]
+        hosts += [f"{address} {name}" for name, address in self.addresses.items()]
+        (self.root / "hosts").write_text("\n".join(hosts) + "\n")
+
+    def _controller(self) -> str:
+        return f"{self.host}({self.subnet}.1)"
+
+    def _node_lines(self) -> str:
+        return "\n".join(f"NodeName={name} NodeAddr={address} NodeHostname={name} CPUs=2 RealMemory=2000 State=UNKNOWN"
+                         for name, address in self.addresses.items())
+
+    def _start_nodes(self) -> None:
+        for name in self.names:
+            inner = f"hostname {name}; mount --bind {self.root / 'hosts'} /etc/hosts; exec slurmd -f {self.conf} -N {name}"
+            subprocess.run(["nsenter", f"--net=/run/netns/{name}", "unshare", "--uts", "--mount", "--propagation", "private",
+                            "bash", "-c", inner], check=True, env=self.env)
+            self.pid_files.append(self.root / f"slurmd-{name}.pid")
+
+    def stop(self) -> None:
+        super().stop()
+        time.sleep(1)  # let the daemons exit before their network goes
+        for name in reversed(self.made_namespaces):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        for link in reversed(self.made_links):
+            subprocess.run(["ip", "link", "del", link], capture_output=True)

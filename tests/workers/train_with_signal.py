@@ -10,6 +10,8 @@ import os
 import signal
 import sys
 
+from torch.nn.parallel import DistributedDataParallel
+
 from launcher.build import build_run
 from launcher.config import load_config
 from launcher.loop import train
@@ -19,7 +21,8 @@ from launcher.preemption import EXIT_PREEMPTED, PreemptionFlag
 config_path, micro_step, *overrides = sys.argv[1:]
 preemption = PreemptionFlag()
 run = build_run(load_config(config_path, overrides))
-forwards = [0]
+# under DDP the loop's first forward is the zero-loss pass that settles the buckets: not a micro-step
+forwards = [-1 if isinstance(run.model, DistributedDataParallel) else 0]
 
 
 def signal_at_micro_step(module, args):
