@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # first of all: a preemption signal that arrives before the handler exists kills the process
     preemption = PreemptionFlag()
+    from launcher.distributed import die_with_launcher
+
+    die_with_launcher()
     try:
         return run_train(args, argv, preemption)
     except UsageError as err:

@@ -51,6 +51,25 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def die_with_launcher() -> None:
+    """Under torchrun or accelerate launch: end this worker when its launcher (agent) dies.
+
+    The agent starts workers in their own sessions, so when it is killed (a node's launcher dying) they
+    would live on as orphans, outside what SLURM tracks for the job step, holding the other nodes in
+    collectives. With the parent-death signal the whole node goes, the other ranks fail fast, and
+    `srun --kill-on-bad-exit` ends the job.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent died before the call above
+        os._exit(1)
+
+
 def in_slurm_job() -> bool:
     return "SLURM_JOB_ID" in os.environ
 

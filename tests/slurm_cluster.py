@@ -125,6 +125,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def stop(self) -> None:
         subprocess.run(["scancel", "--user", "root"], env=self.env, capture_output=True)
+        deadline = time.monotonic() + 30  # let the jobs' processes end before their daemons go
+        while time.monotonic() < deadline:
+            queue = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True)
+            if queue.returncode != 0 or not queue.stdout.strip():
+                break
+            time.sleep(0.5)
         for pid_file in reversed(self.pid_files):
             try:
                 os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
@@ -193,11 +199,18 @@ class TwoNodeCluster(SlurmCluster):
             inner = f"hostname {name}; mount --bind {self.root / 'hosts'} /etc/hosts; exec slurmd -f {self.conf} -N {name}"
             subprocess.run(["nsenter", f"--net=/run/netns/{name}", "unshare", "--uts", "--mount", "--propagation", "private",
                             "bash", "-c", inner], check=True, env=self.env)
-            self.pid_files.append(self.root / f"slurmd-{name}.pid")
 
     def stop(self) -> None:
         super().stop()
-        time.sleep(1)  # let the daemons exit before their network goes
+        # everything still running in a node's namespace was started by this cluster: its slurmd, job steps, workers
+        for name in self.made_namespaces:
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+        time.sleep(1)
         for name in reversed(self.made_namespaces):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         for link in reversed(self.made_links):

@@ -97,9 +97,12 @@ def test_a_dead_node_ends_the_job_promptly(cluster, tmp_path: Path):
     while not (out / "metrics.jsonl").exists() or not [r for r in metrics(out) if "loss" in r]:
         assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING")
         time.sleep(0.2)
-    pids = subprocess.run(["ip", "netns", "pids", cluster.names[1]], capture_output=True, text=True).stdout.split()
-    agents = [p for p in pids if "accelerate.commands.launch" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-    assert agents, "no launcher agent found on the second node"
+    agents = []
+    for pid in subprocess.run(["ip", "netns", "pids", cluster.names[1]], capture_output=True, text=True).stdout.split():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"accelerate.commands.launch" in argv and argv[argv.index(b"--machine_rank") + 1] == b"1":
+            agents.append(pid)
+    assert len(agents) == 1, "the second node's launcher agent not found"
     killed_at = time.monotonic()
     os.kill(int(agents[0]), signal.SIGKILL)
     state = cluster.wait(job, 120)
