@@ -172,7 +172,7 @@ class TwoNodeCluster(SlurmCluster):
         self.made_links.append(self.bridge)
         self._ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
         self._ip("link", "set", self.bridge, "up")
-        for i, name in enumerate(self.names):
+        for name in self.names:
             self._ip("netns", "add", name)
             self.made_namespaces.append(name)
             host_end, node_end = f"{name}h", f"{name}p"
@@ -183,7 +183,7 @@ class TwoNodeCluster(SlurmCluster):
             self._ip("-n", name, "addr", "add", f"{self.addresses[name]}/24", "dev", node_end)
             self._ip("-n", name, "link", "set", node_end, "up")
             self._ip("-n", name, "link", "set", "lo", "up")
-        hosts = [f"127.0.0.1 localhost", f"{self.subnet}.1 {self.host}"]
+        hosts = ["127.0.0.1 localhost", f"{self.subnet}.1 {self.host}"]
         hosts += [f"{address} {name}" for name, address in self.addresses.items()]
         (self.root / "hosts").write_text("\n".join(hosts) + "\n")
 

@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from launcher.batches import BatchPlan, epoch_order, rank_micro_batches, step_window
 from launcher.config import TrainConfig
