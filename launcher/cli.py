@@ -18,7 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", help="YAML config file, e.g. configs/default.yaml")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=100")
     train.add_argument("--overwrite", action="store_true", help="replace the run in an existing non-empty output_dir")
+    inspect = commands.add_parser("inspect", help="list every parameter, its shape and whether it trains (no training)")
+    inspect.add_argument("config", help="YAML config file")
+    inspect.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. freeze=[blocks.0.*]")
     args = parser.parse_args(argv)
+    if args.command == "inspect":
+        try:
+            return run_inspect(args)
+        except UsageError as err:
+            for line in err.lines:
+                print(f"launcher: error: {line}", file=sys.stderr)
+            return EXIT_USAGE
     from launcher.preemption import PreemptionFlag
 
     # first of all: a preemption signal that arrives before the handler exists kills the process
@@ -67,6 +77,27 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     if summary["preempted"]:
         run.accelerator.wait_for_everyone()  # no rank exits (failing the launch) before the main process requeued
     return EXIT_PREEMPTED if summary["preempted"] else 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Parameter names, shapes and trainable/frozen under the config's freeze patterns, from a meta-device model."""
+    import torch
+
+    from launcher.build import build_bare_model
+    from launcher.config import load_config
+    from launcher.freezing import parameter_table
+
+    cfg = load_config(args.config, args.overrides)
+    with torch.device("meta"):  # names and shapes only: no memory, no weights
+        model, _ = build_bare_model(cfg)
+    width = max(len(name) for name, _ in model.named_parameters())
+    print(f"{'parameter':<{width}}  {'shape':<16} {'numel':>12}  trains")
+    for name, param in model.named_parameters():
+        shape = "x".join(str(d) for d in param.shape)
+        print(f"{name:<{width}}  {shape:<16} {param.numel():>12,}  {'yes' if param.requires_grad else 'frozen'}")
+    print()
+    print(parameter_table(model))
+    return 0
 
 
 def preflight(cfg, overwrite: bool, world_size: int) -> None:
