@@ -21,10 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="list every parameter, its shape and whether it trains (no training)")
     inspect.add_argument("config", help="YAML config file")
     inspect.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. freeze=[blocks.0.*]")
+    plan = commands.add_parser("plan", help="what a run will do: batches, steps, memory split, checkpoints, commands")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    plan.add_argument("--gpus-per-node", type=int, help="processes per node (default: launch.nproc_per_node)")
+    plan.add_argument("--deepspeed", help="a DeepSpeed JSON (the same as deepspeed=JSON)")
+    plan.add_argument("--time-limit", help="the SLURM time limit, HH:MM:SS")
+    plan.add_argument("--step-time-s", type=float, help="estimated seconds per optimizer step")
     args = parser.parse_args(argv)
-    if args.command == "inspect":
+    if args.command in ("inspect", "plan"):
         try:
-            return run_inspect(args)
+            return run_inspect(args) if args.command == "inspect" else run_plan(args)
         except UsageError as err:
             for line in err.lines:
                 print(f"launcher: error: {line}", file=sys.stderr)
@@ -77,6 +85,21 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     if summary["preempted"]:
         run.accelerator.wait_for_everyone()  # no rank exits (failing the launch) before the main process requeued
     return EXIT_PREEMPTED if summary["preempted"] else 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from launcher.config import load_config
+    from launcher.distributed import processes_to_start
+    from launcher.plan import Allocation, parse_duration, plan_text
+
+    overrides = args.overrides + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
+    cfg = load_config(args.config, overrides)
+    if args.nodes < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1):
+        raise UsageError("--nodes and --gpus-per-node must be 1 or more")
+    alloc = Allocation(args.nodes, args.gpus_per_node or processes_to_start(cfg.launch),
+                       parse_duration(args.time_limit) if args.time_limit else None, args.step_time_s)
+    print(plan_text(cfg, args.config, overrides, alloc))
+    return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:

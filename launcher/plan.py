@@ -1,0 +1,116 @@
+"""`launcher plan`: what a run will do, computed from the config alone (no GPU, no training).
+
+It runs the same validation as a real run (config, DeepSpeed JSON, freeze patterns, data), uses the
+same batch arithmetic (batches.py) and the same tokenized data, so its numbers are the run's.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from launcher.batches import BatchPlan
+from launcher.build import build_bare_model
+from launcher.config import Config
+from launcher.data import prepare_splits
+from launcher.distributed import check_hardware, resolved_deepspeed_config
+from launcher.errors import UsageError
+from launcher.freezing import parameter_table
+
+
+@dataclass
+class Allocation:
+    nodes: int
+    processes_per_node: int
+    time_limit_s: float | None = None  # the SLURM job's time limit
+    step_s: float | None = None  # an estimated (or measured) seconds per optimizer step
+    signal_margin_s: float = 180.0  # slurm/train.sbatch's --signal=USR1@180
+
+
+def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Allocation) -> str:
+    world_size = alloc.nodes * alloc.processes_per_node
+    check_hardware(cfg.train)
+    ds_config = resolved_deepspeed_config(cfg.deepspeed, cfg.train, world_size)
+    with torch.device("meta"):
+        model, _ = build_bare_model(cfg)  # the freeze patterns are checked here
+    train_blocks, eval_blocks = prepare_splits(cfg.data, cfg.seed)
+    batch = BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size)
+    n_train = len(train_blocks)
+    steps_per_epoch = batch.steps_per_epoch(n_train)
+    total_steps = batch.total_steps(n_train, cfg.train.max_steps, cfg.train.epochs)
+    targets_per_epoch = int((np.asarray(train_blocks.select_columns(["length"])[:]["length"], dtype=np.int64) - 1).sum())
+
+    lines = [
+        f"world size {world_size} = {alloc.nodes} node(s) x {alloc.processes_per_node} process(es)",
+        f"{batch.describe()}",
+        f"tokens per optimizer step: up to {batch.global_batch_size * cfg.data.seq_len:,} inputs"
+        f" ({cfg.data.seq_len} per sample); {targets_per_epoch / steps_per_epoch:,.0f} target tokens on average",
+        f"{n_train} training samples, {steps_per_epoch} steps per epoch, {total_steps} steps"
+        f" ({total_steps / steps_per_epoch:.2f} epochs); {len(eval_blocks) if eval_blocks is not None else 0} held-out samples",
+        "",
+        parameter_table(model),
+        "",
+    ]
+    if ds_config is not None:
+        lines += [f"DeepSpeed config ({cfg.deepspeed or 'from the accelerate config'}), every \"auto\" filled:",
+                  json.dumps(ds_config, indent=2), ""]
+    lines += checkpoint_cadence(cfg, total_steps, alloc)
+    lines += ["", "commands:", *command_lines(config_path, overrides, alloc)]
+    return "\n".join(lines)
+
+
+def checkpoint_cadence(cfg: Config, total_steps: int, alloc: Allocation) -> list[str]:
+    every = cfg.checkpoint.every_steps
+    lines = [f"checkpoints: every {every} steps and at the end" if every else "checkpoints: only on preemption (checkpoint.every_steps is null)"]
+    if alloc.step_s is None:
+        return lines + ["  (give --step-time-s to see the cadence in time)"]
+    lines.append(f"  at {alloc.step_s:g} s/step: the run takes {total_steps * alloc.step_s / 3600:.2f} h"
+                 + (f", a checkpoint every {every * alloc.step_s / 60:.1f} min" if every else ""))
+    if alloc.time_limit_s is not None:
+        steps_per_job = int(max(0.0, alloc.time_limit_s - alloc.signal_margin_s) / alloc.step_s)
+        jobs = -(-total_steps // max(1, steps_per_job))
+        lines.append(f"  a {alloc.time_limit_s / 3600:.2f} h allocation (USR1 {alloc.signal_margin_s:.0f} s before its end)"
+                     f" runs about {steps_per_job} steps: " + ("the run fits in one" if jobs == 1 else
+                     f"{jobs} jobs, each requeued automatically after its preemption checkpoint"))
+        if every and every > steps_per_job:
+            lines.append(f"  warning: checkpoint.every_steps={every} is longer than one allocation; only the preemption"
+                         f" checkpoint will save progress")
+    return lines
+
+
+def command_lines(config_path: str, overrides: list[str], alloc: Allocation) -> list[str]:
+    args = " ".join(shlex.quote(a) for a in [config_path, *overrides])
+    world = alloc.nodes * alloc.processes_per_node
+    if alloc.nodes == 1:
+        accelerate = (f"  accelerate launch --multi_gpu --num_processes {world} -m launcher train {args}" if world > 1
+                      else f"  launcher train {args}")
+    else:
+        accelerate = (f"  accelerate launch --multi_gpu --num_machines {alloc.nodes} --num_processes {world}"
+                      f" --machine_rank $NODE_RANK --main_process_ip $HEAD_ADDR --main_process_port 29500"
+                      f" -m launcher train {args}   # on every node")
+    time = f" --time={_hms(alloc.time_limit_s)}" if alloc.time_limit_s else ""
+    sbatch = (f"  sbatch --nodes={alloc.nodes} --gpus-per-node={alloc.processes_per_node}{time}"
+              f" slurm/train.sbatch {args}")
+    return [accelerate, sbatch]
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def parse_duration(text: str) -> float:
+    """SLURM-style [D-]HH:MM:SS, HH:MM:SS, MM:SS or plain minutes."""
+    days, _, rest = text.rpartition("-")
+    try:
+        parts = [float(p) for p in rest.split(":")]
+        if not 1 <= len(parts) <= 3:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--time-limit: '{text}' is not a time; use HH:MM:SS (SLURM's format), e.g. 04:00:00") from None
+    seconds = {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1], 3: lambda p: p[0] * 3600 + p[1] * 60 + p[2]}[len(parts)](parts)
+    return seconds + (float(days) * 86400 if days else 0.0)
