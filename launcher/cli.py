@@ -1,4 +1,4 @@
-"""`launcher train CONFIG [key=value ...]`: parse, build, run. Bad input: one line per problem, exit 2."""
+"""`launcher train|inspect|plan CONFIG [key=value ...]`: parse, build, run. Bad input: one line per problem, exit 2."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="list every parameter, its shape and whether it trains (no training)")
     inspect.add_argument("config", help="YAML config file")
     inspect.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. freeze=[blocks.0.*]")
-    plan = commands.add_parser("plan", help="what a run will do: batches, steps, memory split, checkpoints, commands")
+    plan = commands.add_parser("plan", help="what a run will do: batches, steps, frozen parameters, DeepSpeed config, checkpoints, commands")
     plan.add_argument("config", help="YAML config file")
     plan.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run_inspect(args) if args.command == "inspect" else run_plan(args)
         except UsageError as err:
-            for line in err.lines:
-                print(f"launcher: error: {line}", file=sys.stderr)
-            return EXIT_USAGE
+            return report_usage_error(err)
     from launcher.preemption import PreemptionFlag
 
     # first of all: a preemption signal that arrives before the handler exists kills the process
@@ -49,10 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         from launcher.distributed import env_rank
 
-        if env_rank() == 0:  # every rank finds the same problem; one report is enough
-            for line in err.lines:
-                print(f"launcher: error: {line}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_usage_error(err, quiet=env_rank() != 0)  # every rank finds the same problem: one report
+
+
+def report_usage_error(err: UsageError, quiet: bool = False) -> int:
+    if not quiet:
+        for line in err.lines:
+            print(f"launcher: error: {line}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:

@@ -6,6 +6,7 @@ Other modules receive `rank`, `world_size` and `is_main_process` as values from 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from datetime import timedelta
@@ -96,12 +97,23 @@ def processes_to_start(cfg: LaunchConfig) -> int:
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run `launcher <argv>` as `nproc` local processes under torchrun and return its exit code."""
+    """Run `launcher <argv>` as `nproc` local processes under torchrun and return its exit code.
+
+    A preemption signal (SIGUSR1, SIGTERM) or Ctrl-C sent to this process is passed on, so the workers
+    stop at a step boundary after a checkpoint, as they would if they had been signalled themselves."""
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"  # gloo on CPU
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "launcher", *argv]
-    return subprocess.run(cmd, env=env).returncode
+    child = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame):
+        # torchrun passes SIGTERM on to every worker (each then checkpoints and stops); it would die of SIGUSR1
+        child.send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, forward)
+    return child.wait()
 
 
 def check_hardware(cfg: TrainConfig) -> None:

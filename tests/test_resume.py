@@ -5,7 +5,9 @@ RNG states matter."""
 import json
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,21 @@ def test_resume_on_another_world_size_with_the_same_global_batch(tmp_path: Path)
     straight, moved = final_weights(tmp_path / "straight"), final_weights(tmp_path / "moved")
     for name, tensor in straight.items():
         torch.testing.assert_close(moved[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_signal_to_a_plain_multi_process_run_checkpoints_and_exits_75(tmp_path: Path):
+    """`launcher train` with launch.nproc_per_node=2 starts torchrun itself; SIGUSR1 to it reaches the workers,
+    which stop after a checkpoint; the command exits with 75, and resume=auto finishes the run."""
+    config = resume_config(tmp_path, max_steps=100000, log_every=1)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([PYTHON, "-m", "launcher", "train", str(config), "launch.nproc_per_node=2"], cwd=REPO,
+                            env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or len([r for r in metrics(out) if "loss" in r]) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    marker = json.loads((out / "preempted.json").read_text())
+    assert Path(marker["checkpoint"]).is_dir() and marker["step"] >= 3
