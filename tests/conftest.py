@@ -58,6 +58,15 @@ def run_worker(script: str, *args: str, nproc: int = 2, timeout: float = 300) ->
     return subprocess.run(cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout)
 
 
+def submit_job(cluster, tmp_path: Path, config: Path, out: Path, *overrides: str, script: str = "train.sbatch",
+               nodes: int = 1) -> int:
+    """sbatch one of the real slurm/ scripts on a test cluster, in CPU mode with 2 gloo processes per node;
+    its log goes to tmp_path/slurm-JOBID.out."""
+    return cluster.sbatch(f"--nodes={nodes}", f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}",
+                          str(REPO / "slurm" / script), str(config), f"output_dir={out}", *overrides,
+                          cwd=tmp_path, env=cpu_env(PYTHON=PYTHON, NPROC_PER_NODE="2"))
+
+
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return proc

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, check, cpu_env, final_weights, metrics, run_cli, tiny_config, write_config
+from conftest import check, final_weights, metrics, run_cli, submit_job, tiny_config, write_config
 from slurm_cluster import TwoNodeCluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces, a bridge and the SLURM daemons need root")
@@ -25,9 +25,7 @@ def cluster(tmp_path_factory):
 
 
 def submit(cluster, tmp_path: Path, config: Path, out: Path, *overrides: str) -> int:
-    return cluster.sbatch("--nodes=2", f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}",
-                          str(REPO / "slurm" / "train.sbatch"), str(config), f"output_dir={out}", *overrides,
-                          cwd=tmp_path, env=cpu_env(PYTHON=PYTHON, NPROC_PER_NODE="2"))
+    return submit_job(cluster, tmp_path, config, out, *overrides, nodes=2)
 
 
 def log_of(tmp_path: Path, job: int) -> str:

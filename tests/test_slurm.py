@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, cpu_env, final_weights, metrics, tiny_config, write_config
+from conftest import REPO, final_weights, metrics, submit_job, tiny_config, write_config
 from slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the test SLURM cluster runs its daemons as root")
@@ -24,12 +24,6 @@ def cluster(tmp_path_factory):
     cluster.stop()
 
 
-def submit(cluster: SlurmCluster, tmp_path: Path, config: Path, out: Path, script: str = "train.sbatch") -> int:
-    env = cpu_env(PYTHON=PYTHON, NPROC_PER_NODE="2")
-    return cluster.sbatch(f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}", str(REPO / "slurm" / script),
-                          str(config), f"output_dir={out}", cwd=tmp_path, env=env)
-
-
 def slurm_config(tmp_path: Path) -> Path:
     return write_config(tmp_path / "c.yaml", tiny_config(
         tmp_path, model={"dropout": 0.1}, eval={"every_steps": 5},
@@ -39,11 +33,11 @@ def slurm_config(tmp_path: Path) -> Path:
 
 def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_job(cluster: SlurmCluster, tmp_path: Path):
     config = slurm_config(tmp_path)
-    straight = submit(cluster, tmp_path, config, tmp_path / "straight")
+    straight = submit_job(cluster, tmp_path, config, tmp_path / "straight")
     assert cluster.wait(straight, 300) == "COMPLETED", (tmp_path / f"slurm-{straight}.out").read_text()[-3000:]
 
     out = tmp_path / "preempted"
-    job = submit(cluster, tmp_path, config, out)
+    job = submit_job(cluster, tmp_path, config, out)
     deadline = time.monotonic() + 180
     while not (out / "metrics.jsonl").exists() or len([r for r in metrics(out) if "loss" in r]) < 5:
         assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING")
@@ -68,7 +62,7 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_job(cluster
 
 def test_debug_script_runs_one_process(cluster: SlurmCluster, tmp_path: Path):
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 3}))
-    job = submit(cluster, tmp_path, config, tmp_path / "out", script="debug.sbatch")
+    job = submit_job(cluster, tmp_path, config, tmp_path / "out", script="debug.sbatch")
     state = cluster.wait(job, 300)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
@@ -80,7 +74,7 @@ def test_deepspeed_through_the_same_script(cluster: SlurmCluster, tmp_path: Path
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
     config = write_config(tmp_path / "c.yaml", tiny_config(
         tmp_path, train={"max_steps": 3, "micro_batch_size": 4}, deepspeed=str(REPO / "configs" / "deepspeed" / "zero2.json")))
-    job = submit(cluster, tmp_path, config, tmp_path / "out")
+    job = submit_job(cluster, tmp_path, config, tmp_path / "out")
     state = cluster.wait(job, 300)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
