@@ -141,7 +141,8 @@ def rows_to_batch(rows: dict, n_rows: int, width: int, pin: bool) -> Batch:
     return Batch(inputs, labels)
 
 
-def _lengths(blocks: datasets.Dataset) -> np.ndarray:
+def sample_lengths(blocks: datasets.Dataset) -> np.ndarray:
+    """Valid tokens per row (a row predicts length - 1 targets)."""
     return np.asarray(blocks.select_columns(["length"])[:]["length"], dtype=np.int64)
 
 
@@ -156,7 +157,7 @@ class RowStore:
         chunks = blocks.data.table.column("input_ids").chunks
         self.chunks = [c.flatten().to_numpy(zero_copy_only=True).reshape(-1, self.width) for c in chunks]
         self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
-        self.lengths = _lengths(blocks)
+        self.lengths = sample_lengths(blocks)
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -10,13 +10,12 @@ import json
 import shlex
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from launcher.batches import BatchPlan
 from launcher.build import build_bare_model
 from launcher.config import Config
-from launcher.data import prepare_splits
+from launcher.data import prepare_splits, sample_lengths
 from launcher.distributed import check_hardware, resolved_deepspeed_config
 from launcher.errors import UsageError
 from launcher.freezing import parameter_table
@@ -42,7 +41,7 @@ def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Alloca
     n_train = len(train_blocks)
     steps_per_epoch = batch.steps_per_epoch(n_train)
     total_steps = batch.total_steps(n_train, cfg.train.max_steps, cfg.train.epochs)
-    targets_per_epoch = int((np.asarray(train_blocks.select_columns(["length"])[:]["length"], dtype=np.int64) - 1).sum())
+    targets_per_epoch = int((sample_lengths(train_blocks) - 1).sum())
 
     lines = [
         f"world size {world_size} = {alloc.nodes} node(s) x {alloc.processes_per_node} process(es)",
