@@ -16,9 +16,19 @@ import numpy as np
 
 @dataclass(frozen=True)
 class BatchPlan:
-    micro_batch_size: int  # samples per process per micro-step
-    gradient_accumulation_steps: int  # micro-steps per optimizer step
-    world_size: int  # processes
+    micro_batch_size: int  # samples per rank per micro-step
+    gradient_accumulation_steps: int  # micro-steps per rank per optimizer step
+    world_size: int  # ranks of the run: processes, or the ranks one process simulates
+    ranks_per_process: int = 1  # > 1 only for one process standing in for `world_size` ranks
+
+    @property
+    def processes(self) -> int:
+        return self.world_size // self.ranks_per_process
+
+    @property
+    def micro_steps_per_process(self) -> int:
+        """Forward/backward passes each process makes per optimizer step (a simulated rank's run after another's)."""
+        return self.gradient_accumulation_steps * self.ranks_per_process
 
     @property
     def global_batch_size(self) -> int:
@@ -34,9 +44,10 @@ class BatchPlan:
         return min(bounds)
 
     def describe(self) -> str:
+        simulated = f" (simulated by one process: {self.micro_steps_per_process} micro-steps)" if self.ranks_per_process > 1 else ""
         return (
             f"global batch {self.global_batch_size} = micro-batch {self.micro_batch_size}"
-            f" x accumulation {self.gradient_accumulation_steps} x world size {self.world_size}"
+            f" x accumulation {self.gradient_accumulation_steps} x world size {self.world_size}{simulated}"
         )
 
 

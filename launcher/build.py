@@ -15,7 +15,9 @@ from launcher.batches import BatchPlan
 from launcher.checkpoints import load_checkpoint, resume_path
 from launcher.config import Config
 from launcher.data import ByteTokenizer, EvalData, TrainData, prepare_splits
-from launcher.distributed import check_hardware, make_accelerator, seed_initial_weights, seed_rank_streams
+from launcher.diagnostics import check_backend_support, check_dump_names
+from launcher.distributed import (check_hardware, deepspeed_json, env_world_size, make_accelerator, seed_initial_weights,
+                                  seed_rank_streams)
 from launcher.errors import UsageError
 from launcher.freezing import apply_freeze, parameter_table
 from launcher.models import build_model
@@ -37,6 +39,7 @@ class Run:
     frozen: set[str]
     start_step: int = 0  # optimizer steps already done (from the checkpoint resumed)
     skipped_steps: int = 0  # fp16 overflow steps among them
+    nonfinite_steps: int = 0  # steps dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)
 
     @property
     def is_main_process(self) -> bool:
@@ -47,7 +50,18 @@ def build_bare_model(cfg: Config) -> tuple[nn.Module, set[str]]:
     """The model with the freeze patterns applied, on CPU, identical on every rank and world size."""
     seed_initial_weights(cfg.seed)
     model = build_model(cfg.model, ByteTokenizer.vocab_size, cfg.data.seq_len)
-    return model, apply_freeze(model, cfg.freeze)
+    frozen = apply_freeze(model, cfg.freeze)
+    check_dump_names(model, cfg.diagnostics.dump_grad)
+    return model, frozen
+
+
+def batch_plan(cfg: Config, processes: int) -> BatchPlan:
+    """The run's batch arithmetic; with launch.simulate_world_size one process plays every rank."""
+    simulated = cfg.launch.simulate_world_size
+    if simulated and processes > 1:
+        raise UsageError(f"launch.simulate_world_size runs one process, but {processes} were launched; start one process (launch.nproc_per_node: 1)")
+    return BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, simulated or processes,
+                     ranks_per_process=simulated or 1)
 
 
 def build_run(cfg: Config, overwrite: bool = False) -> Run:
@@ -56,13 +70,14 @@ def build_run(cfg: Config, overwrite: bool = False) -> Run:
     checkpoint = resume_path(cfg.resume, cfg.output_dir)
     model, frozen = build_bare_model(cfg)  # freezing precedes wrapping: DDP and the optimizer see only trainable params
 
-    accelerator = make_accelerator(cfg.train, cfg.deepspeed)
+    plan = batch_plan(cfg, env_world_size())
+    check_options(cfg, uses_deepspeed=deepspeed_json(cfg.deepspeed) is not None)
+    accelerator = make_accelerator(cfg.train, cfg.deepspeed, plan.micro_steps_per_process)
     rank, world_size = accelerator.process_index, accelerator.num_processes
-    plan = BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size)
     train_blocks, eval_blocks = _prepare_data_main_first(cfg, accelerator)  # a data error leaves output_dir untouched
 
     pin = accelerator.device.type == "cuda"
-    train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin)
+    train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin, cfg.train.overfit_batches)
     eval_data = None
     if eval_blocks is not None and len(eval_blocks):
         eval_mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
@@ -89,7 +104,18 @@ def build_run(cfg: Config, overwrite: bool = False) -> Run:
     if state:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     return Run(cfg, accelerator, model, optimizer, lr_schedule, train_data, eval_data, plan, total_steps, frozen,
-               start_step=state.step if state else 0, skipped_steps=state.skipped_steps if state else 0)
+               start_step=state.step if state else 0, skipped_steps=state.skipped_steps if state else 0,
+               nonfinite_steps=state.nonfinite_steps if state else 0)
+
+
+def check_options(cfg: Config, uses_deepspeed: bool) -> None:
+    """Options that depend on the backend or on an optional package, checked before anything starts."""
+    check_backend_support(cfg.diagnostics, uses_deepspeed)
+    if cfg.train.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UsageError("train.tensorboard: the tensorboard package is not installed; pip install -e '.[tensorboard]' or set it to false") from None
 
 
 def _prepare_data_main_first(cfg: Config, accelerator: Accelerator):

@@ -34,6 +34,7 @@ class TrainerState:
     global_batch_size: int
     world_size: int
     backend: str
+    nonfinite_steps: int = 0  # steps dropped by diagnostics.nonfinite: skip
 
 
 def checkpoint_root(output_dir: Path) -> Path:

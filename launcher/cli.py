@@ -1,8 +1,9 @@
-"""`launcher train|inspect|plan CONFIG [key=value ...]`: parse, build, run. Bad input: one line per problem, exit 2."""
+"""`launcher train|inspect|plan CONFIG [key=value ...]`, `launcher plot OUTPUT_DIR`: parse, build, run. Bad input: one line per problem, exit 2."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from launcher.errors import UsageError
@@ -18,6 +19,17 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", help="YAML config file, e.g. configs/default.yaml")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=100")
     train.add_argument("--overwrite", action="store_true", help="replace the run in an existing non-empty output_dir")
+    debugging = train.add_argument_group("debugging (each flag is a config key, recorded in config.yaml)")
+    debugging.add_argument("--debug", action="store_true",
+                           help="one process, --debug-steps steps, deterministic, checked after every step, a summary; into OUTPUT_DIR-debug")
+    debugging.add_argument("--debug-steps", type=int, default=10, metavar="N", help="steps of a --debug run (default 10)")
+    debugging.add_argument("--detect-anomaly", action="store_true", help="diagnostics.detect_anomaly: name the backward op that made a nan (slow)")
+    debugging.add_argument("--overfit-batches", type=int, metavar="N", help="train.overfit_batches: train on the first N steps' batches only")
+    debugging.add_argument("--simulate-world-size", type=int, metavar="N",
+                           help="launch.simulate_world_size: one process reproduces an N-process run's global batch and updates")
+    debugging.add_argument("--dump-grad", action="append", default=[], metavar="NAME",
+                           help="diagnostics.dump_grad: print this parameter's gradient statistics (repeatable)")
+    debugging.add_argument("--dump-grad-steps", metavar="S1,S2,...", help="diagnostics.dump_grad_steps: at these steps (default: every log step)")
     inspect = commands.add_parser("inspect", help="list every parameter, its shape and whether it trains (no training)")
     inspect.add_argument("config", help="YAML config file")
     inspect.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. freeze=[blocks.0.*]")
@@ -29,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--deepspeed", help="a DeepSpeed JSON (the same as deepspeed=JSON)")
     plan.add_argument("--time-limit", help="the SLURM time limit, HH:MM:SS")
     plan.add_argument("--step-time-s", type=float, help="estimated seconds per optimizer step")
+    plot = commands.add_parser("plot", help="PNG charts of a run's metrics.jsonl: losses, learning rate, grad norm, throughput")
+    plot.add_argument("output_dir", help="the run's output_dir (it holds metrics.jsonl)")
     args = parser.parse_args(argv)
-    if args.command in ("inspect", "plan"):
+    if args.command in ("inspect", "plan", "plot"):
         try:
-            return run_inspect(args) if args.command == "inspect" else run_plan(args)
+            return {"inspect": run_inspect, "plan": run_plan, "plot": run_plot}[args.command](args)
         except UsageError as err:
             return report_usage_error(err)
     from launcher.preemption import PreemptionFlag
@@ -57,36 +71,89 @@ def report_usage_error(err: UsageError, quiet: bool = False) -> int:
     return EXIT_USAGE
 
 
-def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
-    from launcher.config import load_config
-    from launcher.distributed import default_resume, launched_by_a_launcher, processes_to_start, relaunch, requeue_slurm_job
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The debugging flags as the config keys they stand for (so config.yaml records them)."""
+    overrides = []
+    if args.detect_anomaly:
+        overrides.append("diagnostics.detect_anomaly=true")
+    if args.overfit_batches is not None:
+        overrides.append(f"train.overfit_batches={args.overfit_batches}")
+    if args.simulate_world_size is not None:  # one process by definition
+        overrides += [f"launch.simulate_world_size={args.simulate_world_size}", "launch.nproc_per_node=1"]
+    if args.dump_grad:
+        overrides.append(f"diagnostics.dump_grad={json.dumps(args.dump_grad)}")
+    if args.dump_grad_steps:
+        overrides.append(f"diagnostics.dump_grad_steps=[{args.dump_grad_steps}]")
+    return overrides
 
-    cfg = load_config(args.config, args.overrides)
+
+def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
+    import torch
+
+    from launcher.config import load_config
+    from launcher.distributed import (default_resume, env_world_size, launched_by_a_launcher, processes_to_start, relaunch,
+                                      requeue_slurm_job)
+    from launcher.outputs import NONFINITE_MARKER, PREEMPTED_MARKER
+
+    cfg = load_config(args.config, args.overrides + flag_overrides(args))
+    overwrite = args.overwrite
+    if args.debug:
+        from launcher.debug import debug_config, make_deterministic
+
+        cfg, overwrite = debug_config(cfg, args.debug_steps, env_world_size()), True  # replaces only a previous debug run
+        make_deterministic()
     if cfg.resume is None:
         cfg.resume = default_resume()  # "auto" inside a SLURM job, so that a requeued job continues
     nproc = processes_to_start(cfg.launch)
     if not launched_by_a_launcher() and nproc > 1:
-        preflight(cfg, args.overwrite, nproc)  # bad input fails here, once, before any process starts
+        preflight(cfg, overwrite, nproc)  # bad input fails here, once, before any process starts
         code = relaunch(nproc, argv)
-        from launcher.outputs import PREEMPTED_MARKER
+        from launcher.diagnostics import EXIT_NONFINITE
         from launcher.preemption import EXIT_PREEMPTED
 
-        # torchrun reports any failed worker as 1; the marker says the workers stopped for preemption
-        return EXIT_PREEMPTED if code != 0 and (cfg.output_dir / PREEMPTED_MARKER).exists() else code
+        # torchrun reports any failed worker as 1; a marker says why the workers stopped
+        if code != 0 and (cfg.output_dir / PREEMPTED_MARKER).exists():
+            return EXIT_PREEMPTED
+        return EXIT_NONFINITE if code != 0 and (cfg.output_dir / NONFINITE_MARKER).exists() else code
 
     from launcher.build import build_run
+    from launcher.diagnostics import EXIT_NONFINITE, write_report
     from launcher.loop import train
     from launcher.preemption import EXIT_PREEMPTED
 
-    run = build_run(cfg, overwrite=args.overwrite)
+    torch.autograd.set_detect_anomaly(cfg.diagnostics.detect_anomaly)
+    run = build_run(cfg, overwrite=overwrite)
+    if args.debug:
+        from launcher.debug import mark_debug_run, summary_text, weights_snapshot
+        from launcher.freezing import parameter_listing
+
+        mark_debug_run(cfg.output_dir, args.debug_steps)
+        print(parameter_listing(run.accelerator.unwrap_model(run.model)))
+        before = weights_snapshot(run.accelerator.unwrap_model(run.model))
     summary = train(run, preemption)
     if run.is_main_process:
         report(summary, cfg)
+        if summary["nonfinite"]:
+            write_report(cfg.output_dir, summary["nonfinite"])
+            for line in summary["nonfinite"]:
+                print(f"launcher: error: {line}", file=sys.stderr)
+        if args.debug:
+            print(summary_text(run, summary, before, cfg.diagnostics.detect_anomaly))
         if summary["preempted"]:
             requeue_slurm_job()  # only now: the checkpoint is complete, and requeueing kills the job at once
-    if summary["preempted"]:
-        run.accelerator.wait_for_everyone()  # no rank exits (failing the launch) before the main process requeued
-    return EXIT_PREEMPTED if summary["preempted"] else 0
+    if summary["preempted"] or summary["nonfinite"]:
+        run.accelerator.wait_for_everyone()  # no rank exits (failing the launch) before the main process is done
+    return EXIT_PREEMPTED if summary["preempted"] else EXIT_NONFINITE if summary["nonfinite"] else 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher.plots import plot_run
+
+    for path in plot_run(Path(args.output_dir)):
+        print(path)
+    return 0
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -110,18 +177,12 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     from launcher.build import build_bare_model
     from launcher.config import load_config
-    from launcher.freezing import parameter_table
+    from launcher.freezing import parameter_listing
 
     cfg = load_config(args.config, args.overrides)
     with torch.device("meta"):  # names and shapes only: no memory, no weights
         model, _ = build_bare_model(cfg)
-    width = max(len(name) for name, _ in model.named_parameters())
-    print(f"{'parameter':<{width}}  {'shape':<16} {'numel':>12}  trains")
-    for name, param in model.named_parameters():
-        shape = "x".join(str(d) for d in param.shape)
-        print(f"{name:<{width}}  {shape:<16} {param.numel():>12,}  {'yes' if param.requires_grad else 'frozen'}")
-    print()
-    print(parameter_table(model))
+    print(parameter_listing(model))
     return 0
 
 
@@ -129,14 +190,16 @@ def preflight(cfg, overwrite: bool, world_size: int) -> None:
     """The checks a launched run would make before training, without starting it."""
     import torch
 
-    from launcher.build import build_bare_model
+    from launcher.build import batch_plan, build_bare_model, check_options
     from launcher.checkpoints import resume_path
     from launcher.data import load_documents
     from launcher.distributed import check_hardware, resolved_deepspeed_config
     from launcher.outputs import check_output_dir
 
     check_hardware(cfg.train)
-    resolved_deepspeed_config(cfg.deepspeed, cfg.train, world_size)
+    ds_config = resolved_deepspeed_config(cfg.deepspeed, cfg.train, world_size)
+    check_options(cfg, uses_deepspeed=ds_config is not None)
+    batch_plan(cfg, world_size)
     check_output_dir(cfg.output_dir, overwrite, resuming=cfg.resume is not None)
     resume_path(cfg.resume, cfg.output_dir)
     with torch.device("meta"):  # parameter names and shapes only, no memory
@@ -156,4 +219,9 @@ def report(summary: dict, cfg) -> None:
         print(f"eval loss {summary['eval_loss']:.4f}{start} after {summary['steps']} steps")
     if summary["skipped_steps"]:
         print(f"{summary['skipped_steps']} steps skipped for inf/nan gradients (fp16 loss scaling)")
+    if summary["nonfinite_steps"]:
+        print(f"{summary['nonfinite_steps']} steps dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)")
+    if summary["nonfinite"]:
+        print(f"stopped at step {summary['steps']}: inf/nan loss or gradient (report on stderr and in {cfg.output_dir}/nonfinite.json)")
+        return
     print(f"outputs: {cfg.output_dir}/ (config.yaml, metrics.jsonl, final/model.safetensors)")

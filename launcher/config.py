@@ -41,6 +41,8 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast precision; fp16 adds a loss scaler")
     compile: bool = Field(False, description="torch.compile the model")
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics rows (each costs one host-device sync)")
+    tensorboard: bool = Field(False, description="also write the metrics as TensorBoard event files to output_dir/tensorboard (the tensorboard extra)")
+    overfit_batches: int | None = Field(None, ge=1, description="train on the first N optimizer steps' batches over and over (the can-it-learn check); null: all data")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -98,6 +100,16 @@ class ModelConfig(Section):
         return self
 
 
+class DiagnosticsConfig(Section):
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="on an inf/nan loss or gradient: stop (exit 3, checkpoints before it kept) or skip the step (one host-device sync per step)"
+    )
+    grad_norms_every: int | None = Field(None, ge=1, description="log pre-clip gradient norms per layer to metrics.jsonl every N optimizer steps; null: never")
+    dump_grad: list[str] = Field(default_factory=list, description="parameter names whose gradient statistics are printed and logged (DDP or one process)")
+    dump_grad_steps: list[int] = Field(default_factory=list, description="optimizer steps (1-based) at which dump_grad prints; empty: every train.log_every steps")
+    detect_anomaly: bool = Field(False, description="torch.autograd anomaly detection: the backward op that made a nan, with its forward trace (slow)")
+
+
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="optimizer steps between checkpoints (and one at the end); null: only on preemption")
     keep_last: int | None = Field(None, ge=1, description="keep the newest N checkpoints; null: keep all")
@@ -106,6 +118,10 @@ class CheckpointConfig(Section):
 class LaunchConfig(Section):
     nproc_per_node: int | Literal["auto"] = Field(
         1, description="processes a plain `launcher train` starts (auto: every GPU, or 2 CPU processes); ignored under accelerate launch/torchrun"
+    )
+
+    simulate_world_size: int | None = Field(
+        None, ge=1, description="one process reproduces the global batch and updates of an N-process DDP run (N x the micro-steps); null: off"
     )
 
     @field_validator("nproc_per_node")
@@ -126,6 +142,7 @@ class Config(Section):
     freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze: globs on dotted names, 're:' for a regex")
     deepspeed: Path | None = Field(None, description="DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) to train with DeepSpeed; null: DDP")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     resume: str | None = Field(None, min_length=1, description="'auto': the newest complete checkpoint in output_dir (none: start fresh); or a checkpoint folder")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
@@ -137,9 +154,13 @@ class Config(Section):
         return path
 
     @model_validator(mode="after")
-    def _has_a_length(self) -> Config:
+    def _cross_field_rules(self) -> Config:
         if self.train.max_steps is None and self.train.epochs is None:
             raise ValueError("set train.max_steps or train.epochs (or both: the smaller bound wins)")
+        if self.launch.simulate_world_size and self.launch.nproc_per_node != 1:
+            raise ValueError("launch.simulate_world_size runs one process; set launch.nproc_per_node to 1")
+        if self.launch.simulate_world_size and self.deepspeed is not None:
+            raise ValueError("launch.simulate_world_size simulates DDP; unset deepspeed (ZeRO matches DDP's updates)")
         return self
 
 

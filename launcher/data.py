@@ -173,23 +173,32 @@ class RowStore:
 class TrainData:
     """This rank's micro-batches for any optimizer step, computed from the step alone (O(1) to seek)."""
 
-    def __init__(self, blocks: datasets.Dataset, plan: BatchPlan, rank: int, seed: int, shuffle: bool, pin: bool):
-        self.store, self.plan, self.rank, self.seed, self.shuffle, self.pin = RowStore(blocks), plan, rank, seed, shuffle, pin
+    def __init__(self, blocks: datasets.Dataset, plan: BatchPlan, process_index: int, seed: int, shuffle: bool, pin: bool,
+                 overfit_batches: int | None = None):
+        self.store, self.plan, self.seed, self.shuffle, self.pin = RowStore(blocks), plan, seed, shuffle, pin
+        # the ranks this process plays: its own, or all of them one after the other when simulating
+        self.ranks = range(process_index * plan.ranks_per_process, (process_index + 1) * plan.ranks_per_process)
         self.target_counts = self.store.lengths - 1
         self.steps_per_epoch = plan.steps_per_epoch(len(self.store))
+        self.overfit_batches = overfit_batches
         self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
         return len(self.store)
 
     def window(self, step: int) -> Window:
+        """Micro-batches of optimizer step `step` for the ranks this process plays (rank by rank), and the
+        number of target tokens of the whole global batch."""
+        if self.overfit_batches:  # the first N steps' batches, over and over
+            step = step % min(self.overfit_batches, self.steps_per_epoch)
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._order = epoch, epoch_order(len(self.store), self.seed, epoch, self.shuffle)
         window = step_window(self._order, step_in_epoch, self.plan.global_batch_size)
         micro = [
             rows_to_batch(self.store.rows(idx), self.plan.micro_batch_size, self.store.width, self.pin)
-            for idx in rank_micro_batches(window, self.rank, self.plan)
+            for rank in self.ranks
+            for idx in rank_micro_batches(window, rank, self.plan)
         ]
         return Window(micro, int(self.target_counts[window].sum()))
 

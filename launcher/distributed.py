@@ -129,11 +129,12 @@ def resolved_deepspeed_config(configured: Path | None, cfg: TrainConfig, world_s
     return deepspeed_config.resolve(deepspeed_config.read_deepspeed_json(json_path), cfg, world_size, json_path)
 
 
-def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_steps_per_process: int | None = None) -> Accelerator:
     """The Accelerator, which joins the process group when launched with several processes.
 
-    Accumulation is declared here so that `Accelerator.backward` (and DeepSpeed) divide each
-    micro-step's loss by it; the loop multiplies it back in its exact token normalization.
+    Accumulation (the micro-steps each process makes per optimizer step) is declared here so that
+    `Accelerator.backward` (and DeepSpeed) divide each micro-step's loss by it; the loop multiplies it
+    back in its exact token normalization.
     """
     on_cpu = not torch.cuda.is_available()
     several = env_world_size() > 1
@@ -148,7 +149,7 @@ def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None) -> Acceler
     return Accelerator(
         cpu=on_cpu and plugin is None,
         mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=micro_steps_per_process or cfg.gradient_accumulation_steps,
         dynamo_backend="inductor" if cfg.compile else "no",
         step_scheduler_with_optimizer=False,
         deepspeed_plugin=plugin,

@@ -65,3 +65,13 @@ def parameter_table(model: nn.Module) -> str:
     lines = [f"{'module':<{width}}  {'trainable':>12}  {'frozen':>12}"]
     lines += [f"{top:<{width}}  {t:>12,}  {f:>12,}" for top, t, f in rows]
     return "\n".join(lines)
+
+
+def parameter_listing(model: nn.Module) -> str:
+    """Every parameter's name, shape, size and whether it trains, then the per-module table."""
+    width = max(len(name) for name, _ in model.named_parameters())
+    lines = [f"{'parameter':<{width}}  {'shape':<16} {'numel':>12}  trains"]
+    for name, param in model.named_parameters():
+        shape = "x".join(str(d) for d in param.shape)
+        lines.append(f"{name:<{width}}  {shape:<16} {param.numel():>12,}  {'yes' if param.requires_grad else 'frozen'}")
+    return "\n".join(lines + ["", parameter_table(model)])

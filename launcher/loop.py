@@ -13,6 +13,8 @@ ranks. A partial last window, short micro-batches and padded rows are all exact 
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from contextlib import nullcontext
 
@@ -24,6 +26,8 @@ from launcher.build import Run, backend_name
 from launcher.checkpoints import TrainerState, save_checkpoint
 from launcher.config import CheckpointConfig, to_yaml
 from launcher.data import IGNORE_INDEX, Batch
+from launcher.diagnostics import (GradNorms, NonFiniteWatch, format_stats, gradient_stats, is_dump_step, layer_norms,
+                                  measure_and_clip)
 from launcher.metrics import MetricsLog
 from launcher.models import logits_of
 from launcher.outputs import save_weights
@@ -63,11 +67,13 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     """Run optimizer steps from `run.start_step` to `run.total_steps`; evaluate, log, checkpoint, write the final weights.
 
     With `preemption`, a signal on any rank stops every rank at the same step boundary, after a checkpoint.
+    An inf/nan loss or gradient stops the run (no checkpoint after it) or skips the step, per diagnostics.nonfinite.
     """
     acc, model, optimizer, cfg = run.accelerator, run.model, run.optimizer, run.cfg
-    metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps, run.start_step)
-    params = [p for p in model.parameters() if p.requires_grad]
-    accumulation = run.plan.gradient_accumulation_steps
+    tensorboard = cfg.output_dir / "tensorboard" if cfg.train.tensorboard else None
+    metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps, run.start_step, tensorboard)
+    names, params = zip(*[(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad])
+    micro_steps = run.plan.micro_steps_per_process  # gradient_accumulation_steps x the ranks this process plays
     if preemption is not None:
         preemption.connect()
     first_eval = last_eval = None
@@ -76,49 +82,62 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
 
     model.train()
     settle_ddp_buckets(run)
+    watch = NonFiniteWatch(model, list(names), list(params), acc.process_index, acc.device, cfg.train.mixed_precision == "fp16")
     optimizer.zero_grad(set_to_none=True)
-    steps_done, skipped_steps, interval, preempted = run.start_step, run.skipped_steps, Interval(acc.device), False
+    steps_done, skipped_steps, nonfinite_steps = run.start_step, run.skipped_steps, run.nonfinite_steps
+    interval, preempted, nonfinite = Interval(acc.device), False, None
     for step in range(run.start_step, run.total_steps):
         window = run.train_data.window(step)
-        scale = accumulation * run.plan.world_size / window.global_target_tokens
+        scale = micro_steps * run.plan.processes / window.global_target_tokens
         lr = run.lr_schedule.get_last_lr()[0]
+        step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)  # this rank's loss sum; stays on the device
         for k, micro in enumerate(window.micro_batches):
-            is_sync = k == accumulation - 1
+            is_sync = k == micro_steps - 1
             acc.sync_gradients = is_sync  # AcceleratedOptimizer and DeepSpeed act only on the sync micro-step
             # no_sync: gradients accumulate locally; the one all-reduce happens in the last backward
             with nullcontext() if is_sync else acc.no_sync(model):
                 loss_sum = token_loss_sum(model, micro.to(acc.device))
                 acc.backward(loss_sum * scale)
-            interval.loss_sum += loss_sum.detach()  # stays on the device: no sync per micro-step
-        is_log_step = (step + 1) % cfg.train.log_every == 0 or step + 1 == run.total_steps
-        grad_norm = clip_gradients(acc, params, cfg.train.max_grad_norm, cfg.train.grad_norm_type, measure=is_log_step)
-        optimizer.step()
-        if optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped it; the schedule must not advance
-            skipped_steps += 1
-        else:
-            run.lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+            step_loss += loss_sum.detach()  # no sync per micro-step
         steps_done = step + 1
+        is_log_step = steps_done % cfg.train.log_every == 0 or steps_done == run.total_steps
+        norms = measure_and_clip(acc, list(params), cfg.train.max_grad_norm, cfg.train.grad_norm_type)
+        bad = watch.record(steps_done, step_loss, norms)  # device-side: no sync
+        inspect_gradients(run, metrics, names, params, norms, steps_done)
+        if cfg.diagnostics.nonfinite == "skip" and watch.current_is_bad(acc, bad):  # one sync per step
+            drop_step(acc, watch.current_report(acc))
+            nonfinite_steps += 1
+        else:
+            optimizer.step()
+            if optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped it; the schedule must not advance
+                skipped_steps += 1
+            else:
+                run.lr_schedule.step()
+            interval.add_loss(step_loss, window.global_target_tokens)
+        optimizer.zero_grad(set_to_none=True)
         interval.add_step(window.global_target_tokens)
         metrics.advance()
 
         if is_log_step:  # the only host-device syncs of a training step, once per log interval
-            row = interval.flush(acc)
-            metrics.write({"step": steps_done, "epoch": step // run.train_data.steps_per_epoch, **row, "lr": lr,
-                           "grad_norm": float(grad_norm), "skipped_steps": skipped_steps})
+            metrics.write({"step": steps_done, "epoch": step // run.train_data.steps_per_epoch, **interval.flush(acc),
+                           "lr": lr, "grad_norm": float(norms.total), "skipped_steps": skipped_steps,
+                           "nonfinite_steps": nonfinite_steps})
+        due = checkpoint_due(cfg.checkpoint, steps_done, run.total_steps)
+        if cfg.diagnostics.nonfinite == "stop" and (is_log_step or due) and (nonfinite := watch.first_bad(acc)):
+            break  # before any checkpoint of the bad weights: the newest checkpoint stays the last good one
         if run.eval_data is not None and cfg.eval.every_steps and steps_done % cfg.eval.every_steps == 0:
             last_eval = log_eval(run, metrics, steps_done)
         preempted = preemption is not None and preemption.agreed()  # one small CPU collective per step
-        if preempted or checkpoint_due(cfg.checkpoint, steps_done, run.total_steps):
+        if preempted or due:
             state = TrainerState(steps_done, steps_done // run.train_data.steps_per_epoch, skipped_steps,
-                                 run.plan.global_batch_size, run.plan.world_size, backend_name(acc))
+                                 run.plan.global_batch_size, run.plan.processes, backend_name(acc), nonfinite_steps)
             save_checkpoint(acc, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last)
         if preempted:
             break
 
-    summary = {"steps": steps_done, "skipped_steps": skipped_steps,
+    summary = {"steps": steps_done, "skipped_steps": skipped_steps, "nonfinite_steps": nonfinite_steps, "nonfinite": nonfinite,
                "preempted": preempted, "weights": None, "first_eval_loss": first_eval and first_eval[1], "eval_loss": None}
-    if not preempted:
+    if not preempted and nonfinite is None:
         if run.eval_data is not None and run.total_steps > 0 and (last_eval is None or last_eval[0] != run.total_steps):
             last_eval = log_eval(run, metrics, run.total_steps)
         summary.update(weights=save_final_weights(run), eval_loss=last_eval and last_eval[1])
@@ -131,6 +150,27 @@ def checkpoint_due(cfg: CheckpointConfig, steps_done: int, total_steps: int) -> 
     return cfg.every_steps is not None and (steps_done % cfg.every_steps == 0 or steps_done == total_steps)
 
 
+def inspect_gradients(run: Run, metrics: MetricsLog, names, params, norms: GradNorms, step: int) -> None:
+    """Per-layer norms and named gradients, at the steps diagnostics.* asks for (each a host-device sync)."""
+    cfg = run.cfg.diagnostics
+    if cfg.grad_norms_every and step % cfg.grad_norms_every == 0:
+        metrics.write({"step": step, "grad_norm_by_layer": layer_norms(names, norms, run.cfg.train.grad_norm_type)})
+    if is_dump_step(cfg, step, run.cfg.train.log_every):
+        by_name = dict(zip(names, params))
+        stats = {name: gradient_stats(by_name[name].grad) for name in cfg.dump_grad}
+        for name, values in stats.items():
+            run.accelerator.print(format_stats(name, by_name[name].shape, step, values))
+        metrics.write({"step": step, "grad": stats})
+
+
+def drop_step(acc, report: list[str]) -> None:
+    """diagnostics.nonfinite: skip: no optimizer step, no schedule step; the gradients are zeroed after."""
+    if acc.scaler is not None:  # fp16: the scaler was unscaled for this step; update() resets it for the next
+        acc.scaler.update()
+    if acc.is_main_process:
+        print("\n".join(f"launcher: warning: {line}" for line in report), file=sys.stderr, flush=True)
+
+
 class Interval:
     """Loss and throughput since the last metrics row; the loss sum stays on the device until flushed."""
 
@@ -140,7 +180,12 @@ class Interval:
 
     def reset(self) -> None:
         self.loss_sum.zero_()
-        self.target_tokens, self.steps, self.started_s = 0, 0, time.perf_counter()
+        self.loss_tokens, self.target_tokens, self.steps, self.started_s = 0, 0, 0, time.perf_counter()
+
+    def add_loss(self, step_loss: torch.Tensor, global_target_tokens: int) -> None:
+        """A step whose update was applied (a dropped non-finite step is not averaged in)."""
+        self.loss_sum += step_loss
+        self.loss_tokens += global_target_tokens
 
     def add_step(self, global_target_tokens: int) -> None:
         self.target_tokens += global_target_tokens
@@ -149,25 +194,10 @@ class Interval:
     def flush(self, acc) -> dict:
         loss_sum = acc.reduce(self.loss_sum, reduction="sum").item()  # one collective and one sync per interval
         elapsed_s = time.perf_counter() - self.started_s
-        row = {"loss": loss_sum / self.target_tokens, "tokens_per_s": self.target_tokens / elapsed_s,
-               "s_per_step": elapsed_s / self.steps}
+        row = {"loss": loss_sum / self.loss_tokens if self.loss_tokens else math.nan,
+               "tokens_per_s": self.target_tokens / elapsed_s, "s_per_step": elapsed_s / self.steps}
         self.reset()
         return row
-
-
-def clip_gradients(acc, params, max_norm: float | None, norm_type: float, measure: bool):
-    """Clip the synced gradients (unscaled first under fp16); returns the pre-clip total norm.
-
-    Without clipping, the norm is only computed on steps that log it (it costs a pass over the grads).
-    Under DeepSpeed the engine has already clipped (its gradient_clipping is train.max_grad_norm) and
-    stepped inside the sync micro-step's backward; this reads the pre-clip norm it computed then.
-    """
-    if max_norm is not None or acc.distributed_type == DistributedType.DEEPSPEED:
-        return acc.clip_grad_norm_(params, max_norm, norm_type=norm_type)
-    if not measure:
-        return None
-    acc.unscale_gradients()
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], norm_type=norm_type)
 
 
 @torch.no_grad()

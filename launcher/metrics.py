@@ -10,18 +10,28 @@ from tqdm.auto import tqdm
 
 
 class MetricsLog:
-    """Appends one JSON object per line; a no-op off the main process."""
+    """Appends one JSON object per line (and, with `tensorboard_dir`, TensorBoard scalars); a no-op off the main process."""
 
-    def __init__(self, path: Path, is_main_process: bool, total_steps: int, start_step: int = 0):
+    def __init__(self, path: Path, is_main_process: bool, total_steps: int, start_step: int = 0,
+                 tensorboard_dir: Path | None = None):
         self.is_main_process = is_main_process
         self.file = path.open("a") if is_main_process else None
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not is_main_process)
+        self.tensorboard = None
+        if tensorboard_dir is not None and is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a resumed run hides the events a stopped one logged after its checkpoint, as metrics.jsonl drops them
+            self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1 if start_step else None)
 
     def write(self, row: dict) -> None:
         if self.file is None:
             return
         self.file.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            for tag, value in _scalars(row):
+                self.tensorboard.add_scalar(tag, value, global_step=row["step"])
         shown = {k: row[k] for k in ("loss", "eval_loss", "grad_norm", "lr") if k in row}
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
@@ -32,6 +42,19 @@ class MetricsLog:
         self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _scalars(row: dict, prefix: str = ""):
+    """(tag, number) pairs of a metrics row; nested rows (per-layer norms, gradient statistics) as tag/sub/..."""
+    for key, value in row.items():
+        if key == "step":
+            continue
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value
 
 
 def _plain(value):

@@ -12,8 +12,10 @@ from safetensors.torch import save_file
 from launcher.config import Config, to_yaml
 from launcher.errors import UsageError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "preempted.json")  # --overwrite removes only these
 PREEMPTED_MARKER = "preempted.json"  # written when a run stops for preemption; removed when the next one starts
+NONFINITE_MARKER = "nonfinite.json"  # written when a run stops on an inf/nan; removed when the next one starts
+# --overwrite removes only these
+RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "tensorboard", "plots", PREEMPTED_MARKER, NONFINITE_MARKER)
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool = False) -> None:
@@ -39,6 +41,7 @@ def prepare_output_dir(cfg: Config, overwrite: bool, resume_step: int | None) ->
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / PREEMPTED_MARKER).unlink(missing_ok=True)
+    (out / NONFINITE_MARKER).unlink(missing_ok=True)
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         lines = metrics.read_text().splitlines(keepends=True) if resume_step is not None else []

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from launcher.batches import BatchPlan
-from launcher.build import build_bare_model
+from launcher.build import batch_plan, build_bare_model, check_options
 from launcher.config import Config
 from launcher.data import prepare_splits, sample_lengths
 from launcher.distributed import check_hardware, resolved_deepspeed_config
@@ -34,10 +33,11 @@ def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Alloca
     world_size = alloc.nodes * alloc.processes_per_node
     check_hardware(cfg.train)
     ds_config = resolved_deepspeed_config(cfg.deepspeed, cfg.train, world_size)
+    check_options(cfg, uses_deepspeed=ds_config is not None)
+    batch = batch_plan(cfg, world_size)
     with torch.device("meta"):
         model, _ = build_bare_model(cfg)  # the freeze patterns are checked here
     train_blocks, eval_blocks = prepare_splits(cfg.data, cfg.seed)
-    batch = BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size)
     n_train = len(train_blocks)
     steps_per_epoch = batch.steps_per_epoch(n_train)
     total_steps = batch.total_steps(n_train, cfg.train.max_steps, cfg.train.epochs)
