@@ -21,3 +21,23 @@ class Amplified(nn.Module):
 
 def overflowing_gpt(vocab_size: int, seq_len: int, gain: float = 3e4) -> nn.Module:
     return Amplified(GPT(vocab_size, seq_len, n_layer=1, n_head=2, d_model=32), gain)
+
+
+def nan_gradient_gpt(vocab_size: int, seq_len: int, param: str, rank: int, step: int, accumulation: int) -> nn.Module:
+    """The built-in GPT whose parameter `param` gets a nan gradient on global rank `rank` in optimizer step
+    `step` (1-based), as a broken kernel or a bad sample would make it: locally, before the all-reduce."""
+    import os
+
+    model = GPT(vocab_size, seq_len, n_layer=2, n_head=2, d_model=32)
+    if int(os.environ.get("RANK", 0)) != rank:
+        return model
+    # every backward reaches the parameter once; under DDP the first is the launcher's zero-loss bucket settling
+    backwards = [-1 if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0]
+
+    def plant(grad: torch.Tensor) -> torch.Tensor:
+        backwards[0] += 1
+        in_step = (backwards[0] - 1) // accumulation + 1 if backwards[0] > 0 else 0
+        return torch.full_like(grad, float("nan")) if in_step == step else grad
+
+    dict(model.named_parameters())[param].register_hook(plant)
+    return model

@@ -28,6 +28,17 @@ CASES = {
     "freeze everything": (["freeze=['*']"], "freeze: the patterns freeze all"),
     "bad override": (["max_steps"], "override 'max_steps' is not of the form dotted.key=value"),
     "missing text field": (["data.text_field=body"], "data.text_field: "),
+    "dump-grad unknown": (["--dump-grad", "blocks.0.qkv.weigth"],
+                          "diagnostics.dump_grad: no parameter 'blocks.0.qkv.weigth'; closest names: blocks.0.qkv.weight"),
+    "dump-grad frozen": (["freeze=[pos_embed.*]", "--dump-grad", "pos_embed.weight"], "'pos_embed.weight' is frozen"),
+    "bad nonfinite policy": (["diagnostics.nonfinite=ignore"], "set diagnostics.nonfinite to one of 'stop' or 'skip'"),
+    "skip under DeepSpeed": (["deepspeed=configs/deepspeed/zero2.json", "diagnostics.nonfinite=skip"],
+                             "diagnostics.nonfinite: skip is not available under DeepSpeed"),
+    "simulate < 1": (["--simulate-world-size", "0"], "set launch.simulate_world_size to 1 or more"),
+    "simulate with processes": (["launch.simulate_world_size=2", "launch.nproc_per_node=2"],
+                                "launch.simulate_world_size runs one process; set launch.nproc_per_node to 1"),
+    "overfit < 1": (["--overfit-batches", "0"], "set train.overfit_batches to 1 or more"),
+    "debug steps < 1": (["--debug", "--debug-steps", "0"], "--debug-steps must be 1 or more"),
 }
 
 

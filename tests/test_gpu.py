@@ -28,6 +28,7 @@ def test_fp16_overflow_steps_are_skipped_counted_and_do_not_advance_the_schedule
     skipped = summary["skipped_steps"]
     assert 1 <= skipped < steps, summary
     assert rows[-1]["skipped_steps"] == skipped
+    assert summary["nonfinite"] is None and summary["nonfinite_steps"] == 0  # overflow skips are not non-finite errors
     assert run.lr_schedule.last_epoch == steps - skipped  # the schedule counts only steps that were taken
     # the lr logged at each step is the warmup value for the number of steps taken before it
     taken = 0
