@@ -218,9 +218,9 @@ def report(summary: dict, cfg) -> None:
         start = f" (at step 0: {summary['first_eval_loss']:.4f})" if summary["first_eval_loss"] is not None else ""
         print(f"eval loss {summary['eval_loss']:.4f}{start} after {summary['steps']} steps")
     if summary["skipped_steps"]:
-        print(f"{summary['skipped_steps']} steps skipped for inf/nan gradients (fp16 loss scaling)")
+        print(f"{summary['skipped_steps']} step(s) skipped for inf/nan gradients (fp16 loss scaling)")
     if summary["nonfinite_steps"]:
-        print(f"{summary['nonfinite_steps']} steps dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)")
+        print(f"{summary['nonfinite_steps']} step(s) dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)")
     if summary["nonfinite"]:
         print(f"stopped at step {summary['steps']}: inf/nan loss or gradient (report on stderr and in {cfg.output_dir}/nonfinite.json)")
         return

@@ -35,8 +35,8 @@ class GradNorms:
     total: torch.Tensor  # the global norm over all of them
 
 
-def measure_and_clip(acc, params: list[nn.Parameter], max_norm: float | None, norm_type: float) -> GradNorms:
-    """Norms of the synced gradients (unscaled first under fp16), then clipping to `max_norm` when set.
+def gradient_norms(acc, params: list[nn.Parameter], max_norm: float | None, norm_type: float) -> GradNorms:
+    """Pre-clip norms of the synced gradients (unscaled first under fp16); `clip` then uses them.
 
     Under DeepSpeed the engine has already clipped (its gradient_clipping is train.max_grad_norm) and
     stepped inside the sync micro-step's backward, and its gradients are partitioned: this reads the
@@ -49,12 +49,17 @@ def measure_and_clip(acc, params: list[nn.Parameter], max_norm: float | None, no
     with_grad = [p for p in params if p.grad is not None]
     per_grad = torch._foreach_norm([p.grad for p in with_grad], norm_type)  # what clip_grad_norm_ computes, kept per parameter
     total = torch.linalg.vector_norm(torch.stack(per_grad), norm_type)
-    if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)  # no host-device sync: a clamped factor
     if len(with_grad) == len(params):
         return GradNorms(list(per_grad), total)
     zero, it = total.new_zeros(()), iter(per_grad)  # a parameter no loss reached has no gradient: norm 0
     return GradNorms([next(it) if p.grad is not None else zero for p in params], total)
+
+
+def clip(params: list[nn.Parameter], max_norm: float | None, norms: GradNorms) -> None:
+    """Scale the gradients so their total norm is at most `max_norm` (DeepSpeed's engine clips itself)."""
+    if max_norm is not None and norms.per_param is not None:
+        # min(1, max_norm / norm) as a device scalar: no host-device sync
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norms.total)
 
 
 class NonFiniteWatch:
@@ -88,7 +93,10 @@ class NonFiniteWatch:
                 self.local_norms[index[id(param)]] = norm
             return allreduce_hook(state, bucket)  # DDP's default: divide by the world size, all-reduce
 
-        model.register_comm_hook(None, record_then_allreduce)
+        try:
+            model.register_comm_hook(None, record_then_allreduce)
+        except RuntimeError:  # DDP takes one comm hook, and the model has one (e.g. gradient compression)
+            self.local_norms = None
 
     def record(self, step: int, local_loss: torch.Tensor, norms: GradNorms) -> torch.Tensor:
         """After optimizer step `step` (1-based) is measured: a device bool, True when it is bad on this rank."""
@@ -125,7 +133,7 @@ class NonFiniteWatch:
     def _report(self, acc, step, loss, local_vec, global_vec, mine: bool, policy: str) -> list[str]:
         have_names = self.current is not None and self.current[4]
         info = {"rank": self.rank, "flagged": mine, "loss": loss.item(),
-                "local": self._offenders(local_vec) if have_names else None,
+                "local": self._offenders(local_vec) if have_names and (self.local_norms is not None or acc.num_processes == 1) else None,
                 "global": self._offenders(global_vec) if have_names else None}
         ranks = gather_object([info]) if acc.num_processes > 1 else [info]
         return report_lines(step, ranks, len(self.names), policy, several=acc.num_processes > 1, fp16=self.fp16)
@@ -144,8 +152,10 @@ def report_lines(step: int, ranks: list[dict], n_params: int, policy: str, sever
             lines.append(f"  rank {info['rank']}: loss and gradients finite")
             continue
         loss = f"loss sum {info['loss']:.6g}" if math.isfinite(info["loss"]) else f"loss sum {info['loss']} (non-finite)"
-        if info["local"] is None:
+        if info["global"] is None:
             grads = "gradient names are not available under DeepSpeed (partitioned); rerun with DDP or --debug to name them"
+        elif info["local"] is None:
+            grads = "its own gradients were not recorded (the model has another DDP comm hook)"
         elif fp16:
             grads = "gradients not checked (fp16: overflowing gradients are the loss scaler's skips)"
         else:

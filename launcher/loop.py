@@ -20,14 +20,15 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from accelerate.utils import DistributedType
 
 from launcher.build import Run, backend_name
 from launcher.checkpoints import TrainerState, save_checkpoint
 from launcher.config import CheckpointConfig, to_yaml
 from launcher.data import IGNORE_INDEX, Batch
-from launcher.diagnostics import (GradNorms, NonFiniteWatch, format_stats, gradient_stats, is_dump_step, layer_norms,
-                                  measure_and_clip)
+from launcher.diagnostics import (GradNorms, NonFiniteWatch, clip, format_stats, gradient_stats, gradient_norms, is_dump_step,
+                                  layer_norms)
 from launcher.metrics import MetricsLog
 from launcher.models import logits_of
 from launcher.outputs import save_weights
@@ -72,7 +73,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     acc, model, optimizer, cfg = run.accelerator, run.model, run.optimizer, run.cfg
     tensorboard = cfg.output_dir / "tensorboard" if cfg.train.tensorboard else None
     metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps, run.start_step, tensorboard)
-    names, params = zip(*[(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad])
+    names, params = map(list, zip(*[(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]))
     micro_steps = run.plan.micro_steps_per_process  # gradient_accumulation_steps x the ranks this process plays
     if preemption is not None:
         preemption.connect()
@@ -82,7 +83,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
 
     model.train()
     settle_ddp_buckets(run)
-    watch = NonFiniteWatch(model, list(names), list(params), acc.process_index, acc.device, cfg.train.mixed_precision == "fp16")
+    watch = NonFiniteWatch(model, names, params, acc.process_index, acc.device, cfg.train.mixed_precision == "fp16")
     optimizer.zero_grad(set_to_none=True)
     steps_done, skipped_steps, nonfinite_steps = run.start_step, run.skipped_steps, run.nonfinite_steps
     interval, preempted, nonfinite = Interval(acc.device), False, None
@@ -101,9 +102,10 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
             step_loss += loss_sum.detach()  # no sync per micro-step
         steps_done = step + 1
         is_log_step = steps_done % cfg.train.log_every == 0 or steps_done == run.total_steps
-        norms = measure_and_clip(acc, list(params), cfg.train.max_grad_norm, cfg.train.grad_norm_type)
+        norms = gradient_norms(acc, params, cfg.train.max_grad_norm, cfg.train.grad_norm_type)
         bad = watch.record(steps_done, step_loss, norms)  # device-side: no sync
         inspect_gradients(run, metrics, names, params, norms, steps_done)
+        clip(params, cfg.train.max_grad_norm, norms)  # on the synced gradients only, after unscaling, before the step
         if cfg.diagnostics.nonfinite == "skip" and watch.current_is_bad(acc, bad):  # one sync per step
             drop_step(acc, watch.current_report(acc))
             nonfinite_steps += 1
@@ -123,11 +125,12 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
                            "lr": lr, "grad_norm": float(norms.total), "skipped_steps": skipped_steps,
                            "nonfinite_steps": nonfinite_steps})
         due = checkpoint_due(cfg.checkpoint, steps_done, run.total_steps)
-        if cfg.diagnostics.nonfinite == "stop" and (is_log_step or due) and (nonfinite := watch.first_bad(acc)):
-            break  # before any checkpoint of the bad weights: the newest checkpoint stays the last good one
+        preempted = preemption is not None and preemption.agreed()  # one small CPU collective per step
+        if cfg.diagnostics.nonfinite == "stop" and (is_log_step or due or preempted) and (nonfinite := watch.first_bad(acc)):
+            preempted = False  # diverged: no checkpoint of the bad weights, no requeue; the newest checkpoint is good
+            break
         if run.eval_data is not None and cfg.eval.every_steps and steps_done % cfg.eval.every_steps == 0:
             last_eval = log_eval(run, metrics, steps_done)
-        preempted = preemption is not None and preemption.agreed()  # one small CPU collective per step
         if preempted or due:
             state = TrainerState(steps_done, steps_done // run.train_data.steps_per_epoch, skipped_steps,
                                  run.plan.global_batch_size, run.plan.processes, backend_name(acc), nonfinite_steps)
@@ -167,8 +170,8 @@ def drop_step(acc, report: list[str]) -> None:
     """diagnostics.nonfinite: skip: no optimizer step, no schedule step; the gradients are zeroed after."""
     if acc.scaler is not None:  # fp16: the scaler was unscaled for this step; update() resets it for the next
         acc.scaler.update()
-    if acc.is_main_process:
-        print("\n".join(f"launcher: warning: {line}" for line in report), file=sys.stderr, flush=True)
+    if acc.is_main_process:  # tqdm.write keeps the lines clear of the progress bar
+        tqdm.write("\n".join(f"launcher: warning: {line}" for line in report), file=sys.stderr)
 
 
 class Interval:
