@@ -100,6 +100,8 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     if args.debug:
         from launcher.debug import debug_config, make_deterministic
 
+        if cfg.deepspeed is not None and env_world_size() == 1:
+            print(f"debug: one process without DeepSpeed ({cfg.deepspeed}); `launcher plan` shows its resolved config")
         cfg, overwrite = debug_config(cfg, args.debug_steps, env_world_size()), True  # replaces only a previous debug run
         make_deterministic()
     if cfg.resume is None:
@@ -218,7 +220,7 @@ def report(summary: dict, cfg) -> None:
         start = f" (at step 0: {summary['first_eval_loss']:.4f})" if summary["first_eval_loss"] is not None else ""
         print(f"eval loss {summary['eval_loss']:.4f}{start} after {summary['steps']} steps")
     if summary["skipped_steps"]:
-        print(f"{summary['skipped_steps']} step(s) skipped for inf/nan gradients (fp16 loss scaling)")
+        print(f"{summary['skipped_steps']} step(s) skipped for inf/nan gradients (by the fp16 loss scaler, or DeepSpeed's overflow check)")
     if summary["nonfinite_steps"]:
         print(f"{summary['nonfinite_steps']} step(s) dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)")
     if summary["nonfinite"]:

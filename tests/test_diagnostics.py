@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -138,3 +139,19 @@ def test_tensorboard_event_files_hold_the_metrics(tmp_path: Path):
         assert [s for s, _ in read] == [s for s, _ in logged], tag
         assert all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for (_, a), (_, b) in zip(read, logged)), tag
     assert [e.step for e in events.Scalars("grad_norm_by_layer/blocks.0")] == [2, 4]
+
+
+def test_deepspeed_stop_names_the_step_and_the_rank_losses(tmp_path: Path):
+    """Under ZeRO-2 the engine's global norm shows the nan; the gradients are partitioned, so the report says so."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
+    from conftest import REPO
+
+    config = nan_config(tmp_path, rank=1, step=3, train={"max_steps": 5, "log_every": 1},
+                        deepspeed=str(REPO / "configs" / "deepspeed" / "zero2.json"))
+    proc = run_tests_cli("train", str(config))
+    assert proc.returncode == EXIT_NONFINITE, proc.stderr[-3000:]
+    assert "DeepSpeed ZeRO-2: global batch 8" in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("launcher: error: ")]
+    assert errors[0] == "launcher: error: non-finite loss or gradient at step 3; stopping (diagnostics.nonfinite: stop)", errors
+    assert all("gradient names are not available under DeepSpeed" in line for line in errors[1:3]), errors
+    assert not (tmp_path / "out" / "final").exists()
