@@ -34,8 +34,17 @@ def test_debug_mode_runs_the_same_loop_on_one_process_and_summarizes(tmp_path: P
     for name, tensor in final_weights(debug_out).items():
         assert torch.equal(tensor, normal[name]), name
 
-    check(run_cli("train", str(config), "--debug", "--debug-steps", "2"))  # a debug run replaces the previous one
+    again = check(run_cli("train", str(config), "--debug", "--debug-steps", "2", "--detect-anomaly"))  # replaces the last one
     assert [r["step"] for r in metrics(debug_out) if "loss" in r] == [1, 2]
+    assert "anomaly detection on" in again.stdout
+    assert yaml.safe_load((debug_out / "config.yaml").read_text())["diagnostics"]["detect_anomaly"] is True
+
+    plotted = check(run_cli("plot", str(debug_out)))
+    charts = ["loss", "lr", "grad_norm", "throughput", "overview", "grad_norm_by_layer"]
+    assert plotted.stdout.split() == [str(debug_out / "plots" / f"{name}.png") for name in charts]
+    assert all((debug_out / "plots" / f"{name}.png").stat().st_size > 10_000 for name in charts)
+    missing = run_cli("plot", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr
 
 
 def test_debug_mode_does_not_replace_a_real_run(tmp_path: Path):
