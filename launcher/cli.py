@@ -98,12 +98,9 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     cfg = load_config(args.config, args.overrides + flag_overrides(args))
     overwrite = args.overwrite
     if args.debug:
-        from launcher.debug import debug_config, make_deterministic
+        from launcher.debug import start_debug_run
 
-        if cfg.deepspeed is not None and env_world_size() == 1:
-            print(f"debug: one process without DeepSpeed ({cfg.deepspeed}); `launcher plan` shows its resolved config")
-        cfg, overwrite = debug_config(cfg, args.debug_steps, env_world_size()), True  # replaces only a previous debug run
-        make_deterministic()
+        cfg, overwrite = start_debug_run(cfg, args.debug_steps, env_world_size()), True  # replaces only a previous debug run
     if cfg.resume is None:
         cfg.resume = default_resume()  # "auto" inside a SLURM job, so that a requeued job continues
     nproc = processes_to_start(cfg.launch)
@@ -126,12 +123,9 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     torch.autograd.set_detect_anomaly(cfg.diagnostics.detect_anomaly)
     run = build_run(cfg, overwrite=overwrite)
     if args.debug:
-        from launcher.debug import mark_debug_run, summary_text, weights_snapshot
-        from launcher.freezing import parameter_listing
+        from launcher.debug import open_debug_run, summary_text
 
-        mark_debug_run(cfg.output_dir, args.debug_steps)
-        print(parameter_listing(run.accelerator.unwrap_model(run.model)))
-        before = weights_snapshot(run.accelerator.unwrap_model(run.model))
+        before = open_debug_run(run, args.debug_steps)
     summary = train(run, preemption)
     if run.is_main_process:
         report(summary, cfg)

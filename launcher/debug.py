@@ -43,19 +43,30 @@ def debug_config(cfg: Config, steps: int, processes: int) -> Config:
     return cfg
 
 
+def start_debug_run(cfg: Config, steps: int, processes: int) -> Config:
+    """Before anything is built: the debug config, and deterministic algorithms."""
+    if cfg.deepspeed is not None and processes == 1:
+        print(f"debug: one process without DeepSpeed ({cfg.deepspeed}); `launcher plan` shows its resolved config")
+    cfg = debug_config(cfg, steps, processes)
+    make_deterministic()
+    return cfg
+
+
+def open_debug_run(run, steps: int) -> dict[str, torch.Tensor]:
+    """After the run is built: mark its output_dir, list every parameter, and keep the initial weights to compare."""
+    from launcher.freezing import parameter_listing
+
+    model = run.accelerator.unwrap_model(run.model)
+    (run.cfg.output_dir / DEBUG_MARKER).write_text(json.dumps({"debug_steps": steps}) + "\n")
+    print(parameter_listing(model))
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+
+
 def make_deterministic() -> None:
     """Deterministic kernels where PyTorch has them (a warning names any op that has none); before CUDA starts."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with a fixed workspace
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
-
-
-def mark_debug_run(output_dir: Path, steps: int) -> None:
-    (output_dir / DEBUG_MARKER).write_text(json.dumps({"debug_steps": steps}) + "\n")
-
-
-def weights_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
 
 
 def summary_text(run, result: dict, before: dict[str, torch.Tensor], anomaly: bool) -> str:
