@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from launcher.errors import UsageError
 
@@ -106,7 +106,7 @@ class DiagnosticsConfig(Section):
     )
     grad_norms_every: int | None = Field(None, ge=1, description="log pre-clip gradient norms per layer to metrics.jsonl every N optimizer steps; null: never")
     dump_grad: list[str] = Field(default_factory=list, description="parameter names whose gradient statistics are printed and logged (DDP or one process)")
-    dump_grad_steps: list[int] = Field(default_factory=list, description="optimizer steps (1-based) at which dump_grad prints; empty: every train.log_every steps")
+    dump_grad_steps: list[PositiveInt] = Field(default_factory=list, description="optimizer steps (1-based) at which dump_grad prints; empty: every train.log_every steps")
     detect_anomaly: bool = Field(False, description="torch.autograd anomaly detection: the backward op that made a nan, with its forward trace (slow)")
 
 
@@ -119,7 +119,6 @@ class LaunchConfig(Section):
     nproc_per_node: int | Literal["auto"] = Field(
         1, description="processes a plain `launcher train` starts (auto: every GPU, or 2 CPU processes); ignored under accelerate launch/torchrun"
     )
-
     simulate_world_size: int | None = Field(
         None, ge=1, description="one process reproduces the global batch and updates of an N-process DDP run (N x the micro-steps); null: off"
     )
