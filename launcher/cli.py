@@ -43,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--step-time-s", type=float, help="estimated seconds per optimizer step")
     plot = commands.add_parser("plot", help="PNG charts of a run's metrics.jsonl: losses, learning rate, grad norm, throughput")
     plot.add_argument("output_dir", help="the run's output_dir (it holds metrics.jsonl)")
-    args = parser.parse_args(argv)
+    # overrides may also follow the flags (`train CONFIG --debug train.max_steps=20`): argparse ends a
+    # positional list at the first flag, so what it leaves over are overrides too (checked by load_config)
+    args, rest = parser.parse_known_args(argv)
+    misplaced = [item for item in rest if item.startswith("-")] if hasattr(args, "overrides") else rest
+    if misplaced:
+        parser.error(f"unrecognized arguments: {' '.join(misplaced)}")
+    if rest:
+        args.overrides = args.overrides + rest
     if args.command in ("inspect", "plan", "plot"):
         try:
             return {"inspect": run_inspect, "plan": run_plan, "plot": run_plot}[args.command](args)

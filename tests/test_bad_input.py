@@ -39,6 +39,7 @@ CASES = {
                                 "launch.simulate_world_size runs one process; set launch.nproc_per_node to 1"),
     "overfit < 1": (["--overfit-batches", "0"], "set train.overfit_batches to 1 or more"),
     "debug steps < 1": (["--debug", "--debug-steps", "0"], "--debug-steps must be 1 or more"),
+    "bad override after a flag": (["--debug", "max_steps"], "override 'max_steps' is not of the form dotted.key=value"),
 }
 
 
