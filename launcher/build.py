@@ -16,8 +16,8 @@ from launcher.checkpoints import load_checkpoint, resume_path
 from launcher.config import Config
 from launcher.data import ByteTokenizer, EvalData, TrainData, prepare_splits
 from launcher.diagnostics import check_backend_support, check_dump_names
-from launcher.distributed import (check_hardware, deepspeed_json, env_world_size, make_accelerator, seed_initial_weights,
-                                  seed_rank_streams)
+from launcher.distributed import (check_hardware, deepspeed_json, env_world_size, make_accelerator, resolved_deepspeed_config,
+                                  seed_initial_weights, seed_rank_streams)
 from launcher.errors import UsageError
 from launcher.freezing import apply_freeze, parameter_table
 from launcher.models import build_model
@@ -106,6 +106,20 @@ def build_run(cfg: Config, overwrite: bool = False) -> Run:
     return Run(cfg, accelerator, model, optimizer, lr_schedule, train_data, eval_data, plan, total_steps, frozen,
                start_step=state.step if state else 0, skipped_steps=state.skipped_steps if state else 0,
                nonfinite_steps=state.nonfinite_steps if state else 0)
+
+
+def check_run_inputs(cfg: Config, world_size: int) -> tuple[dict | None, BatchPlan, nn.Module]:
+    """The checks a run of `world_size` processes makes on its config, without starting it (for `launcher plan`
+    and before a plain `launcher train` starts its processes): hardware, the DeepSpeed JSON, backend options,
+    batch arithmetic, the model and its freeze patterns. Returns the resolved DeepSpeed config, the batch
+    plan and the model on the meta device (names and shapes only, no memory)."""
+    check_hardware(cfg.train)
+    ds_config = resolved_deepspeed_config(cfg.deepspeed, cfg.train, world_size)
+    check_options(cfg, uses_deepspeed=ds_config is not None)
+    plan = batch_plan(cfg, world_size)
+    with torch.device("meta"):
+        model, _ = build_bare_model(cfg)
+    return ds_config, plan, model
 
 
 def check_options(cfg: Config, uses_deepspeed: bool) -> None:

@@ -191,22 +191,14 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def preflight(cfg, overwrite: bool, world_size: int) -> None:
     """The checks a launched run would make before training, without starting it."""
-    import torch
-
-    from launcher.build import batch_plan, build_bare_model, check_options
+    from launcher.build import check_run_inputs
     from launcher.checkpoints import resume_path
     from launcher.data import load_documents
-    from launcher.distributed import check_hardware, resolved_deepspeed_config
     from launcher.outputs import check_output_dir
 
-    check_hardware(cfg.train)
-    ds_config = resolved_deepspeed_config(cfg.deepspeed, cfg.train, world_size)
-    check_options(cfg, uses_deepspeed=ds_config is not None)
-    batch_plan(cfg, world_size)
+    check_run_inputs(cfg, world_size)
     check_output_dir(cfg.output_dir, overwrite, resuming=cfg.resume is not None)
     resume_path(cfg.resume, cfg.output_dir)
-    with torch.device("meta"):  # parameter names and shapes only, no memory
-        build_bare_model(cfg)
     load_documents(cfg.data)
 
 

@@ -10,12 +10,9 @@ import json
 import shlex
 from dataclasses import dataclass
 
-import torch
-
-from launcher.build import batch_plan, build_bare_model, check_options
+from launcher.build import check_run_inputs
 from launcher.config import Config
 from launcher.data import prepare_splits, sample_lengths
-from launcher.distributed import check_hardware, resolved_deepspeed_config
 from launcher.errors import UsageError
 from launcher.freezing import parameter_table
 
@@ -31,12 +28,7 @@ class Allocation:
 
 def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Allocation) -> str:
     world_size = alloc.nodes * alloc.processes_per_node
-    check_hardware(cfg.train)
-    ds_config = resolved_deepspeed_config(cfg.deepspeed, cfg.train, world_size)
-    check_options(cfg, uses_deepspeed=ds_config is not None)
-    batch = batch_plan(cfg, world_size)
-    with torch.device("meta"):
-        model, _ = build_bare_model(cfg)  # the freeze patterns are checked here
+    ds_config, batch, model = check_run_inputs(cfg, world_size)  # what the run checks, and fails on, first
     train_blocks, eval_blocks = prepare_splits(cfg.data, cfg.seed)
     n_train = len(train_blocks)
     steps_per_epoch = batch.steps_per_epoch(n_train)

@@ -70,14 +70,18 @@ def test_missing_config_file(tmp_path: Path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "nope.yaml' not found" in proc.stderr
 
 
-def test_existing_output_dir_is_refused_and_kept(tmp_path: Path):
+@pytest.mark.parametrize("folder, flags, expected", [
+    ("out", [], "--overwrite"),
+    ("out-debug", ["--debug"], "holds something other than a debug run"),  # debug mode replaces only a debug run
+])
+def test_existing_output_dir_is_refused_and_kept(tmp_path: Path, folder: str, flags: list[str], expected: str):
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     before = snapshot(tmp_path)
-    proc = run_cli("train", str(config))
+    proc = run_cli("train", str(config), *flags)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "output_dir: " in proc.stderr and "--overwrite" in proc.stderr
+    assert "output_dir: " in proc.stderr and expected in proc.stderr
     assert snapshot(tmp_path) == before
 
 

@@ -47,15 +47,6 @@ def test_debug_mode_runs_the_same_loop_on_one_process_and_summarizes(tmp_path: P
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr
 
 
-def test_debug_mode_does_not_replace_a_real_run(tmp_path: Path):
-    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
-    (tmp_path / "out-debug").mkdir()
-    (tmp_path / "out-debug" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    proc = run_cli("train", str(config), "--debug")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "holds something other than a debug run" in proc.stderr
-    assert (tmp_path / "out-debug" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
-
-
 def test_overfit_one_batch_drives_the_loss_near_zero(tmp_path: Path):
     """The can-it-learn check: the built-in GPT memorizes one optimizer step's batch."""
     config = write_config(tmp_path / "c.yaml", tiny_config(
