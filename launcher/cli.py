@@ -184,7 +184,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     with torch.device("meta"):  # names and shapes only: no memory, no weights
-        model, _ = build_bare_model(cfg)
+        model, _ = build_bare_model(cfg, weights=False)
     print(parameter_listing(model))
     return 0
 

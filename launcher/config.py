@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator, model_validator
 
 from launcher.errors import UsageError
 
@@ -78,13 +78,24 @@ class DataConfig(Section):
         return path
 
 
+BUILTIN_GPT_KEYS = ("n_layer", "n_head", "d_model", "dropout")
+
+
 class ModelConfig(Section):
+    pretrained: str | None = Field(
+        None, min_length=1, description="a Hugging Face model folder (or a hub id, where a hub is reachable): AutoModelForCausalLM with its weights")
+    hf_config: Path | dict[str, Any] | None = Field(
+        None, description="a Hugging Face architecture trained from scratch: a folder with config.json, or a mapping with model_type")
     factory: str | None = Field(None, description="'module:callable' building your own model; null: the built-in GPT")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for model.factory")
     n_layer: int = Field(4, ge=1, description="built-in GPT: transformer blocks")
     n_head: int = Field(4, ge=1, description="built-in GPT: attention heads per block")
     d_model: int = Field(128, ge=1, description="built-in GPT: width of the residual stream")
     dropout: float = Field(0.0, ge=0, lt=1, description="built-in GPT: dropout probability (0 keeps the forward deterministic)")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of the trained weights: fp32 master weights (mixed precision from train.mixed_precision), or bf16 for pure 16-bit training")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward (less memory, about a third more compute)")
+    resize_embeddings: bool = Field(False, description="grow the embedding (and output) rows to the tokenizer's size when it has more ids than the model")
 
     @field_validator("factory")
     @classmethod
@@ -93,11 +104,56 @@ class ModelConfig(Section):
             raise ValueError(f"'{factory}' is not of the form 'module:callable'")
         return factory
 
+    @field_validator("hf_config")
+    @classmethod
+    def _folder_or_mapping(cls, value):
+        if isinstance(value, dict) and not isinstance(value.get("model_type"), str):
+            raise ValueError("an inline mapping needs model_type (e.g. llama, gpt2, qwen2), as in a config.json")
+        if isinstance(value, Path) and not (value / "config.json").is_file():
+            raise ValueError(f"'{value}' is not a folder with a config.json; point it at a Hugging Face model folder or give a mapping with model_type")
+        return value
+
+    @property
+    def source(self) -> str:
+        """Which kind of model: 'pretrained', 'hf_config', 'factory' or 'builtin'."""
+        return next((key for key in ("pretrained", "hf_config", "factory") if getattr(self, key) is not None), "builtin")
+
+    @property
+    def is_hf(self) -> bool:
+        return self.source in ("pretrained", "hf_config")
+
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelConfig:
-        if self.factory is None and self.d_model % self.n_head:
+    def _one_model_source(self) -> ModelConfig:
+        given = [f"model.{key}" for key in ("pretrained", "hf_config", "factory") if getattr(self, key) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} both choose the model; keep one of them")
+        builtin_set = [f"model.{key}" for key in BUILTIN_GPT_KEYS if key in self.model_fields_set]
+        if given and builtin_set:
+            raise ValueError(f"{', '.join(builtin_set)} configure the built-in GPT, but {given[0]} chooses another model; remove them")
+        if not given and self.d_model % self.n_head:
             raise ValueError(f"model.d_model ({self.d_model}) must be a multiple of model.n_head ({self.n_head})")
         return self
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, description="rank of the low-rank update")
+    alpha: float = Field(16, gt=0, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names (the last part, e.g. [q_proj, v_proj]) that get adapters, or all-linear")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module (e.g. [q_proj, v_proj]) or use all-linear")
+        return value
+
+
+class ExportConfig(Section):
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of the exported weights (taken from the fp32 master weights)")
+    merge_lora: bool = Field(False, description="with lora: also write final/merged/, the base with the adapters merged in")
+    max_shard_size: str = Field("5GB", description="Hugging Face exports: largest safetensors file before sharding (e.g. 2GB)")
 
 
 class DiagnosticsConfig(Section):
@@ -138,6 +194,10 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: str | None = Field(
+        None, min_length=1, description="a Hugging Face tokenizer folder (AutoTokenizer); null: model.pretrained's folder, else the built-in byte-level tokenizer")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters (peft) instead of the full model; Hugging Face models only")
+    export: ExportConfig = Field(default_factory=ExportConfig)
     freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze: globs on dotted names, 're:' for a regex")
     deepspeed: Path | None = Field(None, description="DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) to train with DeepSpeed; null: DDP")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -160,7 +220,25 @@ class Config(Section):
             raise ValueError("launch.simulate_world_size runs one process; set launch.nproc_per_node to 1")
         if self.launch.simulate_world_size and self.deepspeed is not None:
             raise ValueError("launch.simulate_world_size simulates DDP; unset deepspeed (ZeRO matches DDP's updates)")
+        if self.lora is not None and not self.model.is_hf:
+            raise ValueError("lora: needs a Hugging Face model; set model.pretrained (or model.hf_config), or remove lora")
+        if self.export.merge_lora and self.lora is None:
+            raise ValueError("export.merge_lora: there is no lora section to merge; remove export.merge_lora or add lora")
+        if self.model.dtype == "bf16" and self.deepspeed is not None:
+            raise ValueError("model.dtype: bf16 is pure 16-bit training; DeepSpeed keeps its own fp32 master weights: use train.mixed_precision: bf16 and model.dtype: fp32")
         return self
+
+    @property
+    def config_dir(self) -> Path | None:
+        """The folder of the YAML file this config was read from (model.factory modules are found there too)."""
+        return self._config_dir
+
+    _config_dir: Path | None = PrivateAttr(None)
+
+    def __eq__(self, other) -> bool:  # the same run, wherever the YAML was read from
+        return isinstance(other, Config) and self.model_dump() == other.model_dump()
+
+    __hash__ = None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -186,9 +264,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if problems:
         raise UsageError(*problems)
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as err:
         raise UsageError(*(_explain(path, e) for e in err.errors())) from None
+    config._config_dir = path.resolve().parent
+    return config
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -2,7 +2,10 @@
 
 Every sample is a fixed-width row of `seq_len + 1` token ids plus its valid `length`; the model
 reads `ids[:-1]` and predicts `ids[1:]`. Rows shorter than the width (the end of a document when
-`pack` is false, or the tail of a packed chunk) are padded, and their padding carries no target.
+`pack` is false, or the tail of a packed chunk) are padded with the tokenizer's pad id, and their
+padding carries no target. Tokenizing is cached by `datasets`, keyed by the documents, the
+tokenizer's identity (tokenizer.py) and the block layout, so a changed tokenizer never reuses
+another's cache.
 """
 
 from __future__ import annotations
@@ -14,27 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+from datasets.fingerprint import Hasher
 import numpy as np
 import torch
 
 from launcher.batches import BatchPlan, epoch_order, rank_micro_batches, step_window
 from launcher.config import DataConfig
 from launcher.errors import UsageError
+from launcher.tokenizer import ByteTokenizer, HFTokenizer  # noqa: F401  (ByteTokenizer: the default, re-exported)
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (padding)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens, plus an end-of-document token. Lossless and needs no download."""
-
-    eos_id = 256
-    vocab_size = 257
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 @dataclass
@@ -74,18 +66,61 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
     path = cfg.path or builtin_corpus_file(cache_dir)
     builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[path.suffix]
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    field = "text" if builder == "text" else cfg.text_field
     try:
         docs = datasets.load_dataset(
             builder, data_files=str(path), split="train", cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None, **kwargs
         )
     except Exception as err:  # the datasets library raises many types for an unreadable file
-        raise UsageError(f"data.path: cannot read '{path}' as {builder} ({type(err).__name__}: {err}); fix the file") from None
-    field = "text" if builder == "text" else cfg.text_field
+        if path.suffix == ".jsonl" and (bad := first_bad_json_row(path, field)):
+            raise UsageError(f"data.path: '{path}' {bad}") from None
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise UsageError(f"data.path: cannot read '{path}' as {builder} ({type(err).__name__}: {reason}); fix the file") from None
     if field not in docs.column_names:
         raise UsageError(
             f"data.text_field: '{path}' has no column '{field}' (columns: {', '.join(docs.column_names)}); set data.text_field"
         )
+    check_text_column(docs, field, path)
     return docs.select_columns([field]).rename_column(field, "text") if field != "text" else docs.select_columns(["text"])
+
+
+def check_text_column(docs: datasets.Dataset, field: str, path: Path) -> None:
+    """Every row's text field is a string: name the first row that is null, missing or of another type."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = docs.data.table.column(field)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        if column.null_count == 0:
+            return
+        row = pc.index(pc.is_null(column), True).as_py()
+        raise UsageError(f"data.path: row {row + 1} of '{path}' has no '{field}' (null or missing); give every row a text"
+                         " or remove that row")
+    row, value = next(((i, v) for i, v in enumerate(column.to_pylist()) if not isinstance(v, str)), (0, None))
+    got = "null or missing" if value is None else f"{type(value).__name__} {json.dumps(value, default=str)[:40]}"
+    raise UsageError(f"data.path: row {row + 1} of '{path}': '{field}' is {got}, not text; make it a string"
+                     f" (or set data.text_field to the text column)")
+
+
+def first_bad_json_row(path: Path, field: str) -> str | None:
+    """For a JSON-lines file the datasets library could not read: the first line that is not an object
+    with a string `field`, described for the error message (None if every line is fine)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"line {number} is not valid JSON ({err.msg}); fix that line"
+                value = row.get(field) if isinstance(row, dict) else None
+                if not isinstance(value, str):
+                    got = "null or missing" if value is None else f"{type(value).__name__} {json.dumps(value)[:40]}"
+                    return f"line {number}: '{field}' is {got}, not text; make it a string (or set data.text_field)"
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
 
 
 def split_documents(docs: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -101,13 +136,17 @@ def split_documents(docs: datasets.Dataset, eval_fraction: float, seed: int) -> 
     return split["train"], split["test"]
 
 
-def tokenize_into_blocks(docs: datasets.Dataset, seq_len: int, pack: bool) -> datasets.Dataset:
+BLOCKS_VERSION = 2  # bump when the block layout changes, so old caches are not reused
+
+
+def tokenize_into_blocks(docs: datasets.Dataset, seq_len: int, pack: bool,
+                         tokenizer: ByteTokenizer | HFTokenizer | None = None) -> datasets.Dataset:
     """Rows of `seq_len + 1` token ids (padded) and their valid `length`; rows with no target are dropped."""
-    tokenizer = ByteTokenizer()
-    width = seq_len + 1
+    tokenizer = tokenizer or ByteTokenizer()
+    width, pad_id = seq_len + 1, tokenizer.pad_id
 
     def to_blocks(batch):
-        streams = [tokenizer.encode(text) + [tokenizer.eos_id] for text in batch["text"]]
+        streams = tokenizer.encode_documents(batch["text"])  # batched: the fast tokenizer works on 1000 at once
         if pack:  # one stream per map batch: blocks cross document boundaries
             streams = [[t for s in streams for t in s]]
         rows, lengths = [], []
@@ -116,20 +155,22 @@ def tokenize_into_blocks(docs: datasets.Dataset, seq_len: int, pack: bool) -> da
                 block = stream[start : start + width]
                 if len(block) >= 2:
                     lengths.append(len(block))
-                    rows.append(block + [0] * (width - len(block)))
+                    rows.append(block + [pad_id] * (width - len(block)))
         return {"input_ids": rows, "length": lengths}
 
     features = datasets.Features(
         {"input_ids": datasets.Sequence(datasets.Value("int32"), length=width), "length": datasets.Value("int32")}
     )
-    blocks = docs.map(to_blocks, batched=True, batch_size=1000, remove_columns=docs.column_names, features=features)
+    fingerprint = Hasher.hash((docs._fingerprint, tokenizer.identity, seq_len, pack, BLOCKS_VERSION))
+    blocks = docs.map(to_blocks, batched=True, batch_size=1000, remove_columns=docs.column_names, features=features,
+                      new_fingerprint=fingerprint)
     return blocks.with_format("numpy")
 
 
-def rows_to_batch(rows: dict, n_rows: int, width: int, pin: bool) -> Batch:
+def rows_to_batch(rows: dict, n_rows: int, width: int, pin: bool, pad_id: int = 0) -> Batch:
     """Inputs and next-token labels as `n_rows` rows; rows beyond the data are padding with no targets."""
     ids, lengths = rows["input_ids"], rows["length"]
-    full = np.zeros((n_rows, width), dtype=np.int64)
+    full = np.full((n_rows, width), pad_id, dtype=np.int64)
     full[: len(ids)] = ids
     valid = np.zeros((n_rows, 1), dtype=np.int64)
     valid[: len(ids), 0] = lengths
@@ -150,7 +191,8 @@ class RowStore:
     """Rows of a tokenized split as zero-copy numpy views of its Arrow chunks (memory-mapped from the
     datasets cache): gathering a micro-batch costs microseconds and no copy of the whole split."""
 
-    def __init__(self, blocks: datasets.Dataset):
+    def __init__(self, blocks: datasets.Dataset, pad_id: int = 0):
+        self.pad_id = pad_id  # fills the rows of a micro-batch beyond the data
         if blocks._indices is not None:  # a selected or shuffled view: materialize it once
             blocks = blocks.flatten_indices()
         self.width = blocks.features["input_ids"].length
@@ -174,8 +216,8 @@ class TrainData:
     """This rank's micro-batches for any optimizer step, computed from the step alone (O(1) to seek)."""
 
     def __init__(self, blocks: datasets.Dataset, plan: BatchPlan, process_index: int, seed: int, shuffle: bool, pin: bool,
-                 overfit_batches: int | None = None):
-        self.store, self.plan, self.seed, self.shuffle, self.pin = RowStore(blocks), plan, seed, shuffle, pin
+                 overfit_batches: int | None = None, pad_id: int = 0):
+        self.store, self.plan, self.seed, self.shuffle, self.pin = RowStore(blocks, pad_id), plan, seed, shuffle, pin
         # the ranks this process plays: its own, or all of them one after the other when simulating
         self.ranks = range(process_index * plan.ranks_per_process, (process_index + 1) * plan.ranks_per_process)
         self.target_counts = self.store.lengths - 1
@@ -196,7 +238,7 @@ class TrainData:
             self._epoch, self._order = epoch, epoch_order(len(self.store), self.seed, epoch, self.shuffle)
         window = step_window(self._order, step_in_epoch, self.plan.global_batch_size)
         micro = [
-            rows_to_batch(self.store.rows(idx), self.plan.micro_batch_size, self.store.width, self.pin)
+            rows_to_batch(self.store.rows(idx), self.plan.micro_batch_size, self.store.width, self.pin, self.store.pad_id)
             for rank in self.ranks
             for idx in rank_micro_batches(window, rank, self.plan)
         ]
@@ -206,9 +248,10 @@ class TrainData:
 class EvalData:
     """The held-out samples sharded over ranks without duplicates; every rank runs the same number of batches."""
 
-    def __init__(self, blocks: datasets.Dataset, rank: int, world_size: int, micro_batch_size: int, max_samples: int | None, pin: bool):
+    def __init__(self, blocks: datasets.Dataset, rank: int, world_size: int, micro_batch_size: int, max_samples: int | None, pin: bool,
+                 pad_id: int = 0):
         n = min(len(blocks), max_samples or len(blocks))
-        self.store, self.micro_batch_size, self.pin = RowStore(blocks), micro_batch_size, pin
+        self.store, self.micro_batch_size, self.pin = RowStore(blocks, pad_id), micro_batch_size, pin
         self.target_tokens = int((self.store.lengths[:n] - 1).sum())  # all ranks: the loss denominator
         self.mine = np.arange(rank, n, world_size)
         per_rank = -(-n // world_size)
@@ -218,15 +261,16 @@ class EvalData:
         mb = self.micro_batch_size
         for b in range(self.n_batches):
             idx = self.mine[b * mb : (b + 1) * mb]
-            yield rows_to_batch(self.store.rows(idx), mb, self.store.width, self.pin)
+            yield rows_to_batch(self.store.rows(idx), mb, self.store.width, self.pin, self.store.pad_id)
 
 
-def prepare_splits(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def prepare_splits(cfg: DataConfig, seed: int, tokenizer: ByteTokenizer | HFTokenizer | None = None
+                   ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Tokenized training and held-out blocks (the held-out split is None when data.eval_fraction is 0)."""
     datasets.disable_progress_bars()
     train_docs, eval_docs = split_documents(load_documents(cfg), cfg.eval_fraction, seed)
-    train_blocks = tokenize_into_blocks(train_docs, cfg.seq_len, cfg.pack)
+    train_blocks = tokenize_into_blocks(train_docs, cfg.seq_len, cfg.pack, tokenizer)
     if len(train_blocks) == 0:
         raise UsageError("data.path: the training split has no text; use a larger file or a smaller data.eval_fraction")
-    eval_blocks = tokenize_into_blocks(eval_docs, cfg.seq_len, cfg.pack) if eval_docs is not None else None
+    eval_blocks = tokenize_into_blocks(eval_docs, cfg.seq_len, cfg.pack, tokenizer) if eval_docs is not None else None
     return train_blocks, eval_blocks

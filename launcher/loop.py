@@ -31,6 +31,7 @@ from launcher.diagnostics import (GradNorms, NonFiniteWatch, clip, format_stats,
                                   layer_norms)
 from launcher.metrics import MetricsLog
 from launcher.models import logits_of
+from launcher.models.hf import export_hf, is_hf_model
 from launcher.outputs import save_weights
 from launcher.preemption import PreemptionFlag
 
@@ -231,9 +232,14 @@ def save_final_weights(run: Run):
         state_dict = deepspeed_full_state_dict(acc, run.model)
     else:  # without the DDP and torch.compile wrappers, so names match the bare model's
         state_dict = acc.unwrap_model(run.model, keep_torch_compile=False).state_dict()
-    path = None
+    path, bare = None, acc.unwrap_model(run.model, keep_torch_compile=False)
     if run.is_main_process:
-        path = save_weights(state_dict, run.cfg, run.cfg.output_dir / "final")
+        path = run.cfg.output_dir / "final"
+        if is_hf_model(bare):  # a folder from_pretrained loads (or a LoRA adapter), with the tokenizer
+            export_hf(bare, state_dict, run.tokenizer, run.cfg, path)
+            (path / "config.yaml").write_text(to_yaml(run.cfg))
+        else:
+            path = save_weights(state_dict, run.cfg, path)
     run.accelerator.wait_for_everyone()
     return path
 
@@ -248,7 +254,8 @@ def deepspeed_full_state_dict(acc, engine) -> dict[str, torch.Tensor]:
 
     # ZeRO-3: needs stage3_gather_16bit_weights_on_model_save, and returns None off the main process
     state_dict = acc.get_state_dict(engine)
-    for name, param in acc.unwrap_model(engine).named_parameters():
+    # every name of a tied parameter (GPT-2's lm_head and embedding) gets the master copy
+    for name, param in acc.unwrap_model(engine).named_parameters(remove_duplicate=False):
         if param.requires_grad:
             master = safe_get_full_fp32_param(param)  # a collective under ZeRO-3: every rank asks
             if master is not None and state_dict is not None:

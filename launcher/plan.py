@@ -15,6 +15,7 @@ from launcher.config import Config
 from launcher.data import prepare_splits, sample_lengths
 from launcher.errors import UsageError
 from launcher.freezing import parameter_table
+from launcher.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Allocation:
 def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Allocation) -> str:
     world_size = alloc.nodes * alloc.processes_per_node
     ds_config, batch, model = check_run_inputs(cfg, world_size)  # what the run checks, and fails on, first
-    train_blocks, eval_blocks = prepare_splits(cfg.data, cfg.seed)
+    train_blocks, eval_blocks = prepare_splits(cfg.data, cfg.seed, load_tokenizer(cfg))
     n_train = len(train_blocks)
     steps_per_epoch = batch.steps_per_epoch(n_train)
     total_steps = batch.total_steps(n_train, cfg.train.max_steps, cfg.train.epochs)

@@ -1,20 +1,11 @@
-"""The built-in GPT and loading a user's model from 'module:callable'.
-
-A model takes `input_ids` [batch, seq] and returns logits [batch, seq, vocab] (or an object with
-`.logits`, as Hugging Face models do). The loss is computed by the loop, so that it can be
-normalized exactly over tokens.
-"""
+"""The built-in GPT: a small pre-norm decoder with learned positions."""
 
 from __future__ import annotations
-
-import importlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from launcher.config import ModelConfig
-from launcher.errors import UsageError
+from torch.utils.checkpoint import checkpoint
 
 
 class Block(nn.Module):
@@ -43,8 +34,10 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """A small pre-norm decoder with learned positions. It has no buffers, so DDP broadcasts nothing per forward."""
 
-    def __init__(self, vocab_size: int, seq_len: int, n_layer: int, n_head: int, d_model: int, dropout: float = 0.0):
+    def __init__(self, vocab_size: int, seq_len: int, n_layer: int, n_head: int, d_model: int, dropout: float = 0.0,
+                 gradient_checkpointing: bool = False):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         self.tok_embed = nn.Embedding(vocab_size, d_model)
         self.pos_embed = nn.Embedding(seq_len, d_model)
         self.embed_dropout = nn.Dropout(dropout)
@@ -67,24 +60,6 @@ class GPT(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embed_dropout(self.tok_embed(input_ids) + self.pos_embed(positions))
         for block in self.blocks:
-            x = block(x)
+            # non-reentrant checkpointing restores the RNG state, so dropout masks match the first forward
+            x = checkpoint(block, x, use_reentrant=False) if self.gradient_checkpointing and self.training else block(x)
         return self.lm_head(self.final_norm(x))
-
-
-def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> nn.Module:
-    """The configured model on the current default device (CPU, or meta to read names cheaply)."""
-    if cfg.factory is None:
-        return GPT(vocab_size, seq_len, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout)
-    module_name, attr = cfg.factory.split(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise UsageError(f"model.factory: cannot import '{cfg.factory}' ({err}); check the module path and name") from None
-    model = factory(vocab_size=vocab_size, seq_len=seq_len, **cfg.factory_kwargs)
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"model.factory: '{cfg.factory}' returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def logits_of(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.logits
