@@ -1,4 +1,5 @@
-"""`launcher train|inspect|plan CONFIG [key=value ...]`, `launcher plot OUTPUT_DIR`: parse, build, run. Bad input: one line per problem, exit 2."""
+"""`launcher train|inspect|plan CONFIG [key=value ...]`, `launcher plot OUTPUT_DIR`, `launcher make-tiny-model DIR`:
+parse, build, run. Bad input: one line per problem, exit 2."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--deepspeed", help="a DeepSpeed JSON (the same as deepspeed=JSON)")
     plan.add_argument("--time-limit", help="the SLURM time limit, HH:MM:SS")
     plan.add_argument("--step-time-s", type=float, help="estimated seconds per optimizer step")
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny Hugging Face model and tokenizer folder (for examples and tests; no download)")
+    tiny.add_argument("output_dir", help="the folder to write (it must not exist)")
+    tiny.add_argument("--arch", choices=["llama", "gpt2"], default="llama", help="llama (BOS added, pad token) or gpt2 (no BOS, no pad token)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random initial weights")
     plot = commands.add_parser("plot", help="PNG charts of a run's metrics.jsonl: losses, learning rate, grad norm, throughput")
     plot.add_argument("output_dir", help="the run's output_dir (it holds metrics.jsonl)")
     # overrides may also follow the flags (`train CONFIG --debug train.max_steps=20`): argparse ends a
@@ -51,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(misplaced)}")
     if rest:
         args.overrides = args.overrides + rest
-    if args.command in ("inspect", "plan", "plot"):
+    if args.command in ("inspect", "plan", "plot", "make-tiny-model"):
         try:
-            return {"inspect": run_inspect, "plan": run_plan, "plot": run_plot}[args.command](args)
+            return {"inspect": run_inspect, "plan": run_plan, "plot": run_plot, "make-tiny-model": run_make_tiny_model}[args.command](args)
         except UsageError as err:
             return report_usage_error(err)
     from launcher.preemption import PreemptionFlag
@@ -159,6 +164,24 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_make_tiny_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher.models.tiny import make_tiny_model
+
+    out = Path(args.output_dir)
+    if out.exists():
+        raise UsageError(f"make-tiny-model: '{out}' already exists; give a new folder")
+    try:
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UsageError("make-tiny-model: needs transformers and tokenizers; pip install -e '.[hf]' (or scripts/setup hf)") from None
+    make_tiny_model(out, args.arch, args.seed)
+    print(f"wrote {out}/: a tiny {args.arch}-style causal LM (bf16 weights) and its byte-level BPE tokenizer")
+    return 0
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from launcher.config import load_config
     from launcher.distributed import processes_to_start
@@ -219,4 +242,6 @@ def report(summary: dict, cfg) -> None:
     if summary["nonfinite"]:
         print(f"stopped at step {summary['steps']}: inf/nan loss or gradient (report on stderr and in {cfg.output_dir}/nonfinite.json)")
         return
-    print(f"outputs: {cfg.output_dir}/ (config.yaml, metrics.jsonl, final/model.safetensors)")
+    final = ("final/ (the LoRA adapter" + (", merged/ the merged model)" if cfg.export.merge_lora else ")") if cfg.lora is not None
+             else "final/ (a Hugging Face model folder)" if cfg.model.is_hf else "final/model.safetensors")
+    print(f"outputs: {cfg.output_dir}/ (config.yaml, metrics.jsonl, {final})")

@@ -127,6 +127,24 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
 
 
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Hugging Face model folders made locally (`launcher make-tiny-model`), once per session: 'llama' (BOS
+    added, a pad token, untied embeddings) and 'gpt2' (no BOS, no pad token, tied embeddings), bf16 weights."""
+    pytest.importorskip("transformers", reason="Hugging Face models need the hf extra: scripts/setup hf,dev")
+    from launcher.models.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("hf-models")
+    return {arch: make_tiny_model(root / f"tiny-{arch}", arch) for arch in ("llama", "gpt2")}
+
+
+def hf_config(tmp_path: Path, model_dir: Path, **sections) -> dict:
+    """tiny_config for a Hugging Face model: its own tokenizer, padded variable-length documents."""
+    config = tiny_config(tmp_path, **sections)
+    config["model"] = {"pretrained": str(model_dir), **sections.get("model", {})}
+    return config
+
+
 def reset_accelerate() -> None:
     """In-process runs share Accelerate's singleton state; a new Run in the same process needs it reset."""
     from accelerate.state import AcceleratorState, GradientState

@@ -26,9 +26,21 @@ def overflowing_gpt(vocab_size: int, seq_len: int, gain: float = 3e4) -> nn.Modu
 def nan_gradient_gpt(vocab_size: int, seq_len: int, param: str, rank: int, step: int, accumulation: int) -> nn.Module:
     """The built-in GPT whose parameter `param` gets a nan gradient on global rank `rank` in optimizer step
     `step` (1-based), as a broken kernel or a bad sample would make it: locally, before the all-reduce."""
+    return plant_nan(GPT(vocab_size, seq_len, n_layer=2, n_head=2, d_model=32), param, rank, step, accumulation)
+
+
+def nan_gradient_hf(vocab_size: int, seq_len: int, path: str, param: str, rank: int, step: int, accumulation: int) -> nn.Module:
+    """A pretrained Hugging Face model (fp32, as the launcher loads it) with a nan planted like nan_gradient_gpt's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False
+    return plant_nan(model, param, rank, step, accumulation)
+
+
+def plant_nan(model: nn.Module, param: str, rank: int, step: int, accumulation: int) -> nn.Module:
     import os
 
-    model = GPT(vocab_size, seq_len, n_layer=2, n_head=2, d_model=32)
     if int(os.environ.get("RANK", 0)) != rank:
         return model
     # every backward reaches the parameter once; under DDP the first is the launcher's zero-loss bucket settling

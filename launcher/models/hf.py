@@ -167,11 +167,14 @@ def _export_dtype(cfg: ExportConfig) -> torch.dtype:
 def _save_full(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, cfg: ExportConfig, directory: Path) -> None:
     config = model.config
     use_cache, config.use_cache = config.use_cache, True  # generation wants the cache; training turned it off
-    saved_dtype, config.dtype = getattr(config, "dtype", None), dtype
     try:
         model.save_pretrained(str(directory), state_dict=tensors, max_shard_size=cfg.max_shard_size)
     finally:
-        config.use_cache, config.dtype = use_cache, saved_dtype
+        config.use_cache = use_cache
+    # save_pretrained records the in-memory model's dtype; the files hold export.dtype (what dtype="auto" loads)
+    written = json.loads((directory / "config.json").read_text())
+    written["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
 
 def _point_adapter_at_base(directory: Path, cfg: Config) -> None:

@@ -6,10 +6,11 @@ documentation that ships with Python (`pydoc_data`), and a randomly initialized 
 saved in bf16, as most published checkpoints are.
 
 The two architectures differ where tokenizers and models differ in the wild:
-- `llama`: the tokenizer adds BOS (`<s>`) in front of every text, has EOS `</s>` and a pad token; untied
-  embeddings, grouped-query attention, rotary positions.
-- `gpt2`: one special token `<|endoftext|>` (BOS and EOS), no BOS added, no pad token; tied embeddings,
-  learned positions.
+- `llama`: the tokenizer adds BOS (`<s>`, id 1) in front of every text, has EOS `</s>` (id 2) and a pad
+  token added after training (the last id, as fine-tuning set-ups often add one); untied embeddings,
+  grouped-query attention, rotary positions.
+- `gpt2`: one special token `<|endoftext|>` (BOS and EOS, the last id, as in GPT-2), no BOS added, no pad
+  token; tied embeddings, learned positions.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def train_tokenizer(arch: str, vocab_size: int = 1024):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>"] if arch == "llama" else ["<|endoftext|>"]
+    specials = ["<unk>", "<s>", "</s>"] if arch == "llama" else []
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -40,8 +41,10 @@ def train_tokenizer(arch: str, vocab_size: int = 1024):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus_texts(), trainer)
     if arch == "llama":
+        tok.add_special_tokens(["<pad>"])
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.add_special_tokens(["<|endoftext|>"])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
@@ -59,8 +62,9 @@ def tiny_config(arch: str, tokenizer, max_positions: int = 256):
 
 def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write a tiny model and its tokenizer to `out_dir` (a Hugging Face model folder); returns it."""
-    from transformers import AutoModelForCausalLM
+    from launcher.models.hf import _transformers
 
+    AutoModelForCausalLM = _transformers().AutoModelForCausalLM  # noqa: N806  (quiet: no progress bars)
     if arch not in ARCHES:
         raise ValueError(f"arch must be one of {ARCHES}")
     tokenizer = train_tokenizer(arch)

@@ -1,0 +1,310 @@
+"""Hugging Face models with every guarantee of the built-in GPT: tiny Llama- and GPT-2-style models made locally
+(bf16 checkpoints with their own BPE tokenizers), trained with exact accumulation on 1 and 2 gloo ranks, under DDP
+and DeepSpeed ZeRO-2/3, frozen by HF parameter names, with LoRA, and exported to folders that load back."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import check, final_weights, hf_config, metrics, run_cli, tiny_config, write_config, write_documents
+from launcher.config import DataConfig, load_config
+from launcher.data import load_documents, prepare_splits, tokenize_into_blocks
+from launcher.tokenizer import HFTokenizer, load_tokenizer
+
+transformers = pytest.importorskip("transformers", reason="Hugging Face models need the hf extra: scripts/setup hf,dev")
+FROZEN = ["model.embed_tokens.*", "model.layers.0.self_attn.*"]  # Hugging Face names, as `launcher inspect` lists them
+
+
+def pretrained_fp32(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's (bf16) tensors as the fp32 master weights they become: an exact upcast."""
+    return {k: v.float() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+
+
+def assert_same_training(rows, reference_rows, weights, reference_weights, what: str):
+    assert [r["step"] for r in rows] == [r["step"] for r in reference_rows], what
+    for row, ref in zip(rows, reference_rows):
+        assert abs(row["loss"] - ref["loss"]) < 1e-5, (what, row, ref)
+        assert abs(row["grad_norm"] - ref["grad_norm"]) < 1e-5 * ref["grad_norm"], (what, row, ref)
+    assert weights.keys() == reference_weights.keys(), what
+    for key, tensor in reference_weights.items():
+        torch.testing.assert_close(weights[key], tensor, rtol=1e-4, atol=1e-5, msg=f"{what}: {key}")
+
+
+def test_token_ids_are_the_tokenizers_own(tiny_hf, tmp_path):
+    """Each document is tokenizer(text) with the tokenizer's special tokens (Llama's BOS; GPT-2 adds none), then
+    EOS; padding uses the pad id (GPT-2 has none: EOS). A changed tokenizer never reuses another's cache."""
+    texts = ["def f(x):\n    return x", "The quick brown fox.", "A longer document " * 6]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    docs = load_documents(DataConfig(path=tmp_path / "docs.jsonl"))  # from a file: tokenizing is cached
+    for arch, model_dir in tiny_hf.items():
+        hf = transformers.AutoTokenizer.from_pretrained(model_dir)
+        tok = HFTokenizer(hf, str(model_dir))
+        expected = [hf(t)["input_ids"] + [hf.eos_token_id] for t in texts]
+        assert (expected[0][0] == hf.bos_token_id) == (arch == "llama")
+        pad = hf.pad_token_id if arch == "llama" else hf.eos_token_id
+        blocks = tokenize_into_blocks(docs, seq_len=64, pack=False, tokenizer=tok)
+        for row, length, ids in zip(blocks["input_ids"], blocks["length"], expected):
+            assert row[:length].tolist() == ids and set(row[length:].tolist()) <= {pad}, arch
+        packed = tokenize_into_blocks(docs, seq_len=8, pack=True, tokenizer=tok)
+        stream = [t for row, n in zip(packed["input_ids"], packed["length"]) for t in row[:n].tolist()]
+        assert stream == [t for ids in expected for t in ids], arch
+    llama, gpt2 = (HFTokenizer(transformers.AutoTokenizer.from_pretrained(tiny_hf[a]), a) for a in ("llama", "gpt2"))
+    first = tokenize_into_blocks(docs, 64, False, llama)
+    assert first.cache_files and tokenize_into_blocks(docs, 64, False, llama).cache_files == first.cache_files  # cache hit
+    other = tokenize_into_blocks(docs, 64, False, gpt2)
+    assert other.cache_files and other.cache_files != first.cache_files
+    assert other["input_ids"][0][:3].tolist() != first["input_ids"][0][:3].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama_runs(tiny_hf, tmp_path_factory):
+    """One tiny Llama job, with the same global batch of 4 split five ways: padded variable-length documents whose
+    count leaves a partial last window, clipping active, the embedding and layer 0's attention frozen by name."""
+    tmp = tmp_path_factory.mktemp("llama-runs")
+    config = hf_config(tmp, tiny_hf["llama"], freeze=FROZEN,
+                       data={"path": str(write_documents(tmp / "docs.jsonl", 43)), "seq_len": 32, "pack": False},
+                       train={"max_grad_norm": 0.5, "warmup_steps": 2, "learning_rate": 1e-2})
+    path = write_config(tmp / "c.yaml", config)
+    cfg = load_config(path)
+    n_train = len(prepare_splits(cfg.data, cfg.seed, load_tokenizer(cfg))[0])
+    assert n_train % 4 != 0, "the data must leave a partial last window"
+    max_steps = -(-n_train // 4) + 1  # through the partial window into the next epoch
+    splits = {  # name: (processes, micro-batch, accumulation, launcher, extra overrides)
+        "2 ranks x 2 (accelerate launch)": (2, 1, 2, "accelerate", []),
+        "1 rank x 4": (1, 1, 4, None, []),
+        "1 rank x 1 big batch": (1, 4, 1, None, []),
+        "ZeRO-2, 2 ranks x 2": (2, 1, 2, None, ["deepspeed=configs/deepspeed/zero2.json"]),
+        "ZeRO-3, 2 ranks x 2": (2, 1, 2, None, ["deepspeed=configs/deepspeed/zero3.json"]),
+    }
+    runs = {}
+    for name, (nproc, micro, accumulation, launcher, extra) in splits.items():
+        if extra:
+            pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
+        out = tmp / re.sub(r"\W+", "_", name)
+        proc = check(run_cli("train", str(path), f"output_dir={out}", f"train.max_steps={max_steps}", f"train.micro_batch_size={micro}",
+                             f"train.gradient_accumulation_steps={accumulation}", *extra, nproc=nproc, launcher=launcher))
+        runs[name] = (out, proc)
+    return runs
+
+
+def test_hf_model_trains_the_same_however_the_global_batch_is_split(llama_runs, tiny_hf):
+    reference_out, _ = llama_runs["1 rank x 1 big batch"]
+    reference_rows = [r for r in metrics(reference_out) if "loss" in r]
+    assert max(r["grad_norm"] for r in reference_rows) > 0.5, "clipping must be active in this test"
+    pretrained = pretrained_fp32(tiny_hf["llama"])
+    for name, (out, proc) in llama_runs.items():
+        assert "weights fp32" in proc.stdout and "BOS 1 added, pad 1024" in proc.stdout, name  # the run header
+        rows = [r for r in metrics(out) if "loss" in r]
+        assert_same_training(rows, reference_rows, final_weights(out), final_weights(reference_out), name)
+        weights = final_weights(out)
+        for key, tensor in pretrained.items():  # frozen: bitwise the checkpoint's values; trained: moved
+            frozen = key.startswith(("model.embed_tokens.", "model.layers.0.self_attn."))
+            assert torch.equal(weights[key], tensor) == frozen, f"{name}: {key} {'changed' if frozen else 'did not change'}"
+
+
+def test_zero3_export_is_a_complete_model_folder(llama_runs, tiny_hf):
+    out, _ = llama_runs["ZeRO-3, 2 ranks x 2"]
+    final = out / "final"
+    model = transformers.AutoModelForCausalLM.from_pretrained(final)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(llama_runs["1 rank x 4"][0] / "final")
+    assert model.dtype == torch.float32 and set(final_weights(out)) == set(pretrained_fp32(tiny_hf["llama"]))
+    ids = torch.randint(0, 1025, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(final)
+    assert tokenizer("def f")["input_ids"] == transformers.AutoTokenizer.from_pretrained(tiny_hf["llama"])("def f")["input_ids"]
+    assert (final / "generation_config.json").is_file() and json.loads((final / "config.json").read_text())["use_cache"] is True
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tiny_hf, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora-runs")
+    config = hf_config(tmp, tiny_hf["llama"], lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                       freeze=["model.layers.0.*"],  # after LoRA: freezes layer 0's adapters too
+                       export={"merge_lora": True}, train={"learning_rate": 1e-2, "max_steps": 5})
+    path = write_config(tmp / "c.yaml", config)
+    runs = {}
+    for name, (nproc, micro, accumulation, extra) in {"DDP, 2 ranks x 2": (2, 1, 2, []), "1 rank x 4": (1, 1, 4, []),
+                                                      "ZeRO-3, 2 ranks x 2": (2, 1, 2, ["deepspeed=configs/deepspeed/zero3.json"])}.items():
+        if extra:
+            pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
+        out = tmp / re.sub(r"\W+", "_", name)
+        runs[name] = check(run_cli("train", str(path), f"output_dir={out}", f"train.micro_batch_size={micro}",
+                                   f"train.gradient_accumulation_steps={accumulation}", *extra, nproc=nproc)), out
+    return runs
+
+
+def test_lora_adapters_train_exactly_and_load_with_peft(lora_runs, tiny_hf):
+    peft = pytest.importorskip("peft", reason="LoRA needs the hf extra: scripts/setup hf,dev")
+    proc, reference_out = lora_runs["1 rank x 4"]
+    table = proc.stdout[proc.stdout.index("module "):proc.stdout.index("total")]
+    # per layer: q_proj 4x64 + 64x4, v_proj 4x64 + 32x4 (grouped-query: 2 key/value heads); layer 0's frozen by the pattern
+    assert re.search(r"model\.layers \(LoRA adapters\)\s+896\s+896", table), table
+    reference = load_file(str(reference_out / "final" / "adapter_model.safetensors"))
+    reference_rows = [r for r in metrics(reference_out) if "loss" in r]
+    for name, (_, out) in lora_runs.items():
+        adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
+        assert_same_training([r for r in metrics(out) if "loss" in r], reference_rows, adapter, reference, name)
+        layer0 = [k for k in adapter if ".layers.0." in k]
+        assert layer0 and all(not adapter[k].any() for k in layer0 if "lora_B" in k), "frozen adapters keep B = 0"
+
+        base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf["llama"], dtype=torch.float32)
+        with_adapter = peft.PeftModel.from_pretrained(base, out / "final")
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out / "final" / "merged")
+        ids = torch.randint(0, 1025, (2, 16), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, rtol=0, atol=1e-5)
+            plain = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf["llama"], dtype=torch.float32)
+            assert (plain(ids).logits - with_adapter(ids).logits).abs().max() > 1e-3, "the adapter must change the model"
+        adapter_config = json.loads((out / "final" / "adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == str(Path(tiny_hf["llama"]).resolve())
+
+
+def test_export_loads_back_with_the_in_memory_models_logits(tiny_hf, tmp_path, fresh_accelerate):
+    """GPT-2 style (tied embeddings): final/ loads with from_pretrained and gives the trained model's logits; export
+    in bf16 and sharded on request."""
+    from launcher.build import build_run
+    from launcher.loop import train
+    from launcher.models.hf import export_hf
+
+    config = write_config(tmp_path / "c.yaml", hf_config(tmp_path, tiny_hf["gpt2"], train={"max_steps": 3}))
+    run = build_run(load_config(config))
+    train(run)
+    model = run.accelerator.unwrap_model(run.model).eval()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final").eval()
+    ids = torch.randint(0, 1025, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.equal(loaded(ids).logits, expected)
+        assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # still tied
+
+        run.cfg.export.dtype, run.cfg.export.max_shard_size = "bf16", "150KB"
+        export_hf(model, model.state_dict(), run.tokenizer, run.cfg, tmp_path / "bf16")
+        assert (tmp_path / "bf16" / "model.safetensors.index.json").is_file()  # sharded
+        small = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+        assert small.dtype == torch.bfloat16
+        torch.testing.assert_close(small(ids).logits.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_hf, tmp_path, fresh_accelerate):
+    """Recomputing activations in the backward changes memory, not the result: a tiny Llama and the built-in GPT
+    (with dropout, whose masks the recomputation must reproduce)."""
+    from conftest import reset_accelerate
+    from launcher.build import build_run
+    from launcher.loop import train
+
+    cases = {"llama": hf_config(tmp_path, tiny_hf["llama"], train={"max_steps": 3}),
+             "built-in GPT": tiny_config(tmp_path, model={"dropout": 0.1}, train={"max_steps": 3})}
+    for name, config in cases.items():
+        weights = {}
+        for checkpointing in (False, True):
+            out = tmp_path / f"{name}-{checkpointing}"
+            path = write_config(tmp_path / "c.yaml", {**config, "output_dir": str(out)})
+            reset_accelerate()
+            run = build_run(load_config(path, [f"model.gradient_checkpointing={str(checkpointing).lower()}"]))
+            model = run.accelerator.unwrap_model(run.model)
+            assert getattr(model, "is_gradient_checkpointing", getattr(model, "gradient_checkpointing", None)) == checkpointing
+            train(run)
+            weights[checkpointing] = final_weights(out)
+        for key, tensor in weights[False].items():
+            torch.testing.assert_close(weights[True][key], tensor, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+
+
+def test_stopped_and_resumed_hf_run_is_bitwise_identical(tiny_hf, tmp_path):
+    from test_resume import run_with_signal
+
+    config = write_config(tmp_path / "c.yaml", hf_config(
+        tmp_path, tiny_hf["llama"], freeze=FROZEN, checkpoint={"every_steps": 2},
+        train={"max_steps": 6, "gradient_accumulation_steps": 2, "micro_batch_size": 2}))
+    check(run_cli("train", str(config), f"output_dir={tmp_path / 'straight'}", nproc=2))
+    stopped = run_with_signal(config, 5, 2, f"output_dir={tmp_path / 'stopped'}")  # mid-window of step 3
+    assert stopped.returncode != 0 and json.loads((tmp_path / "stopped" / "preempted.json").read_text())["step"] == 3
+    check(run_cli("train", str(config), f"output_dir={tmp_path / 'stopped'}", "resume=auto", nproc=2))
+    reference = final_weights(tmp_path / "straight")
+    for key, tensor in final_weights(tmp_path / "stopped").items():
+        assert torch.equal(tensor, reference[key]), key
+
+
+def test_debug_mode_and_nonfinite_report_name_hf_parameters(tiny_hf, tmp_path):
+    from test_diagnostics import run_tests_cli
+
+    config = write_config(tmp_path / "c.yaml", hf_config(tmp_path, tiny_hf["llama"], freeze=["model.embed_tokens.*", "model.layers.0.*"]))
+    summary = check(run_cli("train", str(config), "--debug", "--debug-steps", "2")).stdout
+    assert "parameters: 11 trainable (11 changed), 10 frozen (10 unchanged)" in summary
+    assert "gradient norm by layer at step 2: model.layers.1 " in summary and "WARNING" not in summary
+
+    planted = "model.layers.1.mlp.up_proj.weight"
+    nan = hf_config(tmp_path, tiny_hf["llama"], launch={"nproc_per_node": 2}, output_dir=str(tmp_path / "nan"))
+    nan["model"] = {"factory": "factories:nan_gradient_hf", "factory_kwargs": {
+        "path": str(tiny_hf["llama"]), "param": planted, "rank": 1, "step": 2, "accumulation": 2}}
+    nan["tokenizer"] = str(tiny_hf["llama"])
+    proc = run_tests_cli("train", str(write_config(tmp_path / "nan.yaml", nan)))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "non-finite loss or gradient at step 2" in proc.stderr
+    assert f"rank 1: loss sum" in proc.stderr and f"non-finite in 1 of 21 parameters: {planted} (norm nan)" in proc.stderr
+
+
+def test_pretraining_an_hf_architecture_from_an_inline_config(tmp_path):
+    """model.hf_config as a mapping: a fresh Llama whose vocabulary is the byte-level tokenizer's (no files at all)."""
+    config = tiny_config(tmp_path, train={"max_steps": 2})
+    config["model"] = {"hf_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}}
+    proc = check(run_cli("train", str(write_config(tmp_path / "c.yaml", config))))
+    assert "a Hugging Face config (from scratch) (LlamaForCausalLM)" in proc.stdout and "byte-level (257 ids)" in proc.stdout
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    assert model.config.vocab_size == 257 and model.get_input_embeddings().num_embeddings == 257
+
+
+def bigger_tokenizer(model_dir: Path, folder: Path, extra: int = 7) -> Path:
+    """The model's tokenizer with `extra` added tokens: more ids than the model's embedding has rows."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(extra)])
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_inspect_and_plan_read_no_weights(tiny_hf, tmp_path):
+    """A folder with the config and tokenizer but no weight files: inspect and plan work (meta device); training
+    says, in one line, that the weights are missing. model.resize_embeddings grows the rows to a larger tokenizer."""
+    folder = tmp_path / "no-weights"
+    shutil.copytree(tiny_hf["llama"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = write_config(tmp_path / "c.yaml", hf_config(tmp_path, folder, freeze=FROZEN))
+    listing = check(run_cli("inspect", str(config))).stdout
+    assert re.search(r"model\.embed_tokens\.weight\s+1025x64\s+65,600\s+frozen", listing), listing
+    assert re.search(r"lm_head\.weight\s+1025x64\s+65,600\s+yes", listing)
+    assert "world size 1" in check(run_cli("plan", str(config))).stdout
+    bigger = bigger_tokenizer(tiny_hf["llama"], tmp_path / "bigger")
+    resized = check(run_cli("inspect", str(config), f"tokenizer={bigger}", "model.resize_embeddings=true")).stdout
+    assert re.search(r"model\.embed_tokens\.weight\s+1032x64", resized) and re.search(r"lm_head\.weight\s+1032x64", resized)
+    proc = run_cli("train", str(config))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "model: cannot build" in proc.stderr, proc.stderr
+
+
+def test_factory_module_beside_the_config_gets_the_tokenizers_vocabulary(tiny_hf, tmp_path):
+    (tmp_path / "my_models.py").write_text(
+        "from launcher.models import GPT\n\n"
+        "def small(vocab_size, seq_len, width):\n"
+        "    return GPT(vocab_size, seq_len, n_layer=1, n_head=2, d_model=width)\n")
+    config = tiny_config(tmp_path, train={"max_steps": 1})
+    config["model"] = {"factory": "my_models:small", "factory_kwargs": {"width": 16}}
+    config["tokenizer"] = str(tiny_hf["gpt2"])
+    check(run_cli("train", str(write_config(tmp_path / "c.yaml", config))))  # no PYTHONPATH: found beside the config
+    assert final_weights(tmp_path / "out")["tok_embed.weight"].shape == (1025, 16)
+
+
+def test_readme_fine_tuning_example(tmp_path):
+    """The README's "Fine-tune a Hugging Face model" commands, shortened, and its loading snippet as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Fine-tune a Hugging Face model"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    check(run_cli("make-tiny-model", str(tmp_path / "tiny-llama")))
+    check(run_cli("train", "configs/finetune-hf.yaml", f"model.pretrained={tmp_path / 'tiny-llama'}", f"output_dir={tmp_path / 'ft'}",
+                  "train.max_steps=4", "launch.nproc_per_node=1", "eval.every_steps=null", "eval.max_samples=8"))
+    assert "outputs/finetune-hf/final" in snippet
+    namespace = {}
+    exec(snippet.replace("outputs/finetune-hf/final", str(tmp_path / "ft" / "final")), namespace)
+    assert namespace["text"].startswith("def ") and len(namespace["text"]) > len("def ")
