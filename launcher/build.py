@@ -140,6 +140,8 @@ def check_run_inputs(cfg: Config, world_size: int) -> tuple[dict | None, BatchPl
     tokenizer = load_tokenizer(cfg)
     with torch.device("meta"):
         model, _ = build_bare_model(cfg, tokenizer, weights=False)
+    if cfg.model.factory is not None:  # a user's model runs once on CPU: its logits' shape is checked before any process starts
+        build_bare_model(cfg, tokenizer)
     return ds_config, plan, model
 
 

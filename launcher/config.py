@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +80,24 @@ class DataConfig(Section):
 
 
 BUILTIN_GPT_KEYS = ("n_layer", "n_head", "d_model", "dropout")
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def folder_or_hub_id(value: str | None, what: str, needs: str | None = None) -> str | None:
+    """A local folder (holding `needs`, when given), or a name a model hub could resolve ('org/name'). A path
+    that does not exist is a hub id only if it has a hub id's shape and no local folder of its start exists."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"'{value}' is a file; point it at {what} folder")
+        if needs is not None and not (path / needs).is_file():
+            raise ValueError(f"'{value}' is not {what} folder (no {needs}); point it at a folder written by save_pretrained")
+        return value
+    if HUB_ID.fullmatch(value) and not Path(value.split("/")[0]).is_dir():
+        return value  # a hub id: resolved when the model is loaded, where a hub is reachable
+    raise ValueError(f"folder '{value}' not found; point it at {what} folder")
 
 
 class ModelConfig(Section):
@@ -103,6 +122,11 @@ class ModelConfig(Section):
         if factory is not None and factory.count(":") != 1:
             raise ValueError(f"'{factory}' is not of the form 'module:callable'")
         return factory
+
+    @field_validator("pretrained")
+    @classmethod
+    def _model_folder(cls, value: str | None) -> str | None:
+        return folder_or_hub_id(value, "a Hugging Face model", needs="config.json")
 
     @field_validator("hf_config")
     @classmethod
@@ -129,7 +153,7 @@ class ModelConfig(Section):
             raise ValueError(f"{' and '.join(given)} both choose the model; keep one of them")
         builtin_set = [f"model.{key}" for key in BUILTIN_GPT_KEYS if key in self.model_fields_set]
         if given and builtin_set:
-            raise ValueError(f"{', '.join(builtin_set)} configure the built-in GPT, but {given[0]} chooses another model; remove them")
+            raise ValueError(f"{', '.join(builtin_set)}: only for the built-in GPT, but {given[0]} chooses another model; remove them")
         if not given and self.d_model % self.n_head:
             raise ValueError(f"model.d_model ({self.d_model}) must be a multiple of model.n_head ({self.n_head})")
         return self
@@ -204,6 +228,11 @@ class Config(Section):
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     resume: str | None = Field(None, min_length=1, description="'auto': the newest complete checkpoint in output_dir (none: start fresh); or a checkpoint folder")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_folder(cls, value: str | None) -> str | None:
+        return folder_or_hub_id(value, "a Hugging Face tokenizer")
 
     @field_validator("deepspeed")
     @classmethod

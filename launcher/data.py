@@ -67,6 +67,8 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
     builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[path.suffix]
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     field = "text" if builder == "text" else cfg.text_field
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own error log of a bad file would be a second line
     try:
         docs = datasets.load_dataset(
             builder, data_files=str(path), split="train", cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None, **kwargs
@@ -76,6 +78,8 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
             raise UsageError(f"data.path: '{path}' {bad}") from None
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
         raise UsageError(f"data.path: cannot read '{path}' as {builder} ({type(err).__name__}: {reason}); fix the file") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if field not in docs.column_names:
         raise UsageError(
             f"data.text_field: '{path}' has no column '{field}' (columns: {', '.join(docs.column_names)}); set data.text_field"
@@ -96,6 +100,8 @@ def check_text_column(docs: datasets.Dataset, field: str, path: Path) -> None:
         row = pc.index(pc.is_null(column), True).as_py()
         raise UsageError(f"data.path: row {row + 1} of '{path}' has no '{field}' (null or missing); give every row a text"
                          " or remove that row")
+    if path.suffix == ".jsonl" and (bad := first_bad_json_row(path, field)):  # the file says what a mixed column became
+        raise UsageError(f"data.path: '{path}' {bad}")
     row, value = next(((i, v) for i, v in enumerate(column.to_pylist()) if not isinstance(v, str)), (0, None))
     got = "null or missing" if value is None else f"{type(value).__name__} {json.dumps(value, default=str)[:40]}"
     raise UsageError(f"data.path: row {row + 1} of '{path}': '{field}' is {got}, not text; make it a string"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from launcher.config import Config
 from launcher.errors import UsageError
@@ -76,10 +75,7 @@ def load_tokenizer(cfg: Config) -> ByteTokenizer | HFTokenizer:
     source = tokenizer_source(cfg)
     if source is None:
         return ByteTokenizer()
-    key = "tokenizer" if cfg.tokenizer else "model.pretrained"
-    if not Path(source).is_dir() and (Path(source).exists() or not _looks_like_hub_id(source)):
-        raise UsageError(f"{key}: '{source}' is not a folder; point it at a Hugging Face tokenizer folder (tokenizer.json,"
-                         " tokenizer_config.json)")
+    key = "tokenizer" if cfg.tokenizer else "model.pretrained"  # the config checked that it is a folder or a hub id
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -94,8 +90,3 @@ def load_tokenizer(cfg: Config) -> ByteTokenizer | HFTokenizer:
         raise UsageError(f"{key}: '{source}' has only a slow (Python) tokenizer; add a tokenizer.json (fast tokenizer)")
     return HFTokenizer(tokenizer, source)
 
-
-def _looks_like_hub_id(text: str) -> bool:
-    """'org/name' (or 'name'): something a model hub could resolve, as opposed to a local path."""
-    parts = text.split("/")
-    return 1 <= len(parts) <= 2 and all(parts) and not text.startswith((".", "~")) and not text.endswith("/")

@@ -67,8 +67,8 @@ def llama_runs(tiny_hf, tmp_path_factory):
     count leaves a partial last window, clipping active, the embedding and layer 0's attention frozen by name."""
     tmp = tmp_path_factory.mktemp("llama-runs")
     config = hf_config(tmp, tiny_hf["llama"], freeze=FROZEN,
-                       data={"path": str(write_documents(tmp / "docs.jsonl", 43)), "seq_len": 32, "pack": False},
-                       train={"max_grad_norm": 0.5, "warmup_steps": 2, "learning_rate": 1e-2})
+                       data={"path": str(write_documents(tmp / "docs.jsonl", 27)), "seq_len": 32, "pack": False},
+                       train={"max_grad_norm": 0.5, "warmup_steps": 2, "learning_rate": 3e-3})
     path = write_config(tmp / "c.yaml", config)
     cfg = load_config(path)
     n_train = len(prepare_splits(cfg.data, cfg.seed, load_tokenizer(cfg))[0])
@@ -207,7 +207,9 @@ def test_gradient_checkpointing_gives_the_same_weights(tiny_hf, tmp_path, fresh_
             reset_accelerate()
             run = build_run(load_config(path, [f"model.gradient_checkpointing={str(checkpointing).lower()}"]))
             model = run.accelerator.unwrap_model(run.model)
-            assert getattr(model, "is_gradient_checkpointing", getattr(model, "gradient_checkpointing", None)) == checkpointing
+            on = next(getattr(model, a) for a in ("is_activation_checkpointing", "is_gradient_checkpointing", "gradient_checkpointing")
+                      if hasattr(model, a))
+            assert on == checkpointing, name
             train(run)
             weights[checkpointing] = final_weights(out)
         for key, tensor in weights[False].items():
@@ -308,3 +310,92 @@ def test_readme_fine_tuning_example(tmp_path):
     namespace = {}
     exec(snippet.replace("outputs/finetune-hf/final", str(tmp_path / "ft" / "final")), namespace)
     assert namespace["text"].startswith("def ") and len(namespace["text"]) > len("def ")
+
+
+FACTORY_MODULES = {  # file name -> source; each a model.factory that cannot train
+    "raises_on_import.py": "x = 1 / 0\n",
+    "other_args.py": "def make(width):\n    raise AssertionError('not reached')\n",
+    "not_a_module.py": "def make(vocab_size, seq_len):\n    return 3\n",
+    "returns_tuple.py": ("import torch\n\nclass M(torch.nn.Module):\n    def __init__(self, v):\n        super().__init__()\n"
+                         "        self.e = torch.nn.Embedding(v, v)\n    def forward(self, input_ids):\n"
+                         "        return self.e(input_ids), None\n\ndef make(vocab_size, seq_len):\n    return M(vocab_size)\n"),
+    "narrow_logits.py": ("import torch\n\ndef make(vocab_size, seq_len):\n"
+                         "    return torch.nn.Sequential(torch.nn.Embedding(vocab_size, 16), torch.nn.Linear(16, 10))\n"),
+    "needs_a_mask.py": ("import torch\n\nclass M(torch.nn.Module):\n    def __init__(self, v):\n        super().__init__()\n"
+                        "        self.e = torch.nn.Embedding(v, v)\n    def forward(self, input_ids, attention_mask):\n"
+                        "        return self.e(input_ids)\n\ndef make(vocab_size, seq_len):\n    return M(vocab_size)\n"),
+}
+BAD_ROWS = {  # file name -> JSON lines; row 3 is bad
+    "null_text.jsonl": ['{"text": "a"}', '{"text": "b"}', '{"text": null}', '{"text": "d"}'],
+    "number_text.jsonl": ['{"text": "a"}', '{"text": "b"}', '{"text": 5}', '{"text": "d"}'],
+    "missing_text.jsonl": ['{"text": "a"}', '{"text": "b"}', '{"title": "c"}', '{"text": "d"}'],
+    "broken_line.jsonl": ['{"text": "a"}', '{"text": "b"}', '{"text": "c"', '{"text": "d"}'],
+}
+LLAMA, GPT2 = "{llama}", "{gpt2}"  # filled with the tiny models' folders
+BAD_MODEL_INPUT = {  # name: (overrides, expected text in the one line)
+    "pretrained folder missing": (["model.pretrained=/no/such/model"], "model.pretrained: folder '/no/such/model' not found"),
+    "not a Hugging Face folder": (["model.pretrained={tmp}/plain"], "is not a Hugging Face model folder (no config.json)"),
+    "tokenizer folder missing": ([f"model.pretrained={LLAMA}", "tokenizer=/no/such/tokenizer"], "tokenizer: folder '/no/such/tokenizer' not found"),
+    "tokenizer larger than the embeddings": ([f"model.pretrained={LLAMA}", "tokenizer={tmp}/bigger"],
+                                             "has 1032 ids but model.pretrained's embedding has 1025 rows; use the model's own tokenizer, or set model.resize_embeddings: true"),
+    "pretrained with built-in keys": ([f"model.pretrained={LLAMA}", "model.n_layer=2"],
+                                      "model.n_layer: only for the built-in GPT, but model.pretrained chooses another model; remove them"),
+    "two model sources": ([f"model.pretrained={LLAMA}", "model.factory=a:b"], "model.pretrained and model.factory both choose the model"),
+    "lora target matches nothing": ([f"model.pretrained={LLAMA}", "lora={target_modules: [qv_proj]}"],
+                                    "lora.target_modules: 'qv_proj' match no module of the model; linear modules: down_proj, gate_proj"),
+    "lora on the built-in GPT": (["lora={r: 4}"], "lora: needs a Hugging Face model"),
+    "merge_lora without lora": ([f"model.pretrained={LLAMA}", "export.merge_lora=true"], "export.merge_lora: there is no lora section"),
+    "pure bf16 under DeepSpeed": ([f"model.pretrained={LLAMA}", "model.dtype=bf16", "deepspeed=configs/deepspeed/zero2.json"],
+                                  "model.dtype: bf16 is pure 16-bit training"),
+    "sequence longer than the context": ([f"model.pretrained={GPT2}", "data.seq_len=300"],
+                                         "data.seq_len: 300 is longer than the model's context (model.pretrained: max_position_embeddings 256)"),
+    "inline config without model_type": (["model.hf_config={hidden_size: 8}"], "model.hf_config: an inline mapping needs model_type"),
+    "factory module missing": (["model.factory=no_such_module:make"], "model.factory: no module 'no_such_module' (looked in"),
+    "factory module raises on import": (["model.factory=raises_on_import:make"],
+                                        "model.factory: importing 'raises_on_import' failed: ZeroDivisionError: division by zero (raises_on_import.py:1)"),
+    "factory takes other arguments": (["model.factory=other_args:make"], "it is called as make(vocab_size=..., seq_len=..., **model.factory_kwargs)"),
+    "factory returns no module": (["model.factory=not_a_module:make"], "returned int, not a torch.nn.Module"),
+    "factory model returns a tuple": (["model.factory=returns_tuple:make"], "the model returned tuple; return logits [batch, seq, vocab]"),
+    "factory logits too narrow": (["model.factory=narrow_logits:make"], "logits of shape [1, 8, 10] for input_ids [1, 8]; expected [1, 8, 257]"),
+    "factory forward needs more": (["model.factory=needs_a_mask:make"], "the model's forward failed on a batch of input_ids [1, 8]: TypeError"),
+    "null text": (["data.path={tmp}/null_text.jsonl"], "row 3 of '{tmp}/null_text.jsonl' has no 'text' (null or missing)"),
+    "number text": (["data.path={tmp}/number_text.jsonl"], "'text' is int 5, not text"),
+    "missing text": (["data.path={tmp}/missing_text.jsonl"], "row 3 of '{tmp}/missing_text.jsonl' has no 'text' (null or missing)"),
+    "broken JSON line": (["data.path={tmp}/broken_line.jsonl"], "line 3 is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_MODEL_INPUT)
+@pytest.mark.parametrize("processes", [1, 2], ids=["1 process", "2 processes"])
+def test_bad_model_and_data_input_is_one_line_and_changes_nothing(tiny_hf, tmp_path: Path, name: str, processes: int):
+    """One line naming the key or file and the fix, exit 2, nothing on disk changed; with 2 processes it is found
+    before they start."""
+    from test_bad_input import snapshot
+
+    if processes == 2 and not name.startswith(("factory", "null", "tokenizer larger")):
+        pytest.skip("2 processes: the cases a pre-flight finds only by building or running the model, or by reading rows")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "weights.bin").write_bytes(b"\0")
+    bigger_tokenizer(tiny_hf["llama"], tmp_path / "bigger")
+    for file, source in FACTORY_MODULES.items():
+        (tmp_path / file).write_text(source)
+    for file, rows in BAD_ROWS.items():
+        (tmp_path / file).write_text("\n".join(rows) + "\n")
+    config = tiny_config(tmp_path, launch={"nproc_per_node": processes})
+    del config["model"]  # the built-in GPT's keys would be refused beside model.pretrained
+    config = write_config(tmp_path / "c.yaml", config)
+    places = {"{tmp}": tmp_path, LLAMA: tiny_hf["llama"], GPT2: tiny_hf["gpt2"]}
+
+    def fill(text: str) -> str:
+        for place, path in places.items():
+            text = text.replace(place, str(path))
+        return text
+
+    overrides, expected = BAD_MODEL_INPUT[name]
+    before = snapshot(tmp_path)
+    proc = run_cli("train", str(config), *map(fill, overrides))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launcher: error: ") and fill(expected) in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert snapshot(tmp_path) == before

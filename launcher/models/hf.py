@@ -25,6 +25,9 @@ def _transformers():
     except ImportError:
         raise UsageError("model: Hugging Face models need the transformers package; pip install -e '.[hf]' (or scripts/setup hf)") from None
     transformers.utils.logging.disable_progress_bar()  # no per-load progress bars in the run's output
+    import huggingface_hub
+
+    huggingface_hub.utils.logging.set_verbosity_error()  # a hub id without a reachable hub: one error, not each retry
     return transformers
 
 
@@ -43,13 +46,7 @@ def hf_model_config(cfg: ModelConfig):
             return transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
         except Exception as err:
             raise UsageError(f"model.hf_config: not a valid Hugging Face config ({_reason(err)}); check model_type and its keys") from None
-    source = str(cfg.pretrained if cfg.pretrained is not None else cfg.hf_config)
-    path = Path(source)
-    if path.exists() and not (path / "config.json").is_file():
-        raise UsageError(f"{key}: '{source}' is not a Hugging Face model folder (no config.json); point it at a folder"
-                         " written by save_pretrained")
-    if not path.exists() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
-        raise UsageError(f"{key}: folder '{source}' not found; point it at a Hugging Face model folder")
+    source = str(cfg.pretrained if cfg.pretrained is not None else cfg.hf_config)  # the config checked the folder
     try:
         return transformers.AutoConfig.from_pretrained(source)
     except Exception as err:  # OSError (no folder, offline hub), ValueError (unknown model_type), ...
@@ -86,7 +83,10 @@ def build_hf_model(cfg: ModelConfig, seq_len: int, weights: bool, vocab_size: in
     model.config.use_cache = False  # training never reuses past keys/values; saves memory and a warning
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA, frozen embeddings) and keeps dropout's RNG
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
