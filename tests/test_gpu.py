@@ -92,3 +92,30 @@ def test_deepspeed_on_one_gpu(tmp_path: Path, stage: int, precision: str):
     else:
         assert rows[-1]["skipped_steps"] == 0 and rows[-1]["loss"] < rows[0]["loss"]
     print(f"ZeRO-{stage} {precision}: losses {[round(r['loss'], 3) for r in rows]}")
+
+
+@pytest.mark.parametrize("variant", ["bf16 autocast", "bf16 autocast + LoRA", "pure bf16 weights"])
+def test_hf_model_in_bf16_on_the_gpu(tmp_path: Path, tiny_hf, variant: str, fresh_accelerate):
+    """A tiny Llama (a bf16 checkpoint) on CUDA: fp32 master weights under bf16 autocast (with and without LoRA), or
+    pure bf16 weights when model.dtype asks; finite losses that go down, an export that loads."""
+    import transformers
+
+    from conftest import hf_config
+
+    sections = {"train": {"mixed_precision": "bf16", "max_steps": 12, "learning_rate": 3e-3}, "eval": {"at_start": True}}
+    if variant.endswith("LoRA"):
+        sections["lora"] = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    if variant.startswith("pure"):
+        sections["model"] = {"dtype": "bf16"}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    run = build_run(load_config(write_config(tmp_path / "c.yaml", hf_config(tmp_path, tiny_hf["llama"], **sections))))
+    masters = {p.dtype for p in run.accelerator.unwrap_model(run.model).parameters() if p.requires_grad}
+    assert masters == ({torch.bfloat16} if variant.startswith("pure") else {torch.float32}), masters
+    summary = train(run)
+    assert summary["eval_loss"] < summary["first_eval_loss"], summary
+    final = tmp_path / "out" / "final"
+    if variant.endswith("LoRA"):
+        assert (final / "adapter_model.safetensors").is_file()
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(final)
+        assert model.dtype == torch.float32 and all(torch.isfinite(p).all() for p in model.parameters())

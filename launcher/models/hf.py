@@ -142,15 +142,17 @@ def export_hf(model: nn.Module, state_dict: dict[str, torch.Tensor], tokenizer, 
     with export.merge_lora, the merged model in directory/merged. `state_dict` holds the full fp32 master weights."""
     directory.mkdir(parents=True, exist_ok=True)
     dtype = _export_dtype(cfg.export)
-    tensors = {name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype) for name, t in state_dict.items()}
+
+    def cast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype) for name, t in tensors.items()}
+
     if cfg.lora is None:
-        _save_full(model, tensors, dtype, cfg.export, directory)
+        _save_full(model, cast(state_dict), dtype, cfg.export, directory)
     else:
-        model.save_pretrained(str(directory), state_dict=tensors)  # peft keeps the adapter's tensors only
+        model.save_pretrained(str(directory), state_dict=cast(state_dict))  # peft keeps the adapter's tensors only
         _point_adapter_at_base(directory, cfg)
         if cfg.export.merge_lora:
-            merged = merged_model(model, tensors)
-            _save_full(merged, merged.state_dict(), dtype, cfg.export, directory / "merged")
+            _save_full(model.get_base_model(), cast(merged_state_dict(model, state_dict)), dtype, cfg.export, directory / "merged")
             if hasattr(tokenizer, "tokenizer"):
                 tokenizer.tokenizer.save_pretrained(str(directory / "merged"))
     if hasattr(tokenizer, "tokenizer"):  # the byte-level tokenizer has no files to save
@@ -188,15 +190,19 @@ def _point_adapter_at_base(directory: Path, cfg: Config) -> None:
     path.write_text(json.dumps(adapter, indent=2) + "\n")
 
 
-def merged_model(peft_model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A CPU copy of the trained peft model, built from `tensors` (so it works whatever held the weights: DDP,
-    ZeRO-3 shards), with the adapters merged into the base weights: W + (alpha / r) B A."""
-    import copy
+def merged_state_dict(peft_model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's weights with every adapter merged in, W + scaling * B A (transposed for GPT-2's Conv1D),
+    computed in fp32 from the full state dict, so it works whatever held the weights (DDP, ZeRO-3 shards)."""
+    from launcher.freezing import PEFT_PREFIX
 
-    import peft
-
-    with torch.device("meta"):
-        base = _transformers().AutoModelForCausalLM.from_config(copy.deepcopy(peft_model.base_model.model.config))
-        clone = peft.get_peft_model(base, copy.deepcopy(peft_model.peft_config["default"]))
-    clone.load_state_dict(tensors, strict=True, assign=True)
-    return clone.merge_and_unload()
+    merged = {name.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."): t
+              for name, t in state_dict.items() if ".lora_" not in name}
+    for name, module in peft_model.named_modules():
+        if "default" not in getattr(module, "lora_A", {}):
+            continue
+        a, b = (state_dict[f"{name}.lora_{x}.default.weight"].float() for x in ("A", "B"))
+        delta = (b @ a) * module.scaling["default"]
+        key = f"{name.removeprefix(PEFT_PREFIX)}.weight"
+        base = merged[key]
+        merged[key] = (base.float() + (delta.T if module.fan_in_fan_out else delta)).to(base.dtype)
+    return merged
