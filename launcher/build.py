@@ -137,12 +137,19 @@ def check_run_inputs(cfg: Config, world_size: int) -> tuple[dict | None, BatchPl
     ds_config = resolved_deepspeed_config(cfg.deepspeed, cfg.train, world_size)
     check_options(cfg, uses_deepspeed=ds_config is not None)
     plan = batch_plan(cfg, world_size)
+    return ds_config, plan, inspection_model(cfg)
+
+
+def inspection_model(cfg: Config) -> nn.Module:
+    """The model for names, shapes and freeze status (inspect, plan, the pre-flight): the built-in GPT and Hugging
+    Face models on the meta device (no weights read, no memory); a factory's model for real, on CPU, because its
+    code may not run on the meta device (a from_pretrained inside it), and so its logits are checked before any
+    process starts."""
     tokenizer = load_tokenizer(cfg)
+    if cfg.model.factory is not None:
+        return build_bare_model(cfg, tokenizer)[0]
     with torch.device("meta"):
-        model, _ = build_bare_model(cfg, tokenizer, weights=False)
-    if cfg.model.factory is not None:  # a user's model runs once on CPU: its logits' shape is checked before any process starts
-        build_bare_model(cfg, tokenizer)
-    return ds_config, plan, model
+        return build_bare_model(cfg, tokenizer, weights=False)[0]
 
 
 def check_options(cfg: Config, uses_deepspeed: bool) -> None:

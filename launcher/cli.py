@@ -198,17 +198,12 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    """Parameter names, shapes and trainable/frozen under the config's freeze patterns, from a meta-device model."""
-    import torch
-
-    from launcher.build import build_bare_model
+    """Parameter names, shapes and trainable/frozen under the config's freeze patterns, without training."""
+    from launcher.build import inspection_model
     from launcher.config import load_config
     from launcher.freezing import parameter_listing
 
-    cfg = load_config(args.config, args.overrides)
-    with torch.device("meta"):  # names and shapes only: no memory, no weights
-        model, _ = build_bare_model(cfg, weights=False)
-    print(parameter_listing(model))
+    print(parameter_listing(inspection_model(load_config(args.config, args.overrides))))
     return 0
 
 

@@ -244,7 +244,9 @@ def test_debug_mode_and_nonfinite_report_name_hf_parameters(tiny_hf, tmp_path):
     nan["model"] = {"factory": "factories:nan_gradient_hf", "factory_kwargs": {
         "path": str(tiny_hf["llama"]), "param": planted, "rank": 1, "step": 2, "accumulation": 2}}
     nan["tokenizer"] = str(tiny_hf["llama"])
-    proc = run_tests_cli("train", str(write_config(tmp_path / "nan.yaml", nan)))
+    nan_config = write_config(tmp_path / "nan.yaml", nan)
+    assert planted in run_tests_cli("inspect", str(nan_config)).stdout  # a factory calling from_pretrained: built on CPU
+    proc = run_tests_cli("train", str(nan_config))
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "non-finite loss or gradient at step 2" in proc.stderr
     assert f"rank 1: loss sum" in proc.stderr and f"non-finite in 1 of 21 parameters: {planted} (norm nan)" in proc.stderr
