@@ -235,7 +235,8 @@ def test_debug_mode_and_nonfinite_report_name_hf_parameters(tiny_hf, tmp_path):
     from test_diagnostics import run_tests_cli
 
     config = write_config(tmp_path / "c.yaml", hf_config(tmp_path, tiny_hf["llama"], freeze=["model.embed_tokens.*", "model.layers.0.*"]))
-    summary = check(run_cli("train", str(config), "--debug", "--debug-steps", "2")).stdout
+    stdout = check(run_cli("train", str(config), "--debug", "--debug-steps", "2")).stdout
+    summary = stdout[stdout.index("debug summary"):]
     assert "parameters: 11 trainable (11 changed), 10 frozen (10 unchanged)" in summary
     assert "gradient norm by layer at step 2: model.layers.1 " in summary and "WARNING" not in summary
 
