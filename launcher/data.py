@@ -62,6 +62,7 @@ def builtin_corpus_file(cache_dir: Path) -> Path:
 
 def load_documents(cfg: DataConfig) -> datasets.Dataset:
     """The documents as a Dataset with one column, `text`."""
+    datasets.disable_progress_bars()  # bars would be noise in the log, and around a one-line error
     cache_dir = cfg.cache_dir or Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher"))
     path = cfg.path or builtin_corpus_file(cache_dir)
     builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[path.suffix]
