@@ -1,0 +1,284 @@
+"""The same job in this launcher, HF Trainer, a plain Accelerate loop and Lightning Fabric, against an exact reference.
+
+Every framework trains the same tiny Llama-style model (made locally, `launcher make-tiny-model`) from the same
+fp32 weights on the same samples in the same order, with the same global batch (micro-batch x accumulation x 2
+gloo ranks), AdamW, constant LR and clipping. The samples have very different lengths and are padded, not packed,
+so a mean per micro-batch weights tokens unequally; the reference is one process taking one big batch per step
+with the exact mean over its target tokens.
+
+It prints two tables and writes them to OUT/peers.json and OUT/peers.png:
+- exactness: per framework and accumulation (1, 4, 8 at the same global batch), the max |loss - reference| over
+  the steps (the loss each framework reports) and the max |W - W_ref| after the last step;
+- speed: target tokens/s of each framework relative to this launcher, median of alternating rounds (each run
+  includes the framework's own overhead and data loading as its documentation sets it up; the first step is
+  not timed).
+
+Usage: python benchmarks/peers.py [--steps 8] [--rounds 7] [--out outputs/peers]
+       python benchmarks/peers.py --only launcher --no-speed      (the exactness of the launcher alone: a test runs this)
+The peers' versions are pinned in the `peers` extra: pip install -e '.[peers]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FRAMEWORKS = {  # name: (how it is run, what it is)
+    "launcher": ("launcher", "this launcher: `launcher train` under torchrun, exact token-weighted loss"),
+    "trainer": ("trainer", "HF Trainer, defaults (token-level loss with num_items_in_batch, average_tokens_across_devices=True)"),
+    "trainer-per-rank-tokens": ("trainer-per-rank-tokens", "HF Trainer, average_tokens_across_devices=False"),
+    "accelerate": ("accelerate", "Accelerate loop as documented: accelerator.accumulate, mean loss per micro-batch"),
+    "fabric": ("fabric", "Lightning Fabric: no_backward_sync, mean loss per micro-batch / accumulation"),
+}
+PEER_MODULES = {"trainer": "transformers", "trainer-per-rank-tokens": "transformers", "accelerate": "accelerate",
+                "fabric": "lightning_fabric"}
+WORLD_SIZE, LR, SEQ_LEN = 2, 2e-3, 64
+
+
+def cpu_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE), "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), *args]
+
+
+def make_documents(path: Path, n_docs: int, seed: int = 0) -> Path:
+    """Documents of very different lengths (a few tokens to more than a row), cut from the Python docs."""
+    import pydoc_data.topics
+
+    text = " ".join(pydoc_data.topics.topics.values()).split()
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        for _ in range(n_docs):
+            n_words = int(rng.choice([rng.integers(2, 6), rng.integers(6, 20), rng.integers(20, 40)]))
+            start = int(rng.integers(0, len(text) - n_words))
+            f.write(json.dumps({"text": " ".join(text[start:start + n_words])}) + "\n")
+    return path
+
+
+def launcher_config(model: Path, docs: Path, steps: int) -> dict:
+    return {
+        "seed": 0, "model": {"pretrained": str(model)},
+        "data": {"path": str(docs), "seq_len": SEQ_LEN, "pack": False, "eval_fraction": 0.0, "shuffle": False},
+        "train": {"max_steps": steps, "learning_rate": LR, "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+                  "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "max_grad_norm": 1.0, "log_every": 1},
+        "eval": {"at_start": False},
+    }
+
+
+def the_rows(config_path: Path, n_rows: int, out: Path) -> Path:
+    """The launcher's own tokenized rows (file order: data.shuffle is false), as every peer receives them."""
+    from launcher.config import load_config
+    from launcher.data import IGNORE_INDEX, prepare_splits
+    from launcher.tokenizer import load_tokenizer
+
+    cfg = load_config(config_path)
+    blocks, _ = prepare_splits(cfg.data, cfg.seed, load_tokenizer(cfg))
+    if len(blocks) < n_rows:
+        raise SystemExit(f"only {len(blocks)} rows for {n_rows}; use fewer --steps")
+    ids = np.asarray(blocks["input_ids"][:n_rows], dtype=np.int64)
+    lengths = np.asarray(blocks["length"][:n_rows], dtype=np.int64)
+    labels = ids.copy()
+    labels[np.arange(ids.shape[1])[None, :] >= lengths[:, None]] = IGNORE_INDEX  # padding is never a target
+    np.savez(out, input_ids=ids, labels=labels)
+    return out
+
+
+def run_framework(name: str, work: Path, config_path: Path, rows: Path, model: Path, micro: int, accumulation: int,
+                  steps: int) -> dict:
+    """One run; returns its losses, tokens/s and weights file, or why it could not run."""
+    out = work / f"{name}-acc{accumulation}-{os.urandom(3).hex()}"
+    if name == "launcher":
+        cmd = torchrun("-m", "launcher", "train", str(config_path), f"output_dir={out}", f"train.max_steps={steps}",
+                       f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={accumulation}")
+    else:
+        module = PEER_MODULES.get(name)
+        if module is not None:
+            try:
+                __import__(module)
+            except ImportError:
+                return {"error": f"{module} is not installed (pip install -e '.[peers]')"}
+        worker = [str(REPO / "benchmarks" / "peer_workers.py"), name, str(rows), str(model), str(out),
+                  "--micro-batch", str(micro), "--accumulation", str(accumulation), "--steps", str(steps), "--lr", str(LR),
+                  "--world-size", str(WORLD_SIZE)]
+        cmd = [sys.executable, *worker] if name == "reference" else torchrun(*worker)
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail)[-300:]}"}
+    if name == "launcher":
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "loss" in r]
+        timed = rows[1:]  # the first step is warm-up, as for the peers
+        tokens = sum(r["tokens_per_s"] * r["s_per_step"] for r in timed)
+        result = {"losses": [r["loss"] for r in rows], "tokens_per_s": tokens / sum(r["s_per_step"] for r in timed),
+                  "weights": str(out / "final" / "model.safetensors")}
+    else:
+        result = json.loads((out / "result.json").read_text())
+        result["weights"] = str(out / "weights.safetensors")
+    return result
+
+
+def compare(result: dict, reference: dict) -> dict:
+    from safetensors.torch import load_file
+
+    if "error" in result:
+        return {"error": result["error"]}
+    weights, ref = load_file(result["weights"]), load_file(reference["weights"])
+    return {"max_loss_diff": max(abs(a - b) for a, b in zip(result["losses"], reference["losses"])),
+            "max_weight_diff": max(float((weights[k] - ref[k]).abs().max()) for k in ref),
+            "steps": len(result["losses"])}
+
+
+def exactness(work, config_path, rows, model, names, accumulations, global_batch, steps) -> dict:
+    reference = run_framework("reference", work, config_path, rows, model, global_batch // WORLD_SIZE, 1, steps)
+    if "error" in reference:
+        raise SystemExit(f"the reference run failed: {reference['error']}")
+    table = {}
+    for accumulation in accumulations:
+        micro = global_batch // (WORLD_SIZE * accumulation)
+        for name in names:
+            result = run_framework(name, work, config_path, rows, model, micro, accumulation, steps)
+            table.setdefault(name, {})[str(accumulation)] = compare(result, reference)
+            print(f"  {name}, accumulation {accumulation}: {table[name][str(accumulation)]}", flush=True)
+    return table
+
+
+def speed(work, config_path, rows, model, names, accumulation, global_batch, steps, rounds) -> dict:
+    """Alternating rounds (every framework once per round, in the same order), ratios within a round."""
+    micro = global_batch // (WORLD_SIZE * accumulation)
+    per_round = []
+    for i in range(rounds):
+        rates = {name: run_framework(name, work, config_path, rows, model, micro, accumulation, steps).get("tokens_per_s")
+                 for name in names}
+        per_round.append(rates)
+        print(f"  round {i + 1}: " + ", ".join(f"{n} {r:,.0f}" if r else f"{n} n/a" for n, r in rates.items()), flush=True)
+    table = {}
+    for name in names:
+        ratios = [r[name] / r["launcher"] for r in per_round if r.get(name) and r.get("launcher")]
+        rates = [r[name] for r in per_round if r.get(name)]
+        table[name] = ({"tokens_per_s": statistics.median(rates), "ratio_median": statistics.median(ratios),
+                        "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": len(ratios)}
+                       if ratios else {"error": "did not run"})
+    return table
+
+
+def print_tables(results: dict) -> None:
+    print("\nexactness against the reference (one process, one big batch, exact token mean); same global batch:")
+    accumulations = results["accumulations"]
+    print(f"{'framework':<26}" + "".join(f"{'acc ' + a + ': loss':>16}{'weights':>11}" for a in map(str, accumulations)))
+    for name, row in results["exactness"].items():
+        cells = []
+        for a in map(str, accumulations):
+            cell = row[a]
+            cells.append(f"{'n/a':>16}{'n/a':>11}" if "error" in cell else f"{cell['max_loss_diff']:>16.1e}{cell['max_weight_diff']:>11.1e}")
+        print(f"{name:<26}" + "".join(cells) + (f"   ({row[str(accumulations[0])]['error']})" if "error" in row[str(accumulations[0])] else ""))
+    if "speed" in results:
+        print(f"\nspeed at accumulation {results['speed_accumulation']}, relative to the launcher (median of alternating rounds):")
+        for name, row in results["speed"].items():
+            print(f"{name:<26}" + (f"  n/a ({row['error']})" if "error" in row else
+                                   f"{row['ratio_median']:>7.3f}x  ({row['ratio_min']:.3f}-{row['ratio_max']:.3f}, "
+                                   f"{row['tokens_per_s']:,.0f} tokens/s, {row['rounds']} rounds)"))
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["exactness"])
+    fig, axes = plt.subplots(1, 2 if "speed" in results else 1, figsize=(13, 4.5), squeeze=False)
+    ax = axes[0][0]
+    width = 0.8 / len(results["accumulations"])
+    for i, a in enumerate(map(str, results["accumulations"])):
+        values = [results["exactness"][n][a].get("max_weight_diff", np.nan) for n in names]
+        ax.bar(np.arange(len(names)) + i * width, [max(v, 1e-12) for v in values], width, label=f"accumulation {a}")
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(names)) + width * (len(results["accumulations"]) - 1) / 2, names, rotation=20, ha="right")
+    ax.set_ylabel("max |W - W_ref| after the last step")
+    ax.set_title("Exactness against one big batch (lower is better)")
+    ax.legend()
+    if "speed" in results:
+        ax = axes[0][1]
+        ratios = [results["speed"][n].get("ratio_median", np.nan) for n in names]
+        ax.bar(names, ratios)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel("target tokens/s relative to the launcher")
+        ax.set_title(f"Speed (median of {results['rounds']} alternating rounds)")
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(FRAMEWORKS), help="frameworks to run, comma-separated (the reference always runs)")
+    parser.add_argument("--accumulation", type=int, nargs="+", default=[1, 4, 8], help="accumulation steps to compare at one global batch")
+    parser.add_argument("--global-batch", type=int, default=32, help="samples per optimizer step (a multiple of 2 x each accumulation)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating speed rounds")
+    parser.add_argument("--speed-accumulation", type=int, default=4)
+    parser.add_argument("--no-speed", action="store_true", help="the exactness table only")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "peers")
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in FRAMEWORKS]
+    if unknown or any(args.global_batch % (WORLD_SIZE * a) for a in args.accumulation):
+        parser.error(f"unknown frameworks {unknown}" if unknown else "--global-batch must be a multiple of 2 x each accumulation")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="peers-", dir=args.out))
+    try:
+        from launcher.models.tiny import make_tiny_model
+
+        model = make_tiny_model(work / "tiny-llama", "llama")
+        docs = make_documents(work / "docs.jsonl", n_docs=args.global_batch * args.steps + 64)
+        config_path = work / "launcher.yaml"
+        import yaml
+
+        config_path.write_text(yaml.safe_dump(launcher_config(model, docs, args.steps)))
+        rows = the_rows(config_path, args.global_batch * args.steps, work / "rows.npz")
+        print(f"{args.steps} steps of {args.global_batch} padded samples (seq_len {SEQ_LEN}), 2 gloo ranks, fp32, lr {LR}")
+        results = {"accumulations": args.accumulation, "global_batch": args.global_batch, "steps": args.steps,
+                   "settings": {n: FRAMEWORKS[n][1] for n in names}}
+        results["exactness"] = exactness(work, config_path, rows, model, names, args.accumulation, args.global_batch, args.steps)
+        if not args.no_speed:
+            results["speed"] = speed(work, config_path, rows, model, names, args.speed_accumulation, args.global_batch,
+                                     args.steps, args.rounds)
+            results["speed_accumulation"], results["rounds"] = args.speed_accumulation, args.rounds
+        print_tables(results)
+        (args.out / "peers.json").write_text(json.dumps(results, indent=1) + "\n")
+        chart(results, args.out / "peers.png")
+        print(f"\nwrote {args.out / 'peers.json'} and {args.out / 'peers.png'}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
