@@ -73,12 +73,12 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     """
     acc, model, optimizer, cfg = run.accelerator, run.model, run.optimizer, run.cfg
     tensorboard = cfg.output_dir / "tensorboard" if cfg.train.tensorboard else None
+    mfu, mfu_line = make_mfu(acc.unwrap_model(model), cfg.data.seq_len, acc.device, cfg.train.mixed_precision,
+                             cfg.train.peak_tflops, acc.num_processes)
+    acc.print(mfu_line)  # before the progress bar starts drawing
     metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps, run.start_step, tensorboard)
     names, params = map(list, zip(*[(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]))
     micro_steps = run.plan.micro_steps_per_process  # gradient_accumulation_steps x the ranks this process plays
-    mfu, mfu_line = make_mfu(acc.unwrap_model(model), cfg.data.seq_len, acc.device, cfg.train.mixed_precision,
-                             cfg.train.peak_tflops, acc.num_processes)
-    acc.print(mfu_line)
     if preemption is not None:
         preemption.connect()
     first_eval = last_eval = None
