@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from launcher.models import GPT
+
 # Dense peak TFLOP/s of one GPU by matmul dtype (datasheet figures; "tf32" is fp32 with TF32 matmuls on).
 PEAK_TFLOPS = {
     "H100 SXM": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
@@ -59,7 +61,6 @@ class Mfu:
 
     flops_per_token: float  # training FLOPs per target token
     peak_flops: float  # FLOP/s of all processes together
-    description: str  # for the run header
 
     def of(self, tokens_per_s: float) -> float:
         return tokens_per_s * self.flops_per_token / self.peak_flops
@@ -97,8 +98,6 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float | None:
 
 def attention_shape(model: nn.Module) -> tuple[int, int, list[nn.Module] | None] | None:
     """(attention width, layer count, the layers if found) of the built-in GPT or of a Hugging Face style model."""
-    from launcher.models import GPT
-
     if isinstance(model, GPT):
         return model.tok_embed.embedding_dim, len(model.blocks), list(model.blocks)
     config = getattr(model, "config", None)
@@ -171,9 +170,10 @@ def make_mfu(model: nn.Module, seq_len: int, device: torch.device, mixed_precisi
             return None, f"mfu: not logged: {source}; set train.peak_tflops (the device's dense peak in TFLOP/s)"
     line = (f"mfu: {_si(per_token)}FLOP per token (6N + attention at seq_len {seq_len}) over"
             f" {tflops:g} TFLOP/s per device ({source}) x {processes} process{'es' if processes > 1 else ''}")
-    return Mfu(per_token, tflops * 1e12 * processes, line), line
+    return Mfu(per_token, tflops * 1e12 * processes), line
 
 
 def _si(value: float) -> str:
+    """6.24e8 -> '624 M': the number with an SI prefix, for a unit to follow."""
     exponent = min(max(int(math.log10(value)) // 3, 0), 4) if value > 0 else 0
-    return f"{value / 10 ** (3 * exponent):.4g} {' kMGT'[exponent]}".replace("  ", " ")
+    return f"{value / 1000 ** exponent:.4g} {('', 'k', 'M', 'G', 'T')[exponent]}"
