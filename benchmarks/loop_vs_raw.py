@@ -237,11 +237,12 @@ def main() -> None:
     print(f"  per round: min {ratios[0]:.3f}x, median {statistics.median(ratios):.3f}x, max {ratios[-1]:.3f}x")
     # on a shared machine a busy neighbour slows whole rounds; the best rounds are the least disturbed
     print(f"  best round vs best round: {min(raw_s) / min(launcher_s):.3f}x")
-    if args.compile:  # both sides together: a graph per side is expected (no graph break, no recompilation)
+    if args.compile:  # expected: one graph per side or one shared (the forwards trace alike in fp32), no graph break
         from torch._dynamo.utils import counters
 
-        print(f"torch.compile: {counters['stats']['unique_graphs']} graphs compiled in all, "
-              f"{sum(counters['graph_break'].values())} graph breaks")
+        graphs = counters["stats"]["unique_graphs"]
+        print(f"torch.compile: {graphs} graph{'s' if graphs != 1 else ''} compiled for both sides together,"
+              f" {sum(counters['graph_break'].values())} graph breaks")
     if args.profile:
         for name, side in (("raw", raw), ("launcher", launcher)):
             profile_round(name, side, device)
