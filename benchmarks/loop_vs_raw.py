@@ -6,14 +6,19 @@ the step's target tokens, clipping at 1.0 and zero_grad(set_to_none=True). The r
 case: its batches are materialized on the device before timing and it has no Accelerate. The
 launcher side runs its real pipeline: build_run (untimed setup, once) then train() (timed). Each
 side is built once and warmed up by one untimed round (torch.compile pays its compilation there),
-then rounds of the same steps alternate raw/launcher, and the median of each side is reported:
-steady-state throughput, as a long run sees it.
+then rounds of the same steps alternate raw/launcher (7 by default), and the median of each side is
+reported with the spread (min, median, max per side, and of the per-round ratio): steady-state
+throughput, as a long run sees it, and how far one round can be from it. MFU is the same model FLOPs
+per token (launcher.flops) over the device's dense peak, for both sides.
 
 Run from the repository root:
   .venv/bin/python benchmarks/loop_vs_raw.py                                   # CPU, tiny (configs/default.yaml model)
   .venv/bin/python benchmarks/loop_vs_raw.py --steps 40 --rounds 3
   .venv/bin/python benchmarks/loop_vs_raw.py --device cuda --mixed-precision bf16 --preset gpt2-small
   .venv/bin/python benchmarks/loop_vs_raw.py --device cuda --mixed-precision bf16 --preset gpt2-small --compile
+  .venv/bin/python benchmarks/loop_vs_raw.py --device cuda --mixed-precision bf16 --preset gpt2-small --compile \
+      --micro-batch-size 16 --accumulation-steps 4 --steps 20
+  .venv/bin/python benchmarks/loop_vs_raw.py --peak-tflops 0.2         # MFU on a CPU against a peak you state
 On a CPU shared with other jobs, OMP_NUM_THREADS=1 in front keeps a busy neighbour from stalling
 both sides' thread pools (the rounds then vary less).
 """
@@ -36,6 +41,7 @@ from safetensors.torch import load_file
 from launcher.build import build_bare_model, build_run
 from launcher.config import load_config
 from launcher.data import IGNORE_INDEX
+from launcher.flops import flops_per_token, matmul_dtype, peak_tflops
 from launcher.loop import train
 from launcher.metrics import read_metrics
 from launcher.optim import build_lr_schedule, build_optimizer
@@ -54,7 +60,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per round and side")
-    parser.add_argument("--rounds", type=int, default=3, help="raw/launcher pairs; the median of each side is reported")
+    parser.add_argument("--rounds", type=int, default=7, help="raw/launcher pairs; the median of each side is reported")
+    parser.add_argument("--micro-batch-size", type=int, help="samples per micro-step (default: the preset's)")
+    parser.add_argument("--accumulation-steps", type=int, default=2, help="micro-steps per optimizer step")
+    parser.add_argument("--profile", action="store_true", help="after the timed rounds, profile one more round per side and"
+                        " print the top operators and the host-device syncs of each")
+    parser.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s of the device for MFU (default: the table in launcher/flops.py)")
     parser.add_argument("--log-every", type=int, default=50, help="steps between loss reads (host-device syncs), both sides")
     args = parser.parse_args()
     if args.mixed_precision == "fp16" and args.device != "cuda":
@@ -66,9 +77,10 @@ def make_config(args: argparse.Namespace, output_dir: Path, max_steps: int):
     return load_config(REPO / "configs" / "default.yaml", PRESETS[args.preset] + [
         f"output_dir={output_dir}", f"train.max_steps={max_steps}", "train.epochs=null",
         f"train.mixed_precision='{args.mixed_precision}'", f"train.compile={str(args.compile).lower()}",
-        "train.gradient_accumulation_steps=2", "train.max_grad_norm=1.0", f"train.log_every={args.log_every}",
+        f"train.gradient_accumulation_steps={args.accumulation_steps}", "train.max_grad_norm=1.0", f"train.log_every={args.log_every}",
         "data.eval_fraction=0",  # no held-out split, so no evaluation: the loop alone is timed
-    ])
+    ] + ([f"train.micro_batch_size={args.micro_batch_size}"] if args.micro_batch_size else [])
+      + ([f"train.peak_tflops={args.peak_tflops}"] if args.peak_tflops else []))
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,7 +105,8 @@ class LauncherSide:
         """
         metrics_path = self.run.cfg.output_dir / "metrics.jsonl"
         rows_before = len(read_metrics(metrics_path)) if metrics_path.exists() else 0
-        self.summary = train(self.run)
+        with contextlib.redirect_stdout(io.StringIO()):  # its mfu note and progress lines, every round
+            self.summary = train(self.run)
         rows = [r for r in read_metrics(metrics_path)[rows_before:] if "s_per_step" in r]
         steps = [0] + [r["step"] for r in rows]
         return sum(r["s_per_step"] * (step - prev) for r, prev, step in zip(rows, steps, steps[1:]))
@@ -160,6 +173,22 @@ class RawSide:
         return time.perf_counter() - started_s
 
 
+def profile_round(name: str, side, device: torch.device) -> None:
+    """One more round under torch.profiler: the operators with the most self time on the device (CPU: on the host),
+    and how often the host waited for the device. The launcher's round also writes its final weights (copies to
+    the host), which the raw side does not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        side.round()
+    events = prof.key_averages()
+    # the CUDA runtime calls in which the host waits (an .item() on a CUDA tensor is a cudaStreamSynchronize)
+    syncs = {e.key: e.count for e in events if "Synchronize" in e.key} if cuda else "not recorded on CPU"
+    print(f"\n== profile of one {name} round; host waits for the device: {syncs or 'none'}")
+    print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15))
+
+
 def main() -> None:
     args = parse_args()
     if args.device == "cpu":
@@ -187,14 +216,36 @@ def main() -> None:
         raw_s.append(raw.round())
         launcher_s.append(launcher.round())
 
-    print(f"\n{'side':<10} {'tokens/s':>12} {'s/step':>10}   (median of {args.rounds} rounds; target tokens)")
+    per_token = flops_per_token(raw.model, cfg.data.seq_len)
+    if args.peak_tflops:
+        peak, peak_source = args.peak_tflops, "--peak-tflops"
+    else:
+        peak, peak_source = peak_tflops(device, matmul_dtype(raw.model, args.mixed_precision))
+    mfu = (lambda seconds: target_tokens / seconds * per_token / (peak * 1e12)) if peak else None
+    print(f"model FLOPs {per_token / 1e6:,.1f} M per token (launcher.flops); peak: "
+          + (f"{peak:g} TFLOP/s ({peak_source})" if peak else f"none ({peak_source}; pass --peak-tflops for MFU)"))
+    print(f"\n{'side':<10} {'tokens/s':>10} {'min':>10} {'max':>10} {'s/step':>8} {'MFU':>7} {'MFU min..max':>14}"
+          f"   (median of {args.rounds} rounds; target tokens)")
     for side, times in (("raw", raw_s), ("launcher", launcher_s)):
         median_s = statistics.median(times)
-        print(f"{side:<10} {target_tokens / median_s:>12,.0f} {median_s / args.steps:>10.4f}   rounds: "
-              + " ".join(f"{t:.2f}s" for t in times))
-    print(f"launcher/raw = {statistics.median(raw_s) / statistics.median(launcher_s):.3f}x")
+        spread = f"{100 * mfu(max(times)):.1f}..{100 * mfu(min(times)):.1f}%" if mfu else "-"
+        print(f"{side:<10} {target_tokens / median_s:>10,.0f} {target_tokens / max(times):>10,.0f} {target_tokens / min(times):>10,.0f}"
+              f" {median_s / args.steps:>8.4f} {f'{100 * mfu(median_s):.1f}%' if mfu else '-':>7} {spread:>14}")
+        print(f"{'':<10} rounds: " + " ".join(f"{t:.3f}s" for t in times))
+    ratios = sorted(r / l for r, l in zip(raw_s, launcher_s))  # > 1: the launcher was faster in that round
+    print(f"launcher/raw = {statistics.median(raw_s) / statistics.median(launcher_s):.3f}x (ratio of the medians)")
+    print(f"  per round: min {ratios[0]:.3f}x, median {statistics.median(ratios):.3f}x, max {ratios[-1]:.3f}x")
     # on a shared machine a busy neighbour slows whole rounds; the best rounds are the least disturbed
     print(f"  best round vs best round: {min(raw_s) / min(launcher_s):.3f}x")
+    if args.compile:  # expected: one graph per side or one shared (the forwards trace alike in fp32), no graph break
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
+        print(f"torch.compile: {graphs} graph{'s' if graphs != 1 else ''} compiled for both sides together,"
+              f" {sum(counters['graph_break'].values())} graph breaks")
+    if args.profile:
+        for name, side in (("raw", raw), ("launcher", launcher)):
+            profile_round(name, side, device)
     # both sides should have done the same work: exact on CPU in fp32, close elsewhere
     raw_weights = raw.model.state_dict()
     max_diff = max((raw_weights[name].float().cpu() - w.float()).abs().max().item() for name, w in launcher.weights().items())

@@ -42,6 +42,7 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast precision; fp16 adds a loss scaler")
     compile: bool = Field(False, description="torch.compile the model")
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics rows (each costs one host-device sync)")
+    peak_tflops: float | None = Field(None, gt=0, description="peak dense TFLOP/s of one device, for the mfu metric; null: from a table of known GPUs (none on CPU)")
     tensorboard: bool = Field(False, description="also write the metrics as TensorBoard event files to output_dir/tensorboard (the tensorboard extra)")
     overfit_batches: int | None = Field(None, ge=1, description="train on the first N optimizer steps' batches over and over (the can-it-learn check); null: all data")
 

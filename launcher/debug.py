@@ -106,10 +106,12 @@ def summary_text(run, result: dict, before: dict[str, torch.Tensor], anomaly: bo
             lines.append(f"  WARNING: no gradient reached {', '.join(silent)}")
     if steps:
         s_per_step = sum(r["s_per_step"] for r in steps) / len(steps)
+        mfu = [r["mfu"] for r in steps if "mfu" in r]
         lines.append(f"  {s_per_step:.3f} s/step, {sum(r['tokens_per_s'] for r in steps) / len(steps):,.0f} target tokens/s"
-                     " (with the per-step checks of debug mode)")
-    if torch.cuda.is_available():
-        lines.append(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+                     + (f", mfu {100 * sum(mfu) / len(mfu):.1f}%" if mfu else "") + " (with the per-step checks of debug mode)")
+    peaks = [r["max_memory_allocated_gb"] for r in steps if "max_memory_allocated_gb" in r]
+    if peaks:  # each row holds its interval's peak (the loop resets it)
+        lines.append(f"  peak GPU memory {max(peaks):.2f} GiB")
     if result["weights"]:
         lines.append(f"  outputs: {cfg.output_dir}/ (metrics.jsonl, final/model.safetensors); charts: launcher plot {cfg.output_dir}")
     return "\n".join(lines)

@@ -29,7 +29,8 @@ from launcher.config import CheckpointConfig, to_yaml
 from launcher.data import IGNORE_INDEX, Batch
 from launcher.diagnostics import (GradNorms, NonFiniteWatch, clip, format_stats, gradient_stats, gradient_norms, is_dump_step,
                                   layer_norms)
-from launcher.metrics import MetricsLog
+from launcher.flops import Mfu, make_mfu
+from launcher.metrics import MetricsLog, peak_memory_gb
 from launcher.models import logits_of
 from launcher.models.hf import export_hf, is_hf_model
 from launcher.outputs import save_weights
@@ -73,6 +74,9 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     """
     acc, model, optimizer, cfg = run.accelerator, run.model, run.optimizer, run.cfg
     tensorboard = cfg.output_dir / "tensorboard" if cfg.train.tensorboard else None
+    mfu, mfu_line = make_mfu(acc.unwrap_model(model), cfg.data.seq_len, acc.device, cfg.train.mixed_precision,
+                             cfg.train.peak_tflops, acc.num_processes)
+    acc.print(mfu_line)  # before the progress bar starts drawing
     metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps, run.start_step, tensorboard)
     names, params = map(list, zip(*[(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]))
     micro_steps = run.plan.micro_steps_per_process  # gradient_accumulation_steps x the ranks this process plays
@@ -87,7 +91,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     watch = NonFiniteWatch(model, names, params, acc.process_index, acc.device, cfg.train.mixed_precision == "fp16")
     optimizer.zero_grad(set_to_none=True)
     steps_done, skipped_steps, nonfinite_steps = run.start_step, run.skipped_steps, run.nonfinite_steps
-    interval, preempted, nonfinite = Interval(acc.device), False, None
+    interval, preempted, nonfinite = Interval(acc.device, mfu), False, None
     for step in range(run.start_step, run.total_steps):
         window = run.train_data.window(step)
         scale = micro_steps * run.plan.processes / window.global_target_tokens
@@ -176,11 +180,13 @@ def drop_step(acc, report: list[str]) -> None:
 
 
 class Interval:
-    """Loss and throughput since the last metrics row; the loss sum stays on the device until flushed."""
+    """Loss, throughput, MFU and peak GPU memory since the last metrics row; the loss sum stays on the device until flushed."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, mfu: Mfu | None = None):
+        self.device, self.mfu = device, mfu
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.reset()
+        peak_memory_gb(device)  # the first interval's peak starts here, not at model building
 
     def reset(self) -> None:
         self.loss_sum.zero_()
@@ -200,6 +206,9 @@ class Interval:
         elapsed_s = time.perf_counter() - self.started_s
         row = {"loss": loss_sum / self.loss_tokens if self.loss_tokens else math.nan,
                "tokens_per_s": self.target_tokens / elapsed_s, "s_per_step": elapsed_s / self.steps}
+        if self.mfu is not None:
+            row["mfu"] = self.mfu.of(row["tokens_per_s"])
+        row.update(peak_memory_gb(self.device))  # this process's GPU; nothing on CPU
         self.reset()
         return row
 

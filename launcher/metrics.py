@@ -1,11 +1,21 @@
-"""metrics.jsonl and the progress bar, both on the main process only."""
+"""metrics.jsonl and the progress output, both on the main process only.
+
+Progress goes where it suits: a tqdm bar on stderr when stderr is a terminal; one plain line per metrics
+row on stdout when stdout is not a terminal (a SLURM log, a pipe) or there is no bar, so a log file gets
+readable lines instead of carriage-return frames.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import sys
+import time
 from pathlib import Path
+from typing import TextIO
 
+import torch
 from tqdm.auto import tqdm
 
 
@@ -13,10 +23,14 @@ class MetricsLog:
     """Appends one JSON object per line (and, with `tensorboard_dir`, TensorBoard scalars); a no-op off the main process."""
 
     def __init__(self, path: Path, is_main_process: bool, total_steps: int, start_step: int = 0,
-                 tensorboard_dir: Path | None = None):
-        self.is_main_process = is_main_process
+                 tensorboard_dir: Path | None = None, out: TextIO | None = None, err: TextIO | None = None):
+        self.is_main_process, self.total_steps = is_main_process, total_steps
         self.file = path.open("a") if is_main_process else None
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not is_main_process)
+        out, err = out or sys.stdout, err or sys.stderr
+        show_bar = is_main_process and err.isatty()
+        self.lines = out if is_main_process and (not out.isatty() or not show_bar) else None
+        self.started_s = time.monotonic()
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not show_bar, file=err)
         self.tensorboard = None
         if tensorboard_dir is not None and is_main_process:
             from torch.utils.tensorboard import SummaryWriter
@@ -32,8 +46,30 @@ class MetricsLog:
         if self.tensorboard is not None:
             for tag, value in _scalars(row):
                 self.tensorboard.add_scalar(tag, value, global_step=row["step"])
-        shown = {k: row[k] for k in ("loss", "eval_loss", "grad_norm", "lr") if k in row}
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        if self.lines is not None and ("loss" in row or "eval_loss" in row):
+            print(self.progress_line(row), file=self.lines, flush=True)
+        shown = {k: f"{row[k]:.4g}" for k in ("loss", "eval_loss", "grad_norm", "lr") if k in row}
+        if "mfu" in row:
+            shown["mfu"] = f"{100 * row['mfu']:.1f}%"
+        if "max_memory_allocated_gb" in row:
+            shown["mem"] = f"{row['max_memory_allocated_gb']:.1f}G"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def progress_line(self, row: dict) -> str:
+        """One metrics row as a line for a log file: step, loss, lr, grad norm, throughput, mfu and memory when known."""
+        step = f"step {row['step']}/{self.total_steps}"
+        if "eval_loss" in row:
+            return f"{step} | eval_loss {_fmt(row['eval_loss'], '.4f')} on {row['eval_tokens']:,} tokens"
+        parts = [step, f"loss {_fmt(row['loss'], '.4f')}", f"lr {row['lr']:.3e}", f"grad_norm {_fmt(row['grad_norm'], '.4g')}",
+                 f"{row['tokens_per_s']:,.0f} tokens/s"]
+        if "mfu" in row:
+            parts.append(f"mfu {100 * row['mfu']:.1f}%")
+        if "max_memory_allocated_gb" in row:
+            parts.append(f"mem {row['max_memory_allocated_gb']:.2f} GiB (reserved {row['max_memory_reserved_gb']:.2f})")
+        elapsed_s = time.monotonic() - self.started_s
+        left_s = (self.total_steps - row["step"]) * row["s_per_step"]
+        parts.append(f"elapsed {_duration(elapsed_s)}, left ~{_duration(left_s)}")
+        return " | ".join(parts)
 
     def advance(self) -> None:
         self.bar.update(1)
@@ -44,6 +80,27 @@ class MetricsLog:
             self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def peak_memory_gb(device: torch.device) -> dict[str, float]:
+    """This process's peak GPU memory since the last call, in GiB (2^30 bytes), then the peak is reset; nothing on CPU.
+
+    The caching allocator keeps these counters on the host: reading and resetting them waits for no kernel.
+    """
+    if device.type != "cuda":
+        return {}
+    row = {"max_memory_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+           "max_memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+    torch.cuda.reset_peak_memory_stats(device)
+    return row
+
+
+def _fmt(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def _scalars(row: dict, prefix: str = ""):

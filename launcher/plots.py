@@ -79,8 +79,8 @@ def plot_run(output_dir: Path) -> list[Path]:
 
     Reads `output_dir`/metrics.jsonl and, for the clip threshold, `output_dir`/config.yaml. Writes loss.png
     (train and eval loss), lr.png, grad_norm.png (pre-clip norm and the train.max_grad_norm line),
-    throughput.png, overview.png (those four on one page) and, when the run logged per-layer norms,
-    grad_norm_by_layer.png. Works on a run still in progress. Writes nothing outside plots/ and replaces
+    throughput.png, overview.png (those four on one page) and, when the run logged them, mfu.png (model FLOPs
+    utilization), memory.png (peak GPU memory per log interval) and grad_norm_by_layer.png. Works on a run still in progress. Writes nothing outside plots/ and replaces
     only these PNGs there.
 
     Raises UsageError when output_dir or metrics.jsonl is missing, a line of metrics.jsonl is not a JSON
@@ -95,6 +95,10 @@ def plot_run(output_dir: Path) -> list[Path]:
         "throughput.png": single_chart(draw_throughput, run),
         "overview.png": overview(run, title=str(output_dir)),
     }
+    if run.series(run.train_rows, "mfu").steps:
+        figures["mfu.png"] = single_chart(draw_mfu, run)
+    if run.series(run.train_rows, "max_memory_allocated_gb").steps:
+        figures["memory.png"] = single_chart(draw_memory, run)
     if run.layer_rows:
         figures["grad_norm_by_layer.png"] = layer_chart(run)
     plots_dir = output_dir / PLOTS_DIR
@@ -231,6 +235,26 @@ def draw_throughput(ax: Axes, run: RunMetrics, compact: bool = False) -> None:
         medians.append(f"{statistics.median(step_time.values):.3g} s/step")
     finish(ax, "Throughput" + (f" ({', '.join(medians)})" if medians else ""),
            "target tokens/s (all ranks)", compact, legend=False)
+
+
+def draw_mfu(ax: Axes, run: RunMetrics, compact: bool = False) -> None:
+    mfu = run.series(run.train_rows, "mfu")
+    percent = [100 * v for v in mfu.values]
+    ax.plot(mfu.steps, percent, color="C5", marker=few_points_marker(mfu), label="MFU")
+    ax.set_ylim(0, 1.1 * max(percent))  # from zero, as throughput: ordinary jitter must not look like a collapse
+    median = f" (median {statistics.median(percent):.1f}%)"
+    finish(ax, "Model FLOPs utilization" + median, "achieved / peak dense FLOP/s (%)", compact, legend=False)
+
+
+def draw_memory(ax: Axes, run: RunMetrics, compact: bool = False) -> None:
+    allocated = run.series(run.train_rows, "max_memory_allocated_gb")
+    reserved = run.series(run.train_rows, "max_memory_reserved_gb")
+    ax.plot(allocated.steps, allocated.values, color="C6", marker=few_points_marker(allocated), label="peak allocated (tensors)")
+    ax.plot(reserved.steps, reserved.values, color="C7", linestyle="--", marker=few_points_marker(reserved),
+            label="peak reserved (the caching allocator's pool)")
+    ax.set_ylim(0, 1.1 * max(allocated.values + reserved.values))
+    finish(ax, f"Peak GPU memory per log interval, main process (max {max(allocated.values + reserved.values):.2f} GiB)",
+           "GiB", compact)
 
 
 def layer_chart(run: RunMetrics) -> Figure:

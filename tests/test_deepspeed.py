@@ -21,7 +21,8 @@ FROZEN = ["tok_embed.*", "blocks.0.mlp_in.*"]
 
 def ddp_and_deepspeed(tmp_path: Path, stage_json: str, max_grad_norm: float | None):
     config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, freeze=FROZEN, train={"max_steps": 6, "max_grad_norm": max_grad_norm, "gradient_accumulation_steps": 2}))
+        tmp_path, freeze=FROZEN, train={"max_steps": 6, "max_grad_norm": max_grad_norm, "gradient_accumulation_steps": 2,
+                                        "peak_tflops": 1.0}))
     check(run_cli("train", str(config), "train.max_steps=0", f"output_dir={tmp_path / 'init'}"))
     ddp = check(run_cli("train", str(config), f"output_dir={tmp_path / 'ddp'}", nproc=2))
     ds = check(run_cli("train", str(config), f"output_dir={tmp_path / 'ds'}", f"deepspeed={REPO / 'configs' / 'deepspeed' / stage_json}", nproc=2))
@@ -46,6 +47,8 @@ def test_deepspeed_matches_ddp(tmp_path: Path, stage_json: str, max_grad_norm: f
         assert ds["loss"] == pytest.approx(ddp["loss"], abs=1e-5), (ds, ddp)
         assert ds["grad_norm"] == pytest.approx(ddp["grad_norm"], rel=1e-5), (ds, ddp)
         assert ds["lr"] == pytest.approx(ddp["lr"], rel=1e-12)
+        # the same model FLOPs per token, read from ZeRO-3's partitioned parameters too
+        assert ds["mfu"] / ds["tokens_per_s"] == pytest.approx(ddp["mfu"] / ddp["tokens_per_s"], rel=1e-12)
     initial, ddp_w, ds_w = (final_weights(tmp_path / d) for d in ("init", "ddp", "ds"))
     assert set(ds_w) == set(ddp_w)
     for name, tensor in ddp_w.items():

@@ -45,9 +45,11 @@ def test_bf16_trains_with_fp32_master_weights(tmp_path: Path, fresh_accelerate):
     assert all(t.dtype == torch.float32 for t in final_weights(run.cfg.output_dir).values())
 
 
-def test_no_host_device_sync_per_step(tmp_path: Path, fresh_accelerate):
+@pytest.mark.parametrize("compile_model, precision", [(False, "no"), (True, "bf16")])
+def test_no_host_device_sync_per_step(tmp_path: Path, fresh_accelerate, compile_model: bool, precision: str):
     """CUDA's sync debug mode flags every synchronizing call: a run of 8 steps must make no more of them than a
-    run of 4 (one log row at the end of each), so nothing in a micro-step or a step waits for the GPU."""
+    run of 4 (one log row at the end of each, with its mfu and peak-memory reads), so nothing in a micro-step or a
+    step waits for the GPU: eager fp32, and compiled bf16 (each run compiles its own model once)."""
     import warnings
 
     from conftest import reset_accelerate
@@ -55,7 +57,8 @@ def test_no_host_device_sync_per_step(tmp_path: Path, fresh_accelerate):
     counts = []
     for steps in (2, 4, 8):  # the first run pays one-time initialization (CUDA context, cuBLAS) and is not compared
         run = make_run(tmp_path / str(steps), data={"eval_fraction": 0},
-                       train={"max_steps": steps, "log_every": 1000, "gradient_accumulation_steps": 4})
+                       train={"max_steps": steps, "log_every": 1000, "gradient_accumulation_steps": 4,
+                              "compile": compile_model, "mixed_precision": precision, "peak_tflops": 100.0})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -66,6 +69,22 @@ def test_no_host_device_sync_per_step(tmp_path: Path, fresh_accelerate):
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
         reset_accelerate()
     assert counts[1] == counts[2], counts
+
+
+def test_mfu_and_peak_memory_rows(tmp_path: Path, fresh_accelerate):
+    """Each metrics row holds mfu (train.peak_tflops here, so the number is checkable on any card) and this
+    interval's peak memory: the peak is reset per interval, so a later interval need not repeat an earlier peak."""
+    from launcher.flops import flops_per_token
+
+    run = make_run(tmp_path, train={"mixed_precision": "bf16", "max_steps": 6, "log_every": 2, "peak_tflops": 100.0},
+                   eval={"every_steps": 3, "at_start": True})
+    train(run)
+    rows = [r for r in metrics(run.cfg.output_dir) if "loss" in r]
+    per_token = flops_per_token(run.accelerator.unwrap_model(run.model), run.cfg.data.seq_len)
+    for row in rows:
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * per_token / 100e12, rel=1e-9)
+        assert 0 < row["max_memory_allocated_gb"] <= row["max_memory_reserved_gb"]
+    print("peak memory per interval (GiB):", [(r["max_memory_allocated_gb"], r["max_memory_reserved_gb"]) for r in rows])
 
 
 @pytest.mark.parametrize("stage", [2, 3])

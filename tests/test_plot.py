@@ -14,7 +14,7 @@ from launcher.build import build_run
 from launcher.config import load_config
 from launcher.errors import UsageError
 from launcher.loop import train
-from launcher.plots import draw_grad_norm, draw_loss, plot_run, read_run
+from launcher.plots import draw_grad_norm, draw_loss, draw_memory, draw_mfu, plot_run, read_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALWAYS = {"loss.png", "lr.png", "grad_norm.png", "throughput.png", "overview.png"}
@@ -123,6 +123,33 @@ def test_hand_written_metrics_with_nan_null_repeats_and_layers(tmp_path: Path):
     assert ax.get_yscale() == "log", "loss spans 0.4..8: more than a decade"
     assert all(math.isfinite(y) for line in ax.get_lines() for y in line.get_ydata())
     assert "1 non-finite value not drawn" in ax.get_title()
+
+
+def test_mfu_and_memory_charts_where_the_run_logged_them(tmp_path: Path):
+    """A GPU run's rows (mfu, peak memory per interval, and a row where one was not known) get two more charts."""
+    memory = lambda allocated: {"max_memory_allocated_gb": allocated, "max_memory_reserved_gb": allocated + 2.0}
+    write_rows(tmp_path / "metrics.jsonl", [
+        train_row(1, 3.0, 1.5, mfu=0.38, **memory(10.0)),
+        train_row(2, 2.5, 1.2, mfu=0.41, **memory(12.5)),
+        train_row(3, 2.0, 1.1),
+        train_row(4, 1.8, 1.0, mfu=0.42, **memory(12.0)),
+    ])
+    written = plot_run(tmp_path)
+    assert {p.name for p in written} == ALWAYS | {"mfu.png", "memory.png"}
+    for path in written:
+        assert_readable_png(path)
+
+    run = read_run(tmp_path)
+    ax = Figure().add_subplot()
+    draw_mfu(ax, run)
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [1, 2, 4] and list(line.get_ydata()) == pytest.approx([38.0, 41.0, 42.0])
+    assert ax.get_title() == "Model FLOPs utilization (median 41.0%)" and ax.get_ylim()[0] == 0
+    ax = Figure().add_subplot()
+    draw_memory(ax, run)
+    allocated, reserved = ax.get_lines()
+    assert list(allocated.get_ydata()) == [10.0, 12.5, 12.0] and list(reserved.get_ydata()) == [12.0, 14.5, 14.0]
+    assert "max 14.50 GiB" in ax.get_title()
 
 
 @pytest.mark.parametrize("config_yaml, expected", [

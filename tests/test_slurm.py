@@ -4,6 +4,7 @@ SLURM_RESTART_COUNT >= 1, and ends with weights bitwise equal to those of an uni
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -67,6 +68,9 @@ def test_debug_script_runs_one_process(cluster: SlurmCluster, tmp_path: Path):
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
     assert "single process: global batch 4 " in log and f"job {job} restart 0: exit 0" in log
+    # a log file gets one plain line per metrics row, not the progress bar's carriage-return frames
+    assert "\r" not in log
+    assert [line.split(" |")[0] for line in log.splitlines() if re.match(r"step \d+/3 \| loss ", line)] == ["step 1/3", "step 2/3", "step 3/3"]
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
 
 
