@@ -45,8 +45,10 @@ def test_matches_a_hand_written_loop(tmp_path: Path, fresh_accelerate):
 
     train(run)
     trained = final_weights(run.cfg.output_dir)
+    # summation order differs (one batch vs micro-batches); Adam divides by sqrt(v), which turns rounding in small
+    # gradient entries into weight differences of order 1e-6 on some CPUs' kernels: 1e-5, as the other weight checks
     for name, param in model.state_dict().items():
-        torch.testing.assert_close(trained[name], param, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(trained[name], param, rtol=1e-5, atol=1e-5, msg=name)
     assert all(p.grad is None for p in run.model.parameters()), "zero_grad(set_to_none=True) after the last step"
 
 
