@@ -5,9 +5,10 @@
 leaves a partial window at the end of the epoch, with clipping active, they must reach the same
 weights and log the same per-step losses (fp32, CPU).
 
-Tolerance: losses and grad norms to 1e-5; weights to 1e-5 absolute after ~12 AdamW steps at
-lr 1e-2. Summation order differs between the splits, and Adam divides by sqrt(v), which turns
-float rounding in small gradient entries into differences of order 1e-6 in the weights.
+Tolerance: losses and grad norms to 1e-5; weights to 1e-5 absolute after ~12 AdamW steps at lr 3e-3
+(at 1e-2 some CPUs' kernels reach 1.3e-5). Summation order differs between the splits, and Adam divides
+by sqrt(v), which turns float rounding in small gradient entries into differences of order 1e-6 in the
+weights.
 """
 
 from pathlib import Path
@@ -26,7 +27,7 @@ SPLITS = {  # name: (processes, micro_batch_size, gradient_accumulation_steps); 
 
 
 def test_global_batch_split_does_not_change_training(tmp_path: Path):
-    base = tiny_config(tmp_path, train={"max_grad_norm": 0.5, "lr_schedule": "cosine", "warmup_steps": 2})
+    base = tiny_config(tmp_path, train={"max_grad_norm": 0.5, "lr_schedule": "cosine", "warmup_steps": 2, "learning_rate": 3e-3})
     config_path = write_config(tmp_path / "base.yaml", base)
     n_train = len(prepare_splits(load_config(config_path).data, seed=base["seed"])[0])
     steps_per_epoch = -(-n_train // 8)

@@ -25,7 +25,9 @@ def make_run(tmp_path: Path, **sections):
 def test_matches_a_hand_written_loop(tmp_path: Path, fresh_accelerate):
     """Token-weighted loss over each step's window, global-norm clipping, AdamW without decay on 1-D
     parameters, warmup then cosine: the launcher's weights equal a plain PyTorch loop's."""
-    run = make_run(tmp_path, train={"max_steps": 5, "max_grad_norm": 0.3, "warmup_steps": 2, "gradient_accumulation_steps": 3},
+    # lr 3e-3: Adam divides by sqrt(v), so at higher rates rounding in small gradient entries grows past 1e-6
+    run = make_run(tmp_path, train={"max_steps": 5, "max_grad_norm": 0.3, "warmup_steps": 2, "gradient_accumulation_steps": 3,
+                                    "learning_rate": 3e-3},
                    freeze=["pos_embed.weight"])
     windows = [run.train_data.window(step) for step in range(run.total_steps)]
     model, _ = build_bare_model(run.cfg)
@@ -45,10 +47,8 @@ def test_matches_a_hand_written_loop(tmp_path: Path, fresh_accelerate):
 
     train(run)
     trained = final_weights(run.cfg.output_dir)
-    # summation order differs (one batch vs micro-batches); Adam divides by sqrt(v), which turns rounding in small
-    # gradient entries into weight differences of order 1e-6 on some CPUs' kernels: 1e-5, as the other weight checks
     for name, param in model.state_dict().items():
-        torch.testing.assert_close(trained[name], param, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(trained[name], param, rtol=1e-5, atol=1e-6, msg=name)
     assert all(p.grad is None for p in run.model.parameters()), "zero_grad(set_to_none=True) after the last step"
 
 
