@@ -92,20 +92,21 @@ def launcher_config(model: Path, docs: Path, steps: int) -> dict:
 
 
 def the_rows(config_path: Path, n_rows: int, out: Path) -> Path:
-    """The launcher's own tokenized rows (file order: data.shuffle is false), as every peer receives them."""
+    """The launcher's own tokenized rows in its order (data.shuffle is false), with exactly its targets, as every
+    peer receives them: input ids of width seq_len + 1 and labels of the same width for models that shift them."""
     from launcher.config import load_config
-    from launcher.data import IGNORE_INDEX, prepare_splits
+    from launcher.data import IGNORE_INDEX, RowStore, prepare_splits, rows_to_batch
     from launcher.tokenizer import load_tokenizer
 
     cfg = load_config(config_path)
-    blocks, _ = prepare_splits(cfg.data, cfg.seed, load_tokenizer(cfg))
-    if len(blocks) < n_rows:
-        raise SystemExit(f"only {len(blocks)} rows for {n_rows}; use fewer --steps")
-    ids = np.asarray(blocks["input_ids"][:n_rows], dtype=np.int64)
-    lengths = np.asarray(blocks["length"][:n_rows], dtype=np.int64)
-    labels = ids.copy()
-    labels[np.arange(ids.shape[1])[None, :] >= lengths[:, None]] = IGNORE_INDEX  # padding is never a target
-    np.savez(out, input_ids=ids, labels=labels)
+    tokenizer = load_tokenizer(cfg)
+    store = RowStore(prepare_splits(cfg.data, cfg.seed, tokenizer)[0], tokenizer.pad_id)
+    if len(store) < n_rows:
+        raise SystemExit(f"only {len(store)} rows for {n_rows}; use fewer --steps")
+    rows = store.rows(np.arange(n_rows))
+    targets = rows_to_batch(rows, n_rows, store.width, pin=False, pad_id=tokenizer.pad_id).labels.numpy()
+    labels = np.concatenate([np.full((n_rows, 1), IGNORE_INDEX), targets], axis=1)  # label j is predicted at j - 1
+    np.savez(out, input_ids=rows["input_ids"].astype(np.int64), labels=labels.astype(np.int64))
     return out
 
 
