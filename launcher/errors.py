@@ -11,8 +11,8 @@ class UsageError(Exception):
 
 class RunFault(Exception):
     """The machine failed the run (no space left, a read-only or vanished output_dir, an unwritable cache).
-    Each entry of `lines` says what failed, where, and how to continue."""
+    Each entry of `lines` says what failed, where, and how to continue. `quiet`: another rank reports it."""
 
-    def __init__(self, *lines: str):
+    def __init__(self, *lines: str, quiet: bool = False):
         super().__init__("\n".join(lines))
-        self.lines = list(lines)
+        self.lines, self.quiet = list(lines), quiet

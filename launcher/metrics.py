@@ -15,6 +15,8 @@ class MetricsLog:
     def __init__(self, path: Path, is_main_process: bool, total_steps: int, start_step: int = 0,
                  tensorboard_dir: Path | None = None):
         self.is_main_process = is_main_process
+        self.path = path
+        self.fault: OSError | None = None  # a failed write (full disk, output_dir gone): the loop stops every rank on it
         self.file = path.open("a") if is_main_process else None
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not is_main_process)
         self.tensorboard = None
@@ -25,10 +27,14 @@ class MetricsLog:
             self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1 if start_step else None)
 
     def write(self, row: dict) -> None:
-        if self.file is None:
+        if self.file is None or self.fault is not None:
             return
-        self.file.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
+            self.file.flush()
+        except OSError as err:  # a torn last line may remain: a resume cuts metrics.jsonl back to its checkpoint
+            self.fault = err
+            return
         if self.tensorboard is not None:
             for tag, value in _scalars(row):
                 self.tensorboard.add_scalar(tag, value, global_step=row["step"])
@@ -41,7 +47,10 @@ class MetricsLog:
     def close(self) -> None:
         self.bar.close()
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the flush of a full disk: already recorded as the run's fault
+                pass
         if self.tensorboard is not None:
             self.tensorboard.close()
 
@@ -65,4 +74,13 @@ def _plain(value):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of metrics.jsonl; a last line torn by a crash (or still being written) is left out."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+    return rows
