@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         code = report_usage_error(err, quiet=env_rank() != 0)  # every rank finds the same problem: one report
     except RunFault as err:  # the rank that met the fault reports it
+        from launcher.metrics import close_progress_bars
+
+        close_progress_bars()
         report_usage_error(err, quiet=err.quiet)
         code = EXIT_FAULT
     return exit_code_for_parent(code)

@@ -55,6 +55,12 @@ class MetricsLog:
             self.tensorboard.close()
 
 
+def close_progress_bars() -> None:
+    """End any progress bar's line, so that an error printed next stands on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def _scalars(row: dict, prefix: str = ""):
     """(tag, number) pairs of a metrics row; nested rows (per-layer norms, gradient statistics) as tag/sub/..."""
     for key, value in row.items():
