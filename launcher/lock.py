@@ -50,6 +50,8 @@ def read_holder(output_dir: Path) -> dict | None:
 def holder_state(holder: dict) -> str:
     """'alive', 'stale' or 'unknown' (on another host: its processes cannot be seen from here)."""
     me = _me()
+    if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+        return "stale"  # this very process built a run on output_dir before (a library caller): its own lock
     if not holder or (holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"]):
         return "stale"  # torn, or an earlier incarnation of this requeued SLURM job (SLURM ran it to its end first)
     if holder.get("host") != me["host"]:
@@ -103,7 +105,7 @@ class OutputLock:
                 except FileNotFoundError:
                     continue
                 stale.unlink()
-                self.taken_over = holder
+                self.taken_over = holder if holder.get("pid") != os.getpid() else None
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(self.record) + "\n")
