@@ -26,7 +26,7 @@ from launcher.freezing import apply_freeze, parameter_table
 from launcher.lock import OutputLock, describe
 from launcher.models import build_model
 from launcher.optim import apply_hyperparameters, build_lr_schedule, build_optimizer
-from launcher.outputs import FAULTS, check_storage, existing_parent, free_text, prepare_output_dir
+from launcher.outputs import FAULTS, check_storage, existing_parent, free_text, prepare_output_dir, storage_fault
 from launcher.resume import Start, check_end, plan_start
 
 
@@ -77,7 +77,7 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
     start = start or plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
     checkpoint = start.checkpoint
     try:  # before the model is built: output_dir and caches writable, room for a checkpoint
-        check_storage_for(cfg, world_size=env_world_size())
+        check_storage_for(cfg)
     except RunFault as err:
         err.quiet = env_rank() != 0  # every rank finds it: one report
         raise
@@ -126,20 +126,26 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
 
 def open_output_dir(cfg: Config, start: Start) -> OutputLock:
     """Main process, the run's first writes: take the lock, clear or branch the previous run, write config.yaml."""
-    lock = OutputLock(cfg.output_dir).acquire()
+    try:
+        lock = OutputLock(cfg.output_dir).acquire()
+    except OSError as err:  # checked writable before the model was built; it changed since
+        raise storage_fault(err, existing_parent(cfg.output_dir), "opening output_dir") or err from None
     try:
         if lock.taken_over is not None:
             print(f"launcher: warning: took over the lock of {describe(lock.taken_over)}, which is no longer running", file=sys.stderr)
         if start.checkpoint is not None and not start.clear:
             set_aside_newer(cfg.output_dir, start.state.step)
         prepare_output_dir(cfg, start.clear, resume_step=start.state.step if start.state else None)
+    except OSError as err:
+        lock.release()
+        raise storage_fault(err, cfg.output_dir, "preparing output_dir") or err from None
     except BaseException:
         lock.release()
         raise
     return lock
 
 
-def check_storage_for(cfg: Config, world_size: int) -> None:
+def check_storage_for(cfg: Config) -> None:
     """Writable output_dir and caches, and room for one checkpoint (estimated from the model's shapes on the meta device)."""
     with torch.device("meta"):
         model, _ = build_bare_model(cfg)

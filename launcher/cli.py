@@ -213,7 +213,7 @@ def preflight(cfg, overwrite: bool, world_size: int):
     check_run_inputs(cfg, world_size)
     start = plan_start(cfg, overwrite, check_lock=True)
     if not start.finished:
-        check_storage_for(cfg, world_size)
+        check_storage_for(cfg)
         load_documents(cfg.data)
     return start
 

@@ -42,10 +42,12 @@ def one_error_line(proc, code: int) -> str:
     return lines[0]
 
 
-def test_a_full_disk_ends_cleanly_and_the_run_resumes_bitwise_once_space_is_freed(tmp_path: Path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_full_disk_ends_cleanly_and_the_run_resumes_bitwise_once_space_is_freed(tmp_path: Path, nproc: int):
     """A 2 MB tmpfs as output_dir, a checkpoint every step (about 0.5 MB each): the disk fills within a few steps."""
     config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, model={"dropout": 0.1}, train={"max_steps": 8}, checkpoint={"every_steps": 1}))
+        tmp_path, model={"dropout": 0.1}, train={"max_steps": 8}, checkpoint={"every_steps": 1},
+        launch={"nproc_per_node": nproc}))
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'straight'}"))
     with tmpfs(tmp_path / "disk", "2m") as disk:
         out = disk / "out"
