@@ -80,14 +80,14 @@ def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
     else:
         checkpoint = resume_path(cfg.resume, out)
     start = Start(checkpoint, verify_checkpoint(checkpoint))
-    if checkpoint.resolve().parent != checkpoint_root(out).resolve():  # another run's checkpoint: output_dir is new
+    if out.resolve() not in checkpoint.resolve().parents:  # another run's checkpoint: output_dir is new, or replaced
         check_output_dir(out, overwrite)
         start.clear = overwrite and holds_files(out)
-    elif overwrite:
+    elif overwrite:  # never: it would delete the checkpoint being resumed, or the run it continues
         start.notes.append("--overwrite ignored: this run continues output_dir's own run, and deletes nothing of it")
     start.changes = check_config(cfg, checkpoint)
     newer = [p.name for p in complete_checkpoints(out) if p.name > checkpoint.name] if not start.clear else []
-    if newer and checkpoint.resolve().parent == checkpoint_root(out).resolve():
+    if newer:
         start.notes.append(f"a new branch from {checkpoint.name}: the newer checkpoints ({', '.join(newer)}) move to"
                            f" {checkpoint_root(out)}/branch-N/, kept and no longer resumed by resume=auto")
     return start

@@ -129,6 +129,12 @@ def test_resuming_an_older_checkpoint_starts_a_branch_that_keep_last_never_delet
     proc = check(run_cli("train", str(config), "resume=auto", "train.max_steps=9"))
     assert f"resumed from {root / 'step-000000008'} at step 8" in proc.stdout  # the newest branch continues
 
+    # back to the set-aside branch; --overwrite must not delete the checkpoint it resumes, nor anything else
+    proc = check(run_cli("train", str(config), f"resume={root / 'branch-1' / 'step-000000006'}", "train.max_steps=7", "--overwrite"))
+    assert "--overwrite ignored" in proc.stdout
+    assert sorted(p.name for p in (root / "branch-2").iterdir()) == ["step-000000007", "step-000000008", "step-000000009"]
+    assert {name: snapshot(root / "branch-1" / name) for name in old_branch} == old_branch
+
 
 def test_a_torn_metrics_line_is_cut_back_on_resume(tmp_path: Path, finished):
     config, out = finished
