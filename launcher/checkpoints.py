@@ -125,13 +125,14 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(acc: Accelerator, output_dir: Path, state: TrainerState, config_yaml: str, keep_last: int | None,
-                    storage_fault=lambda err: None) -> Path:
+                    storage_fault=lambda err: None, pending: BaseException | None = None) -> Path:
     """Every rank calls this at the same optimizer-step boundary; returns the complete checkpoint.
 
     `config_yaml` is the run's resolved config, kept beside the state it produced. When a write fails on
     any rank, every rank stops here together: the partial folder is removed (a full disk gets its space
     back), the newest complete checkpoint is untouched, and RunFault is raised on every rank (printed by
-    the first rank that failed). `storage_fault(err)` turns an error into that RunFault, or None for a bug."""
+    the first rank that failed). `storage_fault(err)` turns an error into that RunFault, or None for a bug.
+    `pending`: a write of this step that already failed on this rank (a metrics row): no checkpoint without it."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{state.step:09d}"
     partial = root / f".partial-{final.name}"
@@ -155,11 +156,13 @@ def save_checkpoint(acc: Accelerator, output_dir: Path, state: TrainerState, con
         raise RunFault(f"checkpoint: saving step {state.step} failed on rank {failed}", quiet=True)
 
     def start() -> None:
+        if pending is not None:
+            raise pending
         root.mkdir(exist_ok=True)  # not parents=True: an output_dir deleted under the run must not be recreated here
         if partial.exists():  # left by a save that was killed
             shutil.rmtree(partial)
         partial.mkdir()
-    stage(start if acc.is_main_process else lambda: None)
+    stage(start if acc.is_main_process or pending is not None else lambda: None)
     stage(lambda: acc.save_state(str(partial)))  # every rank's files (its RNG states, DeepSpeed shards)
 
     def commit() -> None:

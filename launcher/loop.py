@@ -141,7 +141,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
             state = TrainerState(steps_done, steps_done // run.train_data.steps_per_epoch, skipped_steps,
                                  run.plan.global_batch_size, run.plan.processes, backend_name(acc), nonfinite_steps)
             save_checkpoint(acc, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last,
-                            lambda err: storage_fault(err, cfg.output_dir, f"checkpoint of step {steps_done}"))
+                            lambda err: storage_fault(err, cfg.output_dir, f"checkpoint of step {steps_done}"), metrics.fault)
         if preempted:
             break
 
@@ -150,7 +150,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     if not preempted and nonfinite is None:
         if run.eval_data is not None and run.total_steps > 0 and (last_eval is None or last_eval[0] != run.total_steps):
             last_eval = log_eval(run, metrics, run.total_steps)
-        summary.update(weights=save_final_weights(run), eval_loss=last_eval and last_eval[1])
+        summary.update(weights=save_final_weights(run, metrics.fault), eval_loss=last_eval and last_eval[1])
     metrics.close()
     return summary
 
@@ -231,8 +231,9 @@ def log_eval(run: Run, metrics: MetricsLog, step: int) -> tuple[int, float]:
     return step, eval_loss
 
 
-def save_final_weights(run: Run):
-    """Full, unwrapped weights (gathered from every rank where they are sharded), written by the main process."""
+def save_final_weights(run: Run, pending: BaseException | None = None):
+    """Full, unwrapped weights (gathered from every rank where they are sharded), written by the main process.
+    `pending`: a write that already failed (the last metrics rows): the run ends on it instead."""
     acc = run.accelerator
     if acc.distributed_type == DistributedType.DEEPSPEED:
         state_dict = deepspeed_full_state_dict(acc, run.model)
@@ -241,6 +242,8 @@ def save_final_weights(run: Run):
     path, error = None, None
     if run.is_main_process:
         try:
+            if pending is not None:
+                raise pending
             if run.lock is not None and not run.lock.held():  # output_dir deleted under the run: do not make a new one
                 raise FileNotFoundError(errno.ENOENT, "output_dir vanished", str(run.cfg.output_dir))
             path = save_weights(state_dict, run.cfg, run.cfg.output_dir / "final")
