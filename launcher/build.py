@@ -4,6 +4,8 @@ validate input, build and freeze the bare model, join the process group, prepare
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,18 +15,20 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
 
 from launcher.batches import BatchPlan
-from launcher.checkpoints import load_checkpoint, resume_path
+from launcher.checkpoints import load_checkpoint, set_aside_newer
 from launcher.config import Config
 from launcher.data import EvalData, TrainData, prepare_splits
 from launcher.diagnostics import check_backend_support, check_dump_names
-from launcher.distributed import (check_hardware, deepspeed_json, env_world_size, make_accelerator, resolved_deepspeed_config,
+from launcher.distributed import (check_hardware, deepspeed_json, env_rank, env_world_size, make_accelerator, resolved_deepspeed_config,
                                   seed_initial_weights, seed_rank_streams)
-from launcher.errors import UsageError
+from launcher.errors import RunFault, UsageError
 from launcher.freezing import apply_freeze, parameter_table
+from launcher.lock import OutputLock, describe
 from launcher.models import build_model, check_model_output, describe_model
 from launcher.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from launcher.optim import build_lr_schedule, build_optimizer
-from launcher.outputs import check_output_dir, prepare_output_dir
+from launcher.optim import apply_hyperparameters, build_lr_schedule, build_optimizer
+from launcher.outputs import FAULTS, check_storage, existing_parent, free_text, prepare_output_dir, storage_fault
+from launcher.resume import Start, check_end, plan_start
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Run:
     start_step: int = 0  # optimizer steps already done (from the checkpoint resumed)
     skipped_steps: int = 0  # fp16 overflow steps among them
     nonfinite_steps: int = 0  # steps dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)
+    lock: OutputLock | None = None  # the main process's hold on output_dir
 
     @property
     def is_main_process(self) -> bool:
@@ -82,11 +87,18 @@ def batch_plan(cfg: Config, processes: int) -> BatchPlan:
                      ranks_per_process=simulated or 1)
 
 
-def build_run(cfg: Config, overwrite: bool = False) -> Run:
+def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) -> Run:
+    """`start` (plan_start's answer) when the caller has it already."""
     check_hardware(cfg.train)
-    check_output_dir(cfg.output_dir, overwrite, resuming=cfg.resume is not None)
-    checkpoint = resume_path(cfg.resume, cfg.output_dir)
+    # multi-process: the main process takes the lock below and tells every rank (a rank cannot tell its own run's lock)
+    start = start or plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
+    checkpoint = start.checkpoint
     tokenizer = load_tokenizer(cfg)
+    try:  # before the model is built: output_dir and caches writable, room for a checkpoint
+        check_storage_for(cfg, inspection_model(cfg, tokenizer))
+    except RunFault as err:
+        err.quiet = env_rank() != 0  # every rank finds it: one report
+        raise
     model, frozen = build_bare_model(cfg, tokenizer)  # freezing precedes wrapping: DDP and the optimizer see only trainable params
 
     plan = batch_plan(cfg, env_world_size())
@@ -102,6 +114,7 @@ def build_run(cfg: Config, overwrite: bool = False) -> Run:
         eval_mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
         eval_data = EvalData(eval_blocks, rank, world_size, eval_mb, cfg.eval.max_samples, pin, tokenizer.pad_id)
     total_steps = plan.total_steps(len(train_data), cfg.train.max_steps, cfg.train.epochs)
+    check_end(start, total_steps, cfg)
 
     optimizer = build_optimizer(model, cfg.train)
     lr_schedule = build_lr_schedule(optimizer, cfg.train, total_steps)
@@ -111,11 +124,11 @@ def build_run(cfg: Config, overwrite: bool = False) -> Run:
     accelerator.register_for_checkpointing(lr_schedule)
     seed_rank_streams(cfg.seed, rank)  # a resumed run then restores every rank's RNG states from the checkpoint
     state = load_checkpoint(accelerator, checkpoint, plan.global_batch_size) if checkpoint else None
+    if state:
+        apply_hyperparameters(lr_schedule, cfg.train, total_steps)  # the config's values, not the checkpoint's
 
-    accelerator.wait_for_everyone()  # every rank has checked output_dir and the checkpoint before anything is written
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg, overwrite, resume_step=state.step if state else None)
-
+    # every rank has checked output_dir and the checkpoint; the main process takes the lock and writes first
+    lock = main_first(accelerator, lambda: open_output_dir(cfg, start))
     accelerator.print(
         f"{backend_name(accelerator)}: {plan.describe()}; {len(train_data)} training samples of {cfg.data.seq_len} tokens,"
         f" {train_data.steps_per_epoch} steps per epoch, {total_steps} steps;"
@@ -123,9 +136,73 @@ def build_run(cfg: Config, overwrite: bool = False) -> Run:
     )
     if state:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    for line in start.notes + ([f"changed since the checkpoint: {', '.join(start.changes)}"] if start.changes else []):
+        accelerator.print(line)
     return Run(cfg, accelerator, model, optimizer, lr_schedule, train_data, eval_data, tokenizer, plan, total_steps, frozen,
                start_step=state.step if state else 0, skipped_steps=state.skipped_steps if state else 0,
-               nonfinite_steps=state.nonfinite_steps if state else 0)
+               nonfinite_steps=state.nonfinite_steps if state else 0, lock=lock)
+
+
+def open_output_dir(cfg: Config, start: Start) -> OutputLock:
+    """Main process, the run's first writes: take the lock, clear or branch the previous run, write config.yaml."""
+    try:
+        lock = OutputLock(cfg.output_dir).acquire()
+    except OSError as err:  # checked writable before the model was built; it changed since
+        raise storage_fault(err, existing_parent(cfg.output_dir), "opening output_dir") or err from None
+    try:
+        if lock.taken_over is not None:
+            print(f"launcher: warning: took over the lock of {describe(lock.taken_over)}, which is no longer running", file=sys.stderr)
+        if start.checkpoint is not None and not start.clear:
+            set_aside_newer(cfg.output_dir, start.state.step)
+        prepare_output_dir(cfg, start.clear, resume_step=start.state.step if start.state else None)
+    except OSError as err:
+        lock.release()
+        raise storage_fault(err, cfg.output_dir, "preparing output_dir") or err from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def check_storage_for(cfg: Config, model: nn.Module) -> None:
+    """Writable output_dir and caches, and room for one checkpoint (estimated from `model`'s shapes: the inspection
+    model, on the meta device where it can be)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # AdamW's two fp32 moments; DeepSpeed under bf16/fp16 also keeps fp32 master weights
+    optimizer = trainable * (12 if cfg.deepspeed is not None and cfg.train.mixed_precision != "no" else 8)
+    check_storage(cfg.output_dir, weights + optimizer, cache_dirs(cfg))
+
+
+def cache_dirs(cfg: Config) -> list[tuple[str, Path]]:
+    """The folders data preparation writes into, each with the key or variable that moves it."""
+    if cfg.data.cache_dir is not None:
+        return [("data.cache_dir", cfg.data.cache_dir)]
+    import datasets
+
+    found = [("HF_DATASETS_CACHE", Path(datasets.config.HF_DATASETS_CACHE))]
+    if cfg.data.path is None:  # the built-in corpus is written there once
+        found.append(("LAUNCHER_CACHE", Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher"))))
+    return found
+
+
+def main_first(accelerator: Accelerator, work):
+    """`work()` on the main process; its UsageError or RunFault is sent to every rank, so all exit with it instead of
+    waiting in the next collective. Returns the main process's result (None elsewhere)."""
+    result, error = None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except (UsageError, RunFault) as err:
+            error = [(type(err).__name__, err.lines)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0] is not None:
+        kind, lines = error[0]
+        if kind == "UsageError":
+            raise UsageError(*lines)
+        raise RunFault(*lines, quiet=not accelerator.is_main_process)
+    return result
 
 
 def check_run_inputs(cfg: Config, world_size: int) -> tuple[dict | None, BatchPlan, nn.Module]:
@@ -140,12 +217,12 @@ def check_run_inputs(cfg: Config, world_size: int) -> tuple[dict | None, BatchPl
     return ds_config, plan, inspection_model(cfg)
 
 
-def inspection_model(cfg: Config) -> nn.Module:
+def inspection_model(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer | None = None) -> nn.Module:
     """The model for names, shapes and freeze status (inspect, plan, the pre-flight): the built-in GPT and Hugging
     Face models on the meta device (no weights read, no memory); a factory's model for real, on CPU, because its
     code may not run on the meta device (a from_pretrained inside it), and so its logits are checked before any
     process starts."""
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = tokenizer or load_tokenizer(cfg)
     if cfg.model.factory is not None:
         return build_bare_model(cfg, tokenizer)[0]
     with torch.device("meta"):
@@ -167,17 +244,22 @@ def _prepare_data_main_first(cfg: Config, accelerator: Accelerator, tokenizer: B
 
     A data error on the main process is sent to every rank, so all exit with it instead of waiting.
     """
-    result, error = None, [None]
-    if accelerator.is_main_process:
-        try:
-            result = prepare_splits(cfg.data, cfg.seed, tokenizer)
-        except UsageError as err:
-            error = [err.lines]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(error)
-    if error[0] is not None:
-        raise UsageError(*error[0])
-    return result if result is not None else prepare_splits(cfg.data, cfg.seed, tokenizer)
+    result = main_first(accelerator, lambda: prepare_data(cfg, tokenizer))
+    return result if result is not None else prepare_data(cfg, tokenizer)
+
+
+def prepare_data(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer):
+    """prepare_splits, with a cache that cannot be written (full, read-only) reported as a fault of the machine."""
+    try:
+        return prepare_splits(cfg.data, cfg.seed, tokenizer)
+    except OSError as err:
+        where = Path(err.filename).absolute() if err.filename else None
+        for key, folder in cache_dirs(cfg):
+            folder = folder.absolute()
+            if err.errno in FAULTS and (where is None or where == folder or folder in where.parents):
+                raise RunFault(f"preparing the data: {FAULTS[err.errno]} writing '{where or folder}' ({free_text(existing_parent(folder))});"
+                               f" free space or make it writable, or set {key} to another folder") from None
+        raise
 
 
 def backend_name(accelerator: Accelerator) -> str:

@@ -5,7 +5,9 @@ grad scaler, every rank's RNG states, the LR schedule) plus `trainer_state.json`
 is also the data position, and what a resume must agree with) and the resolved config. It is written under a temporary
 name and renamed once every rank's files are on disk and flushed, so a crash or `kill -9` during a
 save never leaves a checkpoint that looks complete and cannot load. Older ones are deleted only
-after the new one is complete.
+after the new one is complete. `trainer_state.json` also lists every file of the checkpoint with its
+size (every rank's RNG states included), so a checkpoint that lost or truncated a file is refused
+before anything is built, instead of resuming inexactly.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from launcher.errors import UsageError
+from launcher.distributed import first_failed_rank
+from launcher.errors import RunFault, UsageError
 
 STATE_FILE = "trainer_state.json"
 NAME = re.compile(r"step-(\d{9})")
@@ -35,6 +38,7 @@ class TrainerState:
     world_size: int
     backend: str
     nonfinite_steps: int = 0  # steps dropped by diagnostics.nonfinite: skip
+    files: dict[str, int] = field(default_factory=dict)  # every file of the checkpoint (relative path) and its size in bytes
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -51,17 +55,20 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def resume_path(resume: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from: `auto` takes the newest complete one (None if there is none)."""
+    """The checkpoint to resume from, verified complete: `auto` takes the newest one (None if there is none)."""
     if resume is None:
         return None
     if resume == "auto":
         found = complete_checkpoints(output_dir)
+        if found:
+            verify_checkpoint(found[-1])
         return found[-1] if found else None
     path = Path(resume)
     if not path.is_dir():
         raise UsageError(f"resume: checkpoint '{path}' does not exist; give a folder under {checkpoint_root(output_dir)}/ or resume=auto")
     if not (path / STATE_FILE).is_file():
         raise UsageError(f"resume: '{path}' is not a complete checkpoint (no {STATE_FILE}); give a complete one or resume=auto")
+    verify_checkpoint(path)
     return path
 
 
@@ -70,6 +77,42 @@ def read_state(path: Path) -> TrainerState:
         return TrainerState(**json.loads((path / STATE_FILE).read_text()))
     except (OSError, ValueError, TypeError) as err:
         raise UsageError(f"resume: '{path / STATE_FILE}' is unreadable ({err}); resume from another checkpoint") from None
+
+
+def verify_checkpoint(path: Path) -> TrainerState:
+    """Every file the checkpoint was written with is there, at its size; UsageError (one line, nothing deleted) if not.
+
+    Checkpoints written before the file list existed are checked for every rank's RNG states (Accelerate
+    resumes without a word when one is missing, and the run is then not exact)."""
+    state = read_state(path)
+    expected = state.files or {f"random_states_{rank}.pkl": None for rank in range(state.world_size)}
+    for name, size in sorted(expected.items()):
+        found = path / name
+        if not found.is_file():
+            what = f"rank {name[14:-4]}'s RNG state" if name.startswith("random_states_") else name
+            raise UsageError(f"resume: checkpoint '{path}' is incomplete: {what} ({name}) is missing; resume from another checkpoint"
+                             f" (resume=PATH) or restore the file")
+        if size is not None and found.stat().st_size != size:
+            raise UsageError(f"resume: checkpoint '{path}' cannot be loaded: {name} has {found.stat().st_size} bytes, {size} were"
+                             f" written; resume from another checkpoint (resume=PATH)")
+    return state
+
+
+def set_aside_newer(output_dir: Path, step: int) -> Path | None:
+    """Resuming from an older checkpoint starts a new branch: the complete checkpoints after `step` (the
+    branch left behind) move to `checkpoints/branch-N/`, where rotation and resume=auto no longer see
+    them and nothing deletes them. Main process, before the new branch's first checkpoint."""
+    newer = [p for p in complete_checkpoints(output_dir) if int(NAME.fullmatch(p.name).group(1)) > step]
+    if not newer:
+        return None
+    root = checkpoint_root(output_dir)
+    n = 1
+    while (root / f"branch-{n}").exists():
+        n += 1
+    (root / f"branch-{n}").mkdir()
+    for path in newer:
+        os.rename(path, root / f"branch-{n}" / path.name)
+    return root / f"branch-{n}"
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -81,23 +124,51 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(acc: Accelerator, output_dir: Path, state: TrainerState, config_yaml: str, keep_last: int | None) -> Path:
+def save_checkpoint(acc: Accelerator, output_dir: Path, state: TrainerState, config_yaml: str, keep_last: int | None,
+                    storage_fault=lambda err: None, pending: BaseException | None = None) -> Path:
     """Every rank calls this at the same optimizer-step boundary; returns the complete checkpoint.
 
-    `config_yaml` is the run's resolved config, kept beside the state it produced."""
+    `config_yaml` is the run's resolved config, kept beside the state it produced. When a write fails on
+    any rank, every rank stops here together: the partial folder is removed (a full disk gets its space
+    back), the newest complete checkpoint is untouched, and RunFault is raised on every rank (printed by
+    the first rank that failed). `storage_fault(err)` turns an error into that RunFault, or None for a bug.
+    `pending`: a write of this step that already failed on this rank (a metrics row): no checkpoint without it."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{state.step:09d}"
     partial = root / f".partial-{final.name}"
-    if acc.is_main_process:
+
+    def stage(write) -> None:  # a write on this rank, then a barrier that tells every rank whether any failed
+        error = None
+        try:
+            write()
+        except Exception as err:  # noqa: BLE001 - sorted below: a fault of the machine, or a bug (re-raised)
+            error = err
+        failed = first_failed_rank(acc, error is not None)
+        if failed is None:
+            return
+        if acc.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        if error is not None:
+            fault = storage_fault(error)
+            if fault is None:
+                raise error
+            raise fault
+        raise RunFault(f"checkpoint: saving step {state.step} failed on rank {failed}", quiet=True)
+
+    def start() -> None:
+        if pending is not None:
+            raise pending
+        root.mkdir(exist_ok=True)  # not parents=True: an output_dir deleted under the run must not be recreated here
         if partial.exists():  # left by a save that was killed
             shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(partial))
-    acc.wait_for_everyone()  # every rank's files (its RNG states, DeepSpeed shards) are written
-    if acc.is_main_process:
+        partial.mkdir()
+    stage(start if acc.is_main_process or pending is not None else lambda: None)
+    stage(lambda: acc.save_state(str(partial)))  # every rank's files (its RNG states, DeepSpeed shards)
+
+    def commit() -> None:
         (partial / "config.yaml").write_text(config_yaml)
-        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+        (partial / STATE_FILE).write_text(json.dumps({**asdict(state), "files": files}, indent=1))
         _fsync_tree(partial)
         if final.exists():  # the same step saved before (a resumed run that stops where it resumed)
             shutil.rmtree(final)
@@ -105,7 +176,7 @@ def save_checkpoint(acc: Accelerator, output_dir: Path, state: TrainerState, con
         _fsync_tree(root)
         for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last else []:
             shutil.rmtree(old)
-    acc.wait_for_everyone()
+    stage(commit if acc.is_main_process else lambda: None)
     return final
 
 

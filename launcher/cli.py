@@ -7,9 +7,8 @@ import argparse
 import json
 import sys
 
-from launcher.errors import UsageError
-
-EXIT_USAGE = 2
+from launcher.errors import RunFault, UsageError
+from launcher.exits import EXIT_FAULT, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,18 +64,25 @@ def main(argv: list[str] | None = None) -> int:
 
     # first of all: a preemption signal that arrives before the handler exists kills the process
     preemption = PreemptionFlag()
-    from launcher.distributed import die_with_launcher
+    from launcher.distributed import announce_to_parent, die_with_launcher, env_rank, exit_code_for_parent
 
     die_with_launcher()
+    announce_to_parent()
     try:
-        return run_train(args, argv, preemption)
+        code = run_train(args, argv, preemption)
     except UsageError as err:
-        from launcher.distributed import env_rank
+        code = report_usage_error(err, quiet=env_rank() != 0)  # every rank finds the same problem: one report
+    except RunFault as err:  # the rank that met the fault reports it
+        from launcher.metrics import close_progress_bars
 
-        return report_usage_error(err, quiet=env_rank() != 0)  # every rank finds the same problem: one report
+        close_progress_bars()
+        report_usage_error(err, quiet=err.quiet)
+        code = EXIT_FAULT
+    return exit_code_for_parent(code)
 
 
-def report_usage_error(err: UsageError, quiet: bool = False) -> int:
+def report_usage_error(err: UsageError | RunFault, quiet: bool = False) -> int:
+    """One `launcher: error:` line per problem on stderr; EXIT_USAGE."""
     if not quiet:
         for line in err.lines:
             print(f"launcher: error: {line}", file=sys.stderr)
@@ -103,9 +109,8 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     import torch
 
     from launcher.config import load_config
-    from launcher.distributed import (default_resume, env_world_size, launched_by_a_launcher, processes_to_start, relaunch,
-                                      requeue_slurm_job)
-    from launcher.outputs import NONFINITE_MARKER, PREEMPTED_MARKER
+    from launcher.distributed import default_resume, env_world_size, launched_by_a_launcher, processes_to_start, requeue_slurm_job
+    from launcher.resume import plan_start
 
     cfg = load_config(args.config, args.overrides + flag_overrides(args))
     overwrite = args.overwrite
@@ -117,41 +122,51 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
         cfg.resume = default_resume()  # "auto" inside a SLURM job, so that a requeued job continues
     nproc = processes_to_start(cfg.launch)
     if not launched_by_a_launcher() and nproc > 1:
-        preflight(cfg, overwrite, nproc)  # bad input fails here, once, before any process starts
-        code = relaunch(nproc, argv)
-        from launcher.diagnostics import EXIT_NONFINITE
-        from launcher.preemption import EXIT_PREEMPTED
+        if preflight(cfg, overwrite, nproc).finished:  # bad input fails here, once, before any process starts
+            return report_finished(cfg)
+        from launcher.distributed import relaunch
 
-        # torchrun reports any failed worker as 1; a marker says why the workers stopped
-        if code != 0 and (cfg.output_dir / PREEMPTED_MARKER).exists():
-            return EXIT_PREEMPTED
-        return EXIT_NONFINITE if code != 0 and (cfg.output_dir / NONFINITE_MARKER).exists() else code
+        return relaunch(nproc, argv)
 
     from launcher.build import build_run
-    from launcher.diagnostics import EXIT_NONFINITE, write_report
+    from launcher.diagnostics import write_report
     from launcher.loop import train
-    from launcher.preemption import EXIT_PREEMPTED
 
+    start = plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
+    if start.finished:
+        return report_finished(cfg)
     torch.autograd.set_detect_anomaly(cfg.diagnostics.detect_anomaly)
-    run = build_run(cfg, overwrite=overwrite)
-    if args.debug:
-        from launcher.debug import open_debug_run, summary_text
-
-        before = open_debug_run(run, args.debug_steps)
-    summary = train(run, preemption)
-    if run.is_main_process:
-        report(summary, cfg)
-        if summary["nonfinite"]:
-            write_report(cfg.output_dir, summary["nonfinite"])
-            for line in summary["nonfinite"]:
-                print(f"launcher: error: {line}", file=sys.stderr)
+    run = build_run(cfg, overwrite=overwrite, start=start)
+    if run.lock is not None:
+        preemption.on_abort = run.lock.release
+    try:
         if args.debug:
-            print(summary_text(run, summary, before, cfg.diagnostics.detect_anomaly))
-        if summary["preempted"]:
-            requeue_slurm_job()  # only now: the checkpoint is complete, and requeueing kills the job at once
+            from launcher.debug import open_debug_run, summary_text
+
+            before = open_debug_run(run, args.debug_steps)
+        summary = train(run, preemption)
+        if run.is_main_process:
+            report(summary, cfg)
+            if summary["nonfinite"]:
+                write_report(cfg.output_dir, summary["nonfinite"])
+                for line in summary["nonfinite"]:
+                    print(f"launcher: error: {line}", file=sys.stderr)
+            if args.debug:
+                print(summary_text(run, summary, before, cfg.diagnostics.detect_anomaly))
+    finally:
+        if run.lock is not None:
+            run.lock.release()  # before a requeue: the next incarnation finds output_dir free
+    if run.is_main_process and summary["preempted"]:
+        requeue_slurm_job()  # only now: the checkpoint is complete, and requeueing kills the job at once
     if summary["preempted"] or summary["nonfinite"]:
         run.accelerator.wait_for_everyone()  # no rank exits (failing the launch) before the main process is done
-    return EXIT_PREEMPTED if summary["preempted"] else EXIT_NONFINITE if summary["nonfinite"] else 0
+    return EXIT_PREEMPTED if summary["preempted"] else EXIT_NONFINITE if summary["nonfinite"] else EXIT_OK
+
+
+def report_finished(cfg) -> int:
+    print(f"output_dir '{cfg.output_dir}' holds this run, finished (final/model.safetensors); nothing to do."
+          f" Raise train.max_steps to train on from its last checkpoint, or set output_dir=NEW_DIR")
+    return EXIT_OK
 
 
 def run_plot(args: argparse.Namespace) -> int:
@@ -207,17 +222,18 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def preflight(cfg, overwrite: bool, world_size: int) -> None:
-    """The checks a launched run would make before training, without starting it."""
-    from launcher.build import check_run_inputs
-    from launcher.checkpoints import resume_path
+def preflight(cfg, overwrite: bool, world_size: int):
+    """The checks a launched run would make before training, without starting it; returns where it would start."""
+    from launcher.build import check_run_inputs, check_storage_for
     from launcher.data import load_documents
-    from launcher.outputs import check_output_dir
+    from launcher.resume import plan_start
 
-    check_run_inputs(cfg, world_size)
-    check_output_dir(cfg.output_dir, overwrite, resuming=cfg.resume is not None)
-    resume_path(cfg.resume, cfg.output_dir)
-    load_documents(cfg.data)
+    _, _, model = check_run_inputs(cfg, world_size)
+    start = plan_start(cfg, overwrite, check_lock=True)
+    if not start.finished:
+        check_storage_for(cfg, model)
+        load_documents(cfg.data)
+    return start
 
 
 def report(summary: dict, cfg) -> None:

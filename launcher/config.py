@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,29 @@ DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # a non-finite number trains nothing (an inf learning rate is nan weights after one step)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        # pydantic reads true as 1: `max_steps: true` would train one step
+        if isinstance(value, bool) and _takes_numbers(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is not a number; give a number")
+        return value
+
+
+def _takes_numbers(annotation) -> bool:
+    """An int or float field that does not also take a bool."""
+    kinds = set()
+
+    def collect(a):
+        kinds.add(a)
+        for arg in typing.get_args(a):
+            collect(arg)
+
+    collect(annotation)
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 class TrainConfig(Section):
@@ -38,7 +61,7 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup from 0")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of the peak (cosine, linear)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the total gradient norm to this; null disables clipping")
-    grad_norm_type: float = Field(2.0, gt=0, description="p of the p-norm used for clipping and logging (inf allowed)")
+    grad_norm_type: float = Field(2.0, gt=0, allow_inf_nan=True, description="p of the p-norm used for clipping and logging (inf allowed)")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast precision; fp16 adds a loss scaler")
     compile: bool = Field(False, description="torch.compile the model")
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics rows (each costs one host-device sync)")
@@ -212,8 +235,11 @@ class LaunchConfig(Section):
         return n
 
 
+SEED_MAX = 2**31 - 1  # numpy seeds take 32 bits, and each rank adds its rank to the seed
+
+
 class Config(Section):
-    seed: int = Field(0, description="seeds initial weights and data order (identical across world sizes)")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seeds initial weights and data order (identical across world sizes)")
     output_dir: Path = Field(Path("outputs/run"), description="where config.yaml, metrics.jsonl and final/ go")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -228,6 +254,8 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     resume: str | None = Field(None, min_length=1, description="'auto': the newest complete checkpoint in output_dir (none: start fresh); or a checkpoint folder")
+    resume_allow_changes: list[str] = Field(
+        default_factory=list, description="keys (or sections) whose values may differ from the resumed checkpoint's, e.g. [train.learning_rate]; the new values take effect")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     @field_validator("tokenizer")
@@ -270,6 +298,19 @@ class Config(Section):
 
     __hash__ = None
 
+    @field_validator("resume_allow_changes")
+    @classmethod
+    def _known_keys(cls, keys: list[str]) -> list[str]:
+        unknown = [key for key in keys if not _is_config_key(key.split("."))]
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)}; name config keys or sections, such as train.learning_rate or data")
+        return keys
+
+
+def _is_config_key(loc: list[str]) -> bool:
+    """`loc` names a section or a field of the config."""
+    return _section_at(loc) is not None or _field_at(loc) is not None
+
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML file, apply `dotted.key=value` overrides, validate; raise UsageError listing every problem."""
@@ -277,7 +318,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise UsageError(f"config file '{path}' not found; pass the path of a YAML file such as configs/default.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except DuplicateKey as err:
+        raise UsageError(f"{path}: key '{err.key}' is given twice (lines {err.first_line} and {err.line}); keep one of them") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -299,6 +342,28 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise UsageError(*(_explain(path, e) for e in err.errors())) from None
     config._config_dir = path.resolve().parent
     return config
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first_line: int, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first != key_node.start_mark.line + 1:
+                raise DuplicateKey(key, first, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -342,6 +407,7 @@ def _explain(path: Path, error: dict) -> str:
         "less_than_equal": lambda: f"set {key} to {ctx.get('le')} or less",
         "less_than": lambda: f"set {key} to less than {ctx.get('lt')}",
         "literal_error": lambda: f"set {key} to one of {ctx.get('expected')}",
+        "finite_number": lambda: f"set {key} to a finite number",
     }
     fix = fixes.get(kind, lambda: f"set {key} to a valid value{desc}")()
     return f"{path}: {key}: {error['msg'].lower()} (got {got!r}); {fix}"

@@ -16,7 +16,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
+
+import torch
 
 from launcher.config import TrainConfig
 from launcher.errors import UsageError
@@ -50,8 +53,50 @@ def owned_values(train: TrainConfig, world_size: int) -> dict[str, tuple[object,
     }
 
 
+SECTIONS = ("zero_optimization", "fp16", "bf16", "zero_optimization.offload_optimizer", "zero_optimization.offload_param")
+
+
+def check_values(config: dict, source: Path) -> list[str]:
+    """Malformed values, one line each: sections that are not objects, and what DeepSpeed's own config models refuse
+    (checked here, before anything starts, rather than as a traceback inside DeepSpeed)."""
+    problems = []
+    for key in SECTIONS:
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] is not None and not isinstance(node[leaf], dict):
+            problems.append(f"{source}: {key} must be a JSON object (got {json.dumps(node[leaf])});"
+                            f" write it as configs/deepspeed/zero2.json does")
+    if problems:
+        return problems
+    try:
+        if not torch.cuda.is_available():  # what DeepSpeed finds anyway, without its warning on every import
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
+    except ImportError:
+        return []  # not installed: the run says so when it starts DeepSpeed
+    for key, model in (("zero_optimization", DeepSpeedZeroConfig), ("fp16", DeepSpeedFP16Config), ("bf16", DeepSpeedBF16Config)):
+        section = {k: v for k, v in (config.get(key) or {}).items() if v != "auto"}  # "auto": filled by Accelerate
+        try:
+            model(**section)
+        except ValidationError as err:
+            for e in err.errors():
+                where = ".".join([key, *(str(p) for p in e["loc"])])
+                problems.append(f"{source}: {where}: {e['msg'].lower()} (got {json.dumps(e.get('input'), default=str)});"
+                                f" fix the value (DeepSpeed's config reference lists each key)")
+        except (TypeError, ValueError) as err:
+            problems.append(f"{source}: {key}: {err}; fix the value (DeepSpeed's config reference lists each key)")
+    return problems
+
+
 def resolve(config: dict, train: TrainConfig, world_size: int, source: Path) -> dict:
-    """The JSON with every launcher-owned value filled; UsageError listing every mismatch."""
+    """The JSON with every launcher-owned value filled; UsageError listing every mismatch and malformed value."""
+    shape = check_values(config, source)
+    if shape:
+        raise UsageError(*shape)
     resolved = copy.deepcopy(config)
     problems = []
     for section in ("optimizer", "scheduler"):

@@ -21,9 +21,9 @@ from torch import nn
 
 from launcher.config import DiagnosticsConfig
 from launcher.errors import UsageError
+from launcher.exits import EXIT_NONFINITE  # noqa: F401 - re-exported: the run stopped on an inf/nan loss or gradient
 from launcher.outputs import NONFINITE_MARKER
 
-EXIT_NONFINITE = 3  # the run stopped on an inf/nan loss or gradient
 SHOWN_OFFENDERS = 5
 
 

@@ -96,24 +96,103 @@ def processes_to_start(cfg: LaunchConfig) -> int:
     return min(2, os.cpu_count() or 1)
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run `launcher <argv>` as `nproc` local processes under torchrun and return its exit code.
+CONTROL_DIR = "LAUNCHER_CONTROL_DIR"  # set for the workers of a plain multi-process `launcher train`
 
-    A preemption signal (SIGUSR1, SIGTERM) or Ctrl-C sent to this process is passed on, so the workers
-    stop at a step boundary after a checkpoint, as they would if they had been signalled themselves."""
-    env = dict(os.environ)
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run `launcher <argv>` as `nproc` local processes under torchrun and return the run's exit code.
+
+    The workers report their pid and their exit code through a private folder and exit 0 themselves, so that
+    torchrun reports a deliberate stop (preemption, bad input, a fault) as no failure of its own. A preemption
+    signal (SIGUSR1, SIGTERM) or a first Ctrl-C sent to this process reaches the workers as SIGTERM: they stop
+    at a step boundary after a checkpoint. A second Ctrl-C ends torchrun and the workers at once. torchrun runs
+    in a session of its own, so a terminal's Ctrl-C reaches only this process (which decides what it means)."""
+    import shutil
+    import tempfile
+
+    from launcher.exits import EXIT_ABORTED, EXIT_FAULT, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USAGE
+    from launcher.preemption import ABORTED, INTERRUPTED
+
+    control = Path(tempfile.mkdtemp(prefix="launcher-control-"))
+    env = dict(os.environ, **{CONTROL_DIR: str(control)})
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"  # gloo on CPU
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "launcher", *argv]
-    child = subprocess.Popen(cmd, env=env)
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_end_with_parent)
+    interrupts = []
 
     def forward(signum, frame):
-        # torchrun passes SIGTERM on to every worker (each then checkpoints and stops); it would die of SIGUSR1
-        child.send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
+        if signum == signal.SIGINT:
+            interrupts.append(signum)
+            os.write(2, (ABORTED if len(interrupts) > 1 else INTERRUPTED).encode())
+            if len(interrupts) > 1:
+                os.killpg(child.pid, signal.SIGKILL)  # the workers end with torchrun (their parent-death signal)
+                return
+        workers = [int(p.read_text()) for p in control.glob("pid-*")]
+        if len(workers) < nproc:  # not all started yet: torchrun passes SIGTERM on to every worker
+            child.send_signal(signal.SIGTERM)
+        for pid in workers if len(workers) == nproc else []:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, forward)
-    return child.wait()
+    try:
+        code = child.wait()
+        if len(interrupts) > 1:
+            return EXIT_ABORTED
+        reported = {int(p.read_text() or 0) for p in control.glob("exit-*")}
+        if code != 0:  # a worker crashed (its traceback is above): torchrun's code
+            return code
+        for meaning in (EXIT_FAULT, EXIT_USAGE, EXIT_NONFINITE, EXIT_PREEMPTED):
+            if meaning in reported:
+                return meaning
+        return max(reported, default=0)
+    finally:
+        shutil.rmtree(control, ignore_errors=True)
+
+
+def _end_with_parent() -> None:
+    """In torchrun's process: when the launching `launcher train` dies (a closed terminal), torchrun gets SIGTERM
+    and passes it on, so the workers stop after a checkpoint instead of training on unseen."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def announce_to_parent() -> None:
+    """Under a plain multi-process `launcher train`: tell it this worker's pid (it signals the workers itself)."""
+    if os.environ.get(CONTROL_DIR):
+        try:
+            (Path(os.environ[CONTROL_DIR]) / f"pid-{env_rank()}").write_text(str(os.getpid()))
+        except OSError:
+            pass  # the parent is gone
+
+
+def exit_code_for_parent(code: int) -> int:
+    """The code this process exits with: under a plain multi-process `launcher train`, 0 after telling the parent
+    `code` (see relaunch); otherwise `code`."""
+    if not os.environ.get(CONTROL_DIR):
+        return code
+    try:
+        (Path(os.environ[CONTROL_DIR]) / f"exit-{env_rank()}").write_text(str(code))
+    except OSError:
+        return code  # the parent is gone
+    return 0
+
+
+def first_failed_rank(acc: Accelerator, failed: bool) -> int | None:
+    """The lowest rank for which `failed` is true, the same on every rank (a collective, and so a barrier), or None."""
+    if acc.num_processes == 1:
+        return 0 if failed else None
+    import torch.distributed as dist
+
+    flag = torch.tensor([acc.process_index if failed else acc.num_processes], device=acc.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return None if int(flag.item()) == acc.num_processes else int(flag.item())
 
 
 def check_hardware(cfg: TrainConfig) -> None:
@@ -144,8 +223,11 @@ def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_step
         # Accelerate silently drops DeepSpeed when told to use the CPU (cpu=True or ACCELERATE_USE_CPU);
         # without that flag, the gloo backend below still keeps the run on the CPU
         os.environ.pop("ACCELERATE_USE_CPU", None)
+    if plugin is not None and not launched_by_a_launcher():
+        # one plain process: DeepSpeed would look for its rank through MPI (mpi4py); give it a one-process group
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     # gloo on CPU; naming it is also what makes Accelerate count DeepSpeed's CPU ranks
-    kwargs = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=10))] if on_cpu and several else []
+    kwargs = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=10))] if on_cpu and (several or plugin) else []
     return Accelerator(
         cpu=on_cpu and plugin is None,
         mixed_precision=cfg.mixed_precision,
@@ -155,6 +237,14 @@ def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_step
         deepspeed_plugin=plugin,
         kwargs_handlers=kwargs,
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def seed_initial_weights(seed: int) -> None:

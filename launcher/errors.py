@@ -1,4 +1,4 @@
-"""Errors caused by the user's input: reported as one line each, exit code 2, no traceback."""
+"""Errors that end a run with one line per problem and no traceback (exit codes: exits.py)."""
 
 
 class UsageError(Exception):
@@ -7,3 +7,12 @@ class UsageError(Exception):
     def __init__(self, *lines: str):
         super().__init__("\n".join(lines))
         self.lines = list(lines)
+
+
+class RunFault(Exception):
+    """The machine failed the run (no space left, a read-only or vanished output_dir, an unwritable cache).
+    Each entry of `lines` says what failed, where, and how to continue. `quiet`: another rank reports it."""
+
+    def __init__(self, *lines: str, quiet: bool = False):
+        super().__init__("\n".join(lines))
+        self.lines, self.quiet = list(lines), quiet

@@ -13,6 +13,7 @@ ranks. A partial last window, short micro-batches and padded rows are all exact 
 
 from __future__ import annotations
 
+import errno
 import math
 import sys
 import time
@@ -29,11 +30,13 @@ from launcher.config import CheckpointConfig, to_yaml
 from launcher.data import IGNORE_INDEX, Batch
 from launcher.diagnostics import (GradNorms, NonFiniteWatch, clip, format_stats, gradient_stats, gradient_norms, is_dump_step,
                                   layer_norms)
+from launcher.distributed import first_failed_rank
+from launcher.errors import RunFault
 from launcher.flops import Mfu, make_mfu
 from launcher.metrics import MetricsLog, peak_memory_gb
 from launcher.models import logits_of
 from launcher.models.hf import export_hf, is_hf_model
-from launcher.outputs import save_weights
+from launcher.outputs import save_weights, storage_fault
 from launcher.preemption import PreemptionFlag
 
 
@@ -130,7 +133,10 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
                            "lr": lr, "grad_norm": float(norms.total), "skipped_steps": skipped_steps,
                            "nonfinite_steps": nonfinite_steps})
         due = checkpoint_due(cfg.checkpoint, steps_done, run.total_steps)
-        preempted = preemption is not None and preemption.agreed()  # one small CPU collective per step
+        # one small CPU collective per step: a signal on any rank, or a metrics write that failed on the main process
+        preempted, faulted = preemption.agreed(metrics.fault is not None) if preemption else (False, metrics.fault is not None)
+        if faulted:  # a full disk, a vanished output_dir: stop with the newest complete checkpoint as it is
+            raise write_fault(run, metrics.fault, "metrics.jsonl")
         if cfg.diagnostics.nonfinite == "stop" and (is_log_step or due or preempted) and (nonfinite := watch.first_bad(acc)):
             preempted = False  # diverged: no checkpoint of the bad weights, no requeue; the newest checkpoint is good
             break
@@ -139,7 +145,8 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         if preempted or due:
             state = TrainerState(steps_done, steps_done // run.train_data.steps_per_epoch, skipped_steps,
                                  run.plan.global_batch_size, run.plan.processes, backend_name(acc), nonfinite_steps)
-            save_checkpoint(acc, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last)
+            save_checkpoint(acc, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last,
+                            lambda err: storage_fault(err, cfg.output_dir, f"checkpoint of step {steps_done}"), metrics.fault)
         if preempted:
             break
 
@@ -148,7 +155,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     if not preempted and nonfinite is None:
         if run.eval_data is not None and run.total_steps > 0 and (last_eval is None or last_eval[0] != run.total_steps):
             last_eval = log_eval(run, metrics, run.total_steps)
-        summary.update(weights=save_final_weights(run), eval_loss=last_eval and last_eval[1])
+        summary.update(weights=save_final_weights(run, metrics.fault), eval_loss=last_eval and last_eval[1])
     metrics.close()
     return summary
 
@@ -234,23 +241,40 @@ def log_eval(run: Run, metrics: MetricsLog, step: int) -> tuple[int, float]:
     return step, eval_loss
 
 
-def save_final_weights(run: Run):
-    """Full, unwrapped weights (gathered from every rank where they are sharded), written by the main process."""
+def save_final_weights(run: Run, pending: BaseException | None = None):
+    """Full, unwrapped weights (gathered from every rank where they are sharded), written by the main process.
+    `pending`: a write that already failed (the last metrics rows): the run ends on it instead."""
     acc = run.accelerator
     if acc.distributed_type == DistributedType.DEEPSPEED:
         state_dict = deepspeed_full_state_dict(acc, run.model)
     else:  # without the DDP and torch.compile wrappers, so names match the bare model's
         state_dict = acc.unwrap_model(run.model, keep_torch_compile=False).state_dict()
-    path, bare = None, acc.unwrap_model(run.model, keep_torch_compile=False)
+    path, error, bare = None, None, acc.unwrap_model(run.model, keep_torch_compile=False)
     if run.is_main_process:
-        path = run.cfg.output_dir / "final"
-        if is_hf_model(bare):  # a folder from_pretrained loads (or a LoRA adapter), with the tokenizer
-            export_hf(bare, state_dict, run.tokenizer, run.cfg, path)
-            (path / "config.yaml").write_text(to_yaml(run.cfg))
-        else:
-            path = save_weights(state_dict, run.cfg, path)
-    run.accelerator.wait_for_everyone()
+        try:
+            if pending is not None:
+                raise pending
+            if run.lock is not None and not run.lock.held():  # output_dir deleted under the run: do not make a new one
+                raise FileNotFoundError(errno.ENOENT, "output_dir vanished", str(run.cfg.output_dir))
+            path = run.cfg.output_dir / "final"
+            if is_hf_model(bare):  # a folder from_pretrained loads (or a LoRA adapter), with the tokenizer
+                export_hf(bare, state_dict, run.tokenizer, run.cfg, path)
+                (path / "config.yaml").write_text(to_yaml(run.cfg))
+            else:
+                path = save_weights(state_dict, run.cfg, path)
+        except Exception as err:  # noqa: BLE001 - a fault of the machine, or a bug (re-raised by write_fault)
+            error = err
+    if first_failed_rank(run.accelerator, error is not None) is not None:  # also the barrier before any rank exits
+        raise write_fault(run, error, "final weights")
     return path
+
+
+def write_fault(run: Run, error: BaseException | None, what: str) -> BaseException:
+    """What every rank raises when a write of the main process failed: the main process the fault's one line (or
+    the error itself, a bug), the others a quiet RunFault."""
+    if error is None:
+        return RunFault(f"{what}: a write failed on the main process", quiet=True)
+    return storage_fault(error, run.cfg.output_dir, what) or error
 
 
 def deepspeed_full_state_dict(acc, engine) -> dict[str, torch.Tensor]:

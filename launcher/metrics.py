@@ -25,6 +25,8 @@ class MetricsLog:
     def __init__(self, path: Path, is_main_process: bool, total_steps: int, start_step: int = 0,
                  tensorboard_dir: Path | None = None, out: TextIO | None = None, err: TextIO | None = None):
         self.is_main_process, self.total_steps = is_main_process, total_steps
+        self.path = path
+        self.fault: OSError | None = None  # a failed write (full disk, output_dir gone): the loop stops every rank on it
         self.file = path.open("a") if is_main_process else None
         out, err = out or sys.stdout, err or sys.stderr
         show_bar = is_main_process and err.isatty()
@@ -39,10 +41,14 @@ class MetricsLog:
             self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1 if start_step else None)
 
     def write(self, row: dict) -> None:
-        if self.file is None:
+        if self.file is None or self.fault is not None:
             return
-        self.file.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
+            self.file.flush()
+        except OSError as err:  # a torn last line may remain: a resume cuts metrics.jsonl back to its checkpoint
+            self.fault = err
+            return
         if self.tensorboard is not None:
             for tag, value in _scalars(row):
                 self.tensorboard.add_scalar(tag, value, global_step=row["step"])
@@ -77,7 +83,10 @@ class MetricsLog:
     def close(self) -> None:
         self.bar.close()
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the flush of a full disk: already recorded as the run's fault
+                pass
         if self.tensorboard is not None:
             self.tensorboard.close()
 
@@ -103,6 +112,12 @@ def _duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
 
+def close_progress_bars() -> None:
+    """End any progress bar's line, so that an error printed next stands on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def _scalars(row: dict, prefix: str = ""):
     """(tag, number) pairs of a metrics row; nested rows (per-layer norms, gradient statistics) as tag/sub/..."""
     for key, value in row.items():
@@ -122,4 +137,13 @@ def _plain(value):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of metrics.jsonl; a last line torn by a crash (or still being written) is left out."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+    return rows

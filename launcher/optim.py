@@ -13,9 +13,9 @@ from launcher.config import TrainConfig
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """Weight decay on matrices and embeddings; none on biases and norm weights (1-D); frozen parameters left out."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    groups = [  # "decays" tells the groups apart after a resume (apply_hyperparameters)
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay, "decays": True},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0, "decays": False},
     ]
     # foreach=True: one fused kernel launch per group instead of one per tensor, on CPU and GPU
     return torch.optim.AdamW(
@@ -42,3 +42,18 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
 def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per optimizer step that was taken (not per micro-step, not per rank, not on fp16 skips)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+def apply_hyperparameters(schedule: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, total_steps: int) -> None:
+    """After a resume: the config's optimizer and schedule values replace the checkpoint's (loading a state dict
+    restores the old ones), so that a changed learning rate, schedule or run length is the next step's.
+
+    The LR is recomputed as LambdaLR computes it (peak x factor at the step reached), so an unchanged config
+    gives the checkpoint's values bit for bit."""
+    schedule.base_lrs = [cfg.learning_rate for _ in schedule.optimizer.param_groups]
+    for group in schedule.optimizer.param_groups:
+        decays = group.get("decays", group["weight_decay"] != 0.0)  # checkpoints from before the tag
+        group.update(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, initial_lr=cfg.learning_rate,
+                     weight_decay=cfg.weight_decay if decays else 0.0,
+                     lr=cfg.learning_rate * lr_factor(schedule.last_epoch, total_steps, cfg))
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]

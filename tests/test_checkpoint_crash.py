@@ -50,6 +50,7 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_latest(tmp_path: Pat
         run = build_run(load_config(config))  # resume=auto: raises if the newest complete checkpoint cannot load
         assert run.start_step == int(latest.name.split("-")[1])
         loaded_steps.append(run.start_step)
+        run.lock.release()  # the next run is started as a process of its own
         del run
     assert loaded_steps == sorted(loaded_steps) and loaded_steps[-1] > loaded_steps[0]
     print(f"{KILLS} kills, {kills_mid_write} of them during a checkpoint write; resumed at steps {loaded_steps}")

@@ -94,7 +94,8 @@ BAD_RESUMES = {  # name: (how to break it, overrides, expected text in the one l
     "missing path": (None, ["resume=/no/such/checkpoint"], "resume: checkpoint '/no/such/checkpoint' does not exist"),
     "truncated weights": ("truncate", [], "cannot be loaded"),
     "no trainer state": ("no-state", [], "is not a complete checkpoint"),
-    "other model shape": (None, ["model.d_model=64"], "was written by a model of a different shape"),
+    "other model shape": (None, ["model.d_model=64", "resume_allow_changes=[model.d_model]"], "was written by a model of a different shape"),
+    "changed config": (None, ["model.d_model=64"], "the config differs from checkpoint"),
     "other global batch": (None, ["train.micro_batch_size=2"], "global batch of 8, this run has 4"),
 }
 
@@ -112,7 +113,8 @@ def test_a_checkpoint_that_cannot_be_resumed_is_refused_and_kept(tmp_path: Path,
         (checkpoint / "trainer_state.json").unlink()
     resume = [] if any(o.startswith("resume=") for o in overrides) else [f"resume={checkpoint}"]
     before, before_out = snapshot(tmp_path), snapshot(out)
-    proc = run_cli("train", str(config), f"output_dir={out}", *resume, *overrides)
+    # into a new output_dir: a non-empty one is refused for resuming another run's checkpoint (the resume contract)
+    proc = run_cli("train", str(config), f"output_dir={tmp_path / 'elsewhere'}", *resume, *overrides)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("launcher: error: resume: ") and expected in lines[0], lines

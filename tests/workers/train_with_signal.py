@@ -38,4 +38,6 @@ if os.environ.get("SECOND_SIGNAL_DURING_SAVE") == "1":
 summary = train(run, preemption)
 if summary["preempted"] and run.is_main_process:
     mark_preempted(run.cfg.output_dir, summary["steps"])
+if run.lock is not None:
+    run.lock.release()
 sys.exit(EXIT_PREEMPTED if summary["preempted"] else 0)

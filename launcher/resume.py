@@ -1,0 +1,170 @@
+"""The resume contract: what a run starts from, decided before anything is built or written.
+
+- A run never deletes or overwrites files it did not write itself or in the run it resumes. A non-empty
+  output_dir is refused unless there is a checkpoint of this launcher to resume from, or --overwrite.
+- `--overwrite` replaces the run in output_dir only when nothing is resumed from it: with `resume: auto`
+  it applies when output_dir holds no checkpoint; a resumed run deletes nothing.
+- A finished run (final/ written with this config) is reported as finished and left as it is.
+- Resuming compares the config with the checkpoint's: cadences (logging, eval, checkpoints), diagnostics,
+  the launch, the step bounds and the split of the global batch may change; any other difference (data,
+  model, optimizer and schedule values, seed, ...) is refused in one line listing each, unless
+  `resume_allow_changes` names it: then the new value takes effect and the run header says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from launcher.checkpoints import TrainerState, checkpoint_root, complete_checkpoints, resume_path, verify_checkpoint
+from launcher.config import Config, to_yaml
+from launcher.errors import UsageError
+from launcher.lock import check_not_held
+from launcher.outputs import check_output_dir, holds_files
+
+# changing these does not change what a step computes (the global batch is checked on its own: its split
+# into micro-batch x accumulation x world size may change)
+FREE_KEYS = ("output_dir", "resume", "resume_allow_changes", "launch", "eval", "checkpoint", "diagnostics", "train.log_every",
+             "train.tensorboard", "train.compile", "train.max_steps", "train.epochs", "train.micro_batch_size",
+             "train.gradient_accumulation_steps", "data.cache_dir")
+BOUNDS = ("train.max_steps", "train.epochs")
+PATH_KEYS = ("data.path", "deepspeed")
+
+
+@dataclass
+class Start:
+    checkpoint: Path | None = None  # the checkpoint to resume from
+    state: TrainerState | None = None
+    clear: bool = False  # delete the previous run's files first (--overwrite, nothing resumed from them)
+    finished: bool = False  # output_dir holds this run, finished: nothing to do
+    changes: list[str] = field(default_factory=list)  # what differs from the checkpoint's config, for the run header
+    notes: list[str] = field(default_factory=list)  # what the run header says about how it starts
+
+
+@dataclass
+class Difference:
+    key: str
+    old: object
+    new: object
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.old!r} -> {self.new!r}"
+
+
+def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
+    """Where the run starts: fresh, from a verified checkpoint, or not at all (finished). UsageError when it would
+    destroy work or silently train something else than the checkpoint's run. `check_lock`: refuse an output_dir
+    a live run holds (in one process; ranks of a launched run leave it to the main process's lock)."""
+    out = cfg.output_dir
+    check_output_dir(out, overwrite=True)  # a file where a folder should be
+    if check_lock:
+        check_not_held(out)
+    if cfg.resume is None:
+        check_output_dir(out, overwrite)
+        return Start(clear=overwrite and holds_files(out))
+    if cfg.resume == "auto":
+        finished = finished_run(cfg)
+        if finished is not None:
+            return finished
+        checkpoint = resume_path("auto", out)
+        if checkpoint is None:  # nothing of this launcher to continue: like any other folder
+            if (out / "final" / "model.safetensors").is_file() and not overwrite:
+                raise UsageError(f"output_dir: '{out}' holds a finished run without checkpoints, so resume=auto has nothing to continue;"
+                                 f" set output_dir=NEW_DIR, or pass --overwrite to train it again from scratch")
+            if holds_files(out) and not overwrite:
+                raise UsageError(f"output_dir: '{out}' is not empty and holds no checkpoint to resume (resume=auto);"
+                                 f" pass --overwrite to replace its run, or set output_dir=NEW_DIR")
+            return Start(clear=overwrite and holds_files(out))
+    else:
+        checkpoint = resume_path(cfg.resume, out)
+    start = Start(checkpoint, verify_checkpoint(checkpoint))
+    if out.resolve() not in checkpoint.resolve().parents:  # another run's checkpoint: output_dir is new, or replaced
+        check_output_dir(out, overwrite)
+        start.clear = overwrite and holds_files(out)
+    elif overwrite:  # never: it would delete the checkpoint being resumed, or the run it continues
+        start.notes.append("--overwrite ignored: this run continues output_dir's own run, and deletes nothing of it")
+    start.changes = check_config(cfg, checkpoint)
+    newer = [p.name for p in complete_checkpoints(out) if p.name > checkpoint.name] if not start.clear else []
+    if newer:
+        start.notes.append(f"a new branch from {checkpoint.name}: the newer checkpoints ({', '.join(newer)}) move to"
+                           f" {checkpoint_root(out)}/branch-N/, kept and no longer resumed by resume=auto")
+    return start
+
+
+def finished_run(cfg: Config) -> Start | None:
+    """With resume=auto: output_dir holds this run, finished (final/ written, with the same step bounds and nothing
+    that would be refused as a change)."""
+    final = cfg.output_dir / "final"
+    if not (final / "model.safetensors").is_file():
+        return None
+    try:
+        old = yaml.safe_load((final / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    differences = config_differences(old, cfg)
+    if any(d.key in BOUNDS for d in differences) or refused(differences, cfg.resume_allow_changes):
+        return None
+    return Start(finished=True)
+
+
+def check_config(cfg: Config, checkpoint: Path) -> list[str]:
+    """Compare the run's config with the checkpoint's; UsageError listing what would change the training
+    (unless allowed); the changes, for the run header."""
+    try:
+        old = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []  # a checkpoint without its config: nothing to compare against
+    differences = config_differences(old, cfg)
+    blocked = refused(differences, cfg.resume_allow_changes)
+    if blocked:
+        keys = ",".join(d.key for d in blocked)
+        raise UsageError(f"resume: the config differs from checkpoint '{checkpoint}' in what it trains: "
+                         + "; ".join(str(d) for d in blocked)
+                         + f"; restore the checkpoint's values, or allow the change with resume_allow_changes=[{keys}]")
+    quiet = ("output_dir", "resume", "resume_allow_changes")
+    return [str(d) + (" (resume_allow_changes)" if not _matches(d.key, FREE_KEYS) else "")
+            for d in differences if not _matches(d.key, quiet)]
+
+
+def config_differences(old: dict | None, cfg: Config) -> list[Difference]:
+    """Keys whose values differ between a saved config and `cfg` (keys only one of them knows are skipped)."""
+    before, after = _flatten(old if isinstance(old, dict) else {}), _flatten(yaml.safe_load(to_yaml(cfg)))
+    differences = []
+    for key in after:
+        if key not in before:
+            continue
+        a, b = before[key], after[key]
+        if key in PATH_KEYS and a is not None and b is not None:
+            a, b = str(Path(a).resolve()), str(Path(b).resolve())
+        if a != b:
+            differences.append(Difference(key, before[key], after[key]))
+    return differences
+
+
+def refused(differences: list[Difference], allowed: list[str]) -> list[Difference]:
+    return [d for d in differences if not _matches(d.key, FREE_KEYS) and not _matches(d.key, allowed)]
+
+
+def check_end(start: Start, total_steps: int, cfg: Config) -> None:
+    """Once the run's length is known: a checkpoint past its end is refused (the run would train nothing and
+    write final weights of another length)."""
+    if start.state is not None and start.state.step > total_steps:
+        raise UsageError(f"resume: checkpoint '{start.checkpoint}' is at step {start.state.step}, past the end of this run"
+                         f" (step {total_steps}: train.max_steps {cfg.train.max_steps}, train.epochs {cfg.train.epochs});"
+                         f" set train.max_steps to {start.state.step} or more")
+
+
+def _matches(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _flatten(raw: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

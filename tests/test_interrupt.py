@@ -1,0 +1,82 @@
+"""Ctrl-C on a plain `launcher train`, one and two processes: the first stops at a step boundary after a checkpoint
+(exit 75), a second stops at once (exit 130); no traceback from any process either way."""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO, check, cpu_env, metrics, run_cli, tiny_config, write_config
+from launcher.checkpoints import complete_checkpoints, verify_checkpoint
+
+
+def start(config: Path, nproc: int) -> subprocess.Popen:
+    """As from a terminal: the command leads its own process group, which Ctrl-C signals as a whole."""
+    return subprocess.Popen([PYTHON, "-m", "launcher", "train", str(config), f"launch.nproc_per_node={nproc}"], cwd=REPO,
+                            env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_rows(proc: subprocess.Popen, out: Path, n: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if len([r for r in metrics(out) if "loss" in r]) >= n:
+                return
+        except (OSError, ValueError):
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_once_checkpoints_and_exits_75_and_twice_stops_at_once(tmp_path: Path, nproc: int):
+    config = write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, train={"max_steps": 100000, "log_every": 1}, checkpoint={"every_steps": 3}))
+    out = tmp_path / "out"
+
+    once = start(config, nproc)
+    wait_for_rows(once, out, 4)
+    os.killpg(once.pid, signal.SIGINT)
+    stdout, stderr = once.communicate(timeout=180)
+    assert once.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr and "Error" not in stderr.replace("launcher: error", ""), stderr[-3000:]
+    assert stderr.count("launcher: interrupted: stopping after this step with a checkpoint") == 1
+    marker = json.loads((out / "preempted.json").read_text())
+    assert Path(marker["checkpoint"]) == complete_checkpoints(out)[-1]
+    verify_checkpoint(Path(marker["checkpoint"]))
+    assert not (out / "run.lock").exists()
+
+    twice = subprocess.Popen(
+        [PYTHON, "-m", "launcher", "train", str(config), f"launch.nproc_per_node={nproc}", "resume=auto"], cwd=REPO,
+        env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_rows(twice, out, marker["step"] + 3)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(twice.stderr), daemon=True)
+    reader.start()
+    os.killpg(twice.pid, signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while not any("launcher: interrupted:" in line for line in lines):  # a person presses again after seeing it
+        assert time.monotonic() < deadline and twice.poll() is None, "".join(lines)
+        time.sleep(0.001)
+    os.killpg(twice.pid, signal.SIGINT)
+    stdout = twice.stdout.read()
+    twice.wait(timeout=60)
+    reader.join(timeout=10)
+    stderr = "".join(lines)
+    assert twice.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    assert "launcher: interrupted twice: stopped at once, without a checkpoint" in stderr
+    deadline = time.monotonic() + 30  # the workers die with torchrun (their parent-death signal)
+    while subprocess.run(["pgrep", "-f", str(config)], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "a process of the run outlived the second Ctrl-C"
+        time.sleep(0.1)
+    newest = complete_checkpoints(out)[-1]
+    verify_checkpoint(newest)  # still complete: resumable
+    proc = check(run_cli("train", str(config), "resume=auto", f"train.max_steps={int(newest.name[5:]) + 1}",
+                         f"launch.nproc_per_node={nproc}"))
+    assert f"resumed from {newest}" in proc.stdout

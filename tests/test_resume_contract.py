@@ -1,0 +1,160 @@
+"""The resume contract: a run never destroys work it did not write, resumes only what it was asked to train
+(changes listed, or allowed and then really applied), branches safely from an older checkpoint, refuses an
+incomplete checkpoint, and survives a torn metrics line."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import check, final_weights, metrics, run_cli, tiny_config, write_config
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_error_line(proc, code: int = 2) -> str:
+    assert proc.returncode == code, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launcher: error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    """A finished 4-step run (constant LR 0.01) with checkpoints at steps 2 and 4 and final weights."""
+    tmp_path = tmp_path_factory.mktemp("finished")
+    config = write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, train={"lr_schedule": "constant", "warmup_steps": 0}, checkpoint={"every_steps": 2}))
+    check(run_cli("train", str(config)))
+    return config, tmp_path / "out"
+
+
+def copy_run(out: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return copy
+
+
+def test_a_finished_run_survives_resume_auto_byte_for_byte(tmp_path: Path, finished):
+    config, out = finished
+    out = copy_run(out, tmp_path)
+    before = snapshot(out)
+    for flags in ([], ["--overwrite"]):  # --overwrite does not delete a run that resume=auto continues
+        proc = check(run_cli("train", str(config), f"output_dir={out}", "resume=auto", *flags))
+        assert "holds this run, finished" in proc.stdout and "Traceback" not in proc.stderr
+        assert snapshot(out) == before
+    # without checkpoints, a finished run is reported too; asked to train further, it is refused (nothing to continue)
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    assert "finished" in check(run_cli("train", str(config), f"output_dir={out}", "resume=auto")).stdout
+    line = one_error_line(run_cli("train", str(config), f"output_dir={out}", "resume=auto", "train.max_steps=6"))
+    assert "holds a finished run without checkpoints" in line and "--overwrite" in line
+    assert snapshot(out) == before
+
+
+def test_resume_auto_without_a_checkpoint_is_refused_like_any_non_empty_folder(tmp_path: Path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("a person's file\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    before = snapshot(tmp_path)
+    line = one_error_line(run_cli("train", str(config), "resume=auto"))
+    assert "holds no checkpoint to resume" in line and "--overwrite" in line
+    assert snapshot(tmp_path) == before
+    check(run_cli("train", str(config), "resume=auto", "--overwrite"))  # replaces the run's own files only
+    assert (out / "notes.txt").read_text() == "a person's file\n"
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_changed_config_is_refused_with_every_difference(tmp_path: Path, finished):
+    config, out = finished
+    out = copy_run(out, tmp_path)
+    before = snapshot(out)
+    line = one_error_line(run_cli("train", str(config), f"output_dir={out}", "resume=auto", "train.max_steps=6",
+                                  "train.learning_rate=0.005", "seed=2", "data.shuffle=false", "train.log_every=2"))
+    assert f"the config differs from checkpoint '{out / 'checkpoints' / 'step-000000004'}'" in line
+    for difference in ("train.learning_rate 0.01 -> 0.005", "seed 1 -> 2", "data.shuffle True -> False"):
+        assert difference in line, line
+    assert "train.log_every" not in line and "max_steps" not in line.split("resume_allow_changes")[0]  # free to change
+    assert "resume_allow_changes=[" in line
+    # a checkpoint past the run's end is refused too
+    line = one_error_line(run_cli("train", str(config), f"output_dir={out}", "resume=auto", "train.max_steps=3"))
+    assert "is at step 4, past the end of this run" in line and "set train.max_steps to 4 or more" in line
+    assert snapshot(out) == before
+
+
+def test_an_allowed_learning_rate_change_is_the_next_steps_learning_rate(tmp_path: Path, finished):
+    """From the same checkpoint, step 5 with LR 0.005 moves every weight exactly half as far as with LR 0.01
+    (AdamW's update, weight decay included, is proportional to the LR at equal gradients and moments)."""
+    config, out = finished
+    start = final_weights(out)
+    runs = {}
+    for lr in (0.01, 0.005):
+        copy = tmp_path / f"lr-{lr}"
+        shutil.copytree(out, copy)
+        proc = check(run_cli("train", str(config), f"output_dir={copy}", "resume=auto", "train.max_steps=5",
+                             f"train.learning_rate={lr}", "resume_allow_changes=[train.learning_rate]"))
+        assert f"resumed from {copy / 'checkpoints' / 'step-000000004'} at step 4" in proc.stdout
+        runs[lr] = final_weights(copy)
+        assert [r["lr"] for r in metrics(copy) if "loss" in r] == [0.01] * 4 + [lr]
+        assert json.loads(json.dumps(metrics(copy)[-1]))["step"] == 5
+    assert "changed since the checkpoint: train.max_steps 4 -> 5, train.learning_rate 0.01 -> 0.005 (resume_allow_changes)" in proc.stdout
+    for name, before in start.items():
+        full, half = runs[0.01][name] - before, runs[0.005][name] - before
+        torch.testing.assert_close(half, full / 2, rtol=1e-3, atol=3e-7, msg=name)  # atol: float32 rounding of w + update
+    assert any((runs[0.01][name] != before).any() for name, before in start.items())
+
+
+def test_resuming_an_older_checkpoint_starts_a_branch_that_keep_last_never_deletes(tmp_path: Path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, train={"max_steps": 6}, checkpoint={"every_steps": 1, "keep_last": 3}))
+    out = tmp_path / "out"
+    check(run_cli("train", str(config)))
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000000004", "step-000000005", "step-000000006"]
+    old_branch = {name: snapshot(root / name) for name in ("step-000000005", "step-000000006")}
+
+    proc = check(run_cli("train", str(config), f"resume={root / 'step-000000004'}", "train.max_steps=8"))
+    assert "a new branch from step-000000004" in proc.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["branch-1", "step-000000006", "step-000000007", "step-000000008"]
+    assert {name: snapshot(root / "branch-1" / name) for name in old_branch} == old_branch  # moved, never deleted
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 9))
+
+    proc = check(run_cli("train", str(config), "resume=auto", "train.max_steps=9"))
+    assert f"resumed from {root / 'step-000000008'} at step 8" in proc.stdout  # the newest branch continues
+
+    # back to the set-aside branch; --overwrite must not delete the checkpoint it resumes, nor anything else
+    proc = check(run_cli("train", str(config), f"resume={root / 'branch-1' / 'step-000000006'}", "train.max_steps=7", "--overwrite"))
+    assert "--overwrite ignored" in proc.stdout
+    assert sorted(p.name for p in (root / "branch-2").iterdir()) == ["step-000000007", "step-000000008", "step-000000009"]
+    assert {name: snapshot(root / "branch-1" / name) for name in old_branch} == old_branch
+
+
+def test_a_torn_metrics_line_is_cut_back_on_resume(tmp_path: Path, finished):
+    config, out = finished
+    out = copy_run(out, tmp_path)
+    shutil.rmtree(out / "final")  # as if the run had died after step 4's checkpoint, in the middle of a row
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "epoch": 0, "lo')
+    check(run_cli("train", str(config), f"output_dir={out}", "resume=auto", "train.max_steps=6"))
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_missing_a_ranks_rng_state_is_refused_and_kept(tmp_path: Path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, model={"dropout": 0.1}, checkpoint={"every_steps": 2}, launch={"nproc_per_node": 2}))
+    out = tmp_path / "out"
+    check(run_cli("train", str(config)))
+    newest = out / "checkpoints" / "step-000000004"
+    assert json.loads((newest / "trainer_state.json").read_text())["files"]["random_states_1.pkl"] > 0
+    (newest / "random_states_1.pkl").unlink()
+    before = snapshot(tmp_path)
+    line = one_error_line(run_cli("train", str(config), "resume=auto", "train.max_steps=6"))
+    assert f"checkpoint '{newest}' is incomplete: rank 1's RNG state (random_states_1.pkl) is missing" in line
+    assert snapshot(tmp_path) == before
