@@ -76,7 +76,7 @@ def test_requeue_signal_checkpoints_requeues_from_the_batch_shell_and_resumes(cl
                      'command -v scontrol >/dev/null && echo "setup: scontrol found" || echo "setup on $(hostname): no scontrol"\n')
     out = tmp_path / "run"
     job = submit_job(cluster, tmp_path, config, out, "--overwrite", sbatch_args=("--cpus-per-task=2",),
-                     env={"SETUP": str(setup), "TMPDIR_NO_SCONTROL": str(tmp_path / "empty-bin")})
+                     env={"SETUP": str(setup), "TMPDIR_NO_SCONTROL": str(tmp_path / "empty-bin"), "SLOW_FORWARD_S": "0.1"})
     wait_for_steps(cluster, job, out, 5)
     subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster.env, check=True)
     state = cluster.wait(job, 400)
@@ -104,7 +104,7 @@ def test_real_preemption_with_a_slow_save(cluster, reference, tmp_path: Path):
     back after the preemptor, resumes and ends bitwise equal to the uninterrupted job."""
     _, config, straight = reference
     out = tmp_path / "run"
-    job = submit_job(cluster, tmp_path, config, out, sbatch_args=("--cpus-per-task=1",), env={"SLOW_SAVE_S": "35"})
+    job = submit_job(cluster, tmp_path, config, out, sbatch_args=("--cpus-per-task=1",), env={"SLOW_SAVE_S": "35", "SLOW_FORWARD_S": "0.3"})
     wait_for_steps(cluster, job, out, 5)
     high = cluster.sbatch("--partition=high", "--cpus-per-task=2", f"--output={tmp_path}/high-%j.out", "--wrap", "sleep 5",
                           cwd=tmp_path, env=cpu_env())
@@ -125,7 +125,7 @@ def test_scancel_ends_cancelled_after_a_checkpoint(cluster, reference, tmp_path:
     """A plain scancel: SIGTERM, a checkpoint within KillWait (10 s), and the job stays CANCELLED: never requeued."""
     _, config, _ = reference
     out = tmp_path / "run"
-    job = submit_job(cluster, tmp_path, config, out, "train.max_steps=100000")
+    job = submit_job(cluster, tmp_path, config, out, "train.max_steps=100000", env={"SLOW_FORWARD_S": "0.1"})
     wait_for_steps(cluster, job, out, 3)
     subprocess.run(["scancel", str(job)], env=cluster.env, check=True)
     assert cluster.wait(job, 120) == "CANCELLED"
