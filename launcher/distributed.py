@@ -143,14 +143,17 @@ def relaunch(nproc: int, argv: list[str]) -> int:
 
     The workers report their pid and their exit code through a private folder and exit 0 themselves, so that
     torchrun reports a deliberate stop (preemption, bad input, a fault) as no failure of its own. A preemption
-    signal (SIGUSR1, SIGTERM) or a first Ctrl-C sent to this process reaches the workers as SIGTERM: they stop
+    signal sent to this process reaches the workers as itself (the requeue signal, SIGUSR1) or as SIGTERM (SIGTERM,
+    a first Ctrl-C): they stop
     at a step boundary after a checkpoint. A second Ctrl-C ends torchrun and the workers at once. torchrun runs
     in a session of its own, so a terminal's Ctrl-C reaches only this process (which decides what it means)."""
     import shutil
     import tempfile
 
     from launcher.exits import EXIT_ABORTED, EXIT_FAULT, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USAGE
-    from launcher.preemption import ABORTED, INTERRUPTED
+    from launcher.preemption import ABORTED, INTERRUPTED, requeue_signal
+
+    requeue = requeue_signal()
 
     control = Path(tempfile.mkdtemp(prefix="launcher-control-"))
     env = dict(os.environ, **{CONTROL_DIR: str(control)})
@@ -172,11 +175,11 @@ def relaunch(nproc: int, argv: list[str]) -> int:
             child.send_signal(signal.SIGTERM)
         for pid in workers if len(workers) == nproc else []:
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signum if signum == requeue else signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for signum in (signal.SIGTERM, requeue, signal.SIGINT):
         signal.signal(signum, forward)
     try:
         code = child.wait()
