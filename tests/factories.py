@@ -46,13 +46,14 @@ def nan_gradient_gpt(vocab_size: int, seq_len: int, param: str, rank: int, step:
 class SlowStopSave(GPT):
     """The built-in GPT whose checkpoint takes SLOW_SAVE_S more seconds (from the environment) once a stop signal
     has arrived: a save slower than torch's 30-second agent shutdown timeout; and whose training forwards take
-    SLOW_FORWARD_S more seconds (time for a test to act mid-run). Weights and training are the GPT's."""
+    SLOW_FORWARD_S more seconds in a job's first start (time for a test to act mid-run). Weights and training are the
+    GPT's."""
 
     def forward(self, input_ids):
         import os
         import time
 
-        if self.training:
+        if self.training and not int(os.environ.get("SLURM_RESTART_COUNT", 0)):  # a restarted job runs at full speed
             time.sleep(float(os.environ.get("SLOW_FORWARD_S", 0)))
         return super().forward(input_ids)
 
