@@ -92,7 +92,6 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
     check_hardware(cfg.train)
     # multi-process: the main process takes the lock below and tells every rank (a rank cannot tell its own run's lock)
     start = start or plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
-    checkpoint = start.checkpoint
     tokenizer = load_tokenizer(cfg)
     try:  # before the model is built: output_dir and caches writable, room for a checkpoint
         check_storage_for(cfg, inspection_model(cfg, tokenizer))
@@ -103,8 +102,10 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
 
     plan = batch_plan(cfg, env_world_size())
     check_options(cfg, uses_deepspeed=deepspeed_json(cfg.deepspeed) is not None)
-    accelerator = make_accelerator(cfg.train, cfg.deepspeed, plan.micro_steps_per_process)
+    accelerator = make_accelerator(cfg.train, cfg.deepspeed, plan.micro_steps_per_process, cfg.distributed.timeout_s, cfg.output_dir)
     rank, world_size = accelerator.process_index, accelerator.num_processes
+    start = agree_on_start(accelerator, cfg, start)
+    checkpoint = start.checkpoint
     train_blocks, eval_blocks = _prepare_data_main_first(cfg, accelerator, tokenizer)  # a data error leaves output_dir untouched
 
     pin = accelerator.device.type == "cuda"
@@ -116,7 +117,10 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
     total_steps = plan.total_steps(len(train_data), cfg.train.max_steps, cfg.train.epochs)
     check_end(start, total_steps, cfg)
 
-    optimizer = build_optimizer(model, cfg.train)
+    offloaded = offloads_optimizer(accelerator)
+    optimizer = build_optimizer(model, cfg.train, cpu_adam=offloaded)
+    if offloaded:
+        accelerator.print(f"optimizer offloaded to the CPU: {type(optimizer).__name__}, {torch.get_num_threads()} thread(s) per process")
     lr_schedule = build_lr_schedule(optimizer, cfg.train, total_steps)
     accelerator.print(parameter_table(model))
     accelerator.print(describe_model(model, cfg) + f"; tokenizer {tokenizer.name}")
@@ -129,11 +133,15 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
 
     # every rank has checked output_dir and the checkpoint; the main process takes the lock and writes first
     lock = main_first(accelerator, lambda: open_output_dir(cfg, start))
+    if world_size > 1:
+        log_to_rank_file(cfg.output_dir, rank)
     accelerator.print(
         f"{backend_name(accelerator)}: {plan.describe()}; {len(train_data)} training samples of {cfg.data.seq_len} tokens,"
         f" {train_data.steps_per_epoch} steps per epoch, {total_steps} steps;"
         f" {len(eval_blocks) if eval_blocks is not None else 0} held-out samples"
     )
+    accelerator.print(f"{world_size} process(es), {torch.get_num_threads()} CPU thread(s) each"
+                      f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     if state:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     for line in start.notes + ([f"changed since the checkpoint: {', '.join(start.changes)}"] if start.changes else []):
@@ -141,6 +149,71 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
     return Run(cfg, accelerator, model, optimizer, lr_schedule, train_data, eval_data, tokenizer, plan, total_steps, frozen,
                start_step=state.step if state else 0, skipped_steps=state.skipped_steps if state else 0,
                nonfinite_steps=state.nonfinite_steps if state else 0, lock=lock)
+
+
+def agree_on_start(accelerator: Accelerator, cfg: Config, start: Start) -> Start:
+    """Rank 0's start (the checkpoint to resume, or none) for every rank: no rank picks a checkpoint from its own
+    listing of output_dir. First every rank checks that output_dir is the folder rank 0 sees (a file system shared
+    by all nodes, not a node-local disk): rank 0 puts a probe file into it (or the nearest folder above it that
+    exists), every rank looks for it, rank 0 removes it; UsageError naming the first rank that does not see it."""
+    if accelerator.num_processes == 1:
+        return start
+    import socket
+    import uuid
+
+    from accelerate.utils import gather_object
+
+    from launcher.distributed import first_failed_rank
+
+    message = [None, start]
+    if accelerator.is_main_process:
+        probe = existing_parent(cfg.output_dir) / f".launcher-probe-{uuid.uuid4().hex}"
+        try:
+            probe.write_text("")
+            message[0] = str(probe)
+        except OSError:
+            pass  # cannot write there: the storage check reports it
+    broadcast_object_list(message)
+    probe, start = message
+    missing = first_failed_rank(accelerator, probe is not None and not Path(probe).is_file())  # a collective: all have looked
+    hosts = gather_object([socket.gethostname()])
+    if accelerator.is_main_process and probe is not None:
+        Path(probe).unlink(missing_ok=True)
+    if missing is not None:
+        raise UsageError(f"output_dir: '{cfg.output_dir}' is not the same folder on every node: rank {missing} (on {hosts[missing]})"
+                         f" does not see rank 0's files there (a node-local disk?); put output_dir on a file system shared by all nodes")
+    return start
+
+
+def log_to_rank_file(output_dir: Path, rank: int) -> None:
+    """From here on, this rank's stdout and stderr also go to output_dir/logs/rank-N.log (appended across restarts)."""
+    try:
+        (output_dir / "logs").mkdir(exist_ok=True)
+        log = open(output_dir / "logs" / f"rank-{rank}.log", "a", buffering=1)
+    except OSError:
+        return  # a fault of output_dir is reported by the next write that needs it
+    sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+
+
+class _Tee:
+    """A text stream writing to the console and a log file (the file without progress-bar redraws)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        if "\r" not in text:
+            try:
+                self.log.write(text)
+            except OSError:
+                pass
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def open_output_dir(cfg: Config, start: Start) -> OutputLock:
@@ -260,6 +333,14 @@ def prepare_data(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer):
                 raise RunFault(f"preparing the data: {FAULTS[err.errno]} writing '{where or folder}' ({free_text(existing_parent(folder))});"
                                f" free space or make it writable, or set {key} to another folder") from None
         raise
+
+
+def offloads_optimizer(accelerator: Accelerator) -> bool:
+    """DeepSpeed with zero_optimization.offload_optimizer.device cpu."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    return (zero.get("offload_optimizer") or {}).get("device") == "cpu"
 
 
 def backend_name(accelerator: Accelerator) -> str:

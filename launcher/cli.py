@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from launcher.errors import RunFault, UsageError
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--deepspeed", help="a DeepSpeed JSON (the same as deepspeed=JSON)")
     plan.add_argument("--time-limit", help="the SLURM time limit, HH:MM:SS")
     plan.add_argument("--step-time-s", type=float, help="estimated seconds per optimizer step")
+    plan.add_argument("--cpus-per-task", type=int, help="CPUs per node for the sbatch line (default: --exclusive, whole nodes)")
+    plan.add_argument("--mem", help="memory per node for the sbatch line, e.g. 200G (default: 0, all of it)")
     tiny = commands.add_parser("make-tiny-model", help="write a tiny Hugging Face model and tokenizer folder (for examples and tests; no download)")
     tiny.add_argument("output_dir", help="the folder to write (it must not exist)")
     tiny.add_argument("--arch", choices=["llama", "gpt2"], default="llama", help="llama (BOS added, pad token) or gpt2 (no BOS, no pad token)")
@@ -109,17 +112,26 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     import torch
 
     from launcher.config import load_config
-    from launcher.distributed import default_resume, env_world_size, launched_by_a_launcher, processes_to_start, requeue_slurm_job
+    from launcher.distributed import (default_checkpoint_minutes, default_resume, env_world_size, launched_by_a_launcher,
+                                      processes_to_start, report_stop, restart_count)
     from launcher.resume import plan_start
 
-    cfg = load_config(args.config, args.overrides + flag_overrides(args))
+    cfg = load_config(args.config, args.overrides + flag_overrides(args), job_values=True)
     overwrite = args.overwrite
+    if restart_count() >= 1 and overwrite and not args.debug:
+        # the job's arguments are the same on every restart: deleting then would delete this job's own checkpoints
+        overwrite = False
+        if env_rank_is_main():
+            print(f"--overwrite not applied: this is restart {restart_count()} of SLURM job {os.environ['SLURM_JOB_ID']},"
+                  f" which continues its own run")
     if args.debug:
         from launcher.debug import start_debug_run
 
         cfg, overwrite = start_debug_run(cfg, args.debug_steps, env_world_size()), True  # replaces only a previous debug run
     if cfg.resume is None:
-        cfg.resume = default_resume()  # "auto" inside a SLURM job, so that a requeued job continues
+        cfg.resume = default_resume()  # "auto" for a restarted SLURM job only: it continues its own run
+    if cfg.checkpoint.every_minutes is None:
+        cfg.checkpoint.every_minutes = default_checkpoint_minutes()  # 30 inside a SLURM job
     nproc = processes_to_start(cfg.launch)
     if not launched_by_a_launcher() and nproc > 1:
         if preflight(cfg, overwrite, nproc).finished:  # bad input fails here, once, before any process starts
@@ -157,10 +169,16 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
         if run.lock is not None:
             run.lock.release()  # before a requeue: the next incarnation finds output_dir free
     if run.is_main_process and summary["preempted"]:
-        requeue_slurm_job()  # only now: the checkpoint is complete, and requeueing kills the job at once
+        report_stop(cfg.output_dir, summary["steps"], summary["requeue"])  # only now: the checkpoint is complete
     if summary["preempted"] or summary["nonfinite"]:
         run.accelerator.wait_for_everyone()  # no rank exits (failing the launch) before the main process is done
     return EXIT_PREEMPTED if summary["preempted"] else EXIT_NONFINITE if summary["nonfinite"] else EXIT_OK
+
+
+def env_rank_is_main() -> bool:
+    from launcher.distributed import env_rank
+
+    return env_rank() == 0
 
 
 def report_finished(cfg) -> int:
@@ -204,10 +222,11 @@ def run_plan(args: argparse.Namespace) -> int:
 
     overrides = args.overrides + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
     cfg = load_config(args.config, overrides)
-    if args.nodes < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1):
-        raise UsageError("--nodes and --gpus-per-node must be 1 or more")
+    if args.nodes < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1) or (args.cpus_per_task is not None and args.cpus_per_task < 1):
+        raise UsageError("--nodes, --gpus-per-node and --cpus-per-task must be 1 or more")
     alloc = Allocation(args.nodes, args.gpus_per_node or processes_to_start(cfg.launch),
-                       parse_duration(args.time_limit) if args.time_limit else None, args.step_time_s)
+                       parse_duration(args.time_limit) if args.time_limit else None, args.step_time_s,
+                       cpus_per_task=args.cpus_per_task, mem=args.mem)
     print(plan_text(cfg, args.config, overrides, alloc))
     return 0
 
@@ -240,8 +259,13 @@ def report(summary: dict, cfg) -> None:
     if summary["preempted"]:
         from launcher.outputs import mark_preempted
 
-        checkpoint = mark_preempted(cfg.output_dir, summary["steps"])
-        print(f"preempted: stopped after step {summary['steps']}; checkpoint {checkpoint}; run again with resume=auto to continue")
+        checkpoint = mark_preempted(cfg.output_dir, summary["steps"], summary["requeue"])
+        if summary["requeue"]:
+            print(f"preempted: stopped after step {summary['steps']}; checkpoint {checkpoint}; requeue asked for"
+                  f" (inside a SLURM job; elsewhere run again with resume=auto to continue)")
+        else:
+            print(f"stopped after step {summary['steps']} (SIGTERM or Ctrl-C); checkpoint {checkpoint}; no requeue asked for;"
+                  f" run again with resume=auto to continue")
         return
     if summary["eval_loss"] is not None:
         start = f" (at step 0: {summary['first_eval_loss']:.4f})" if summary["first_eval_loss"] is not None else ""

@@ -216,6 +216,8 @@ class DiagnosticsConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="optimizer steps between checkpoints (and one at the end); null: only on preemption")
+    every_minutes: float | None = Field(
+        None, gt=0, description="also checkpoint at the first step boundary this many minutes after the last one (agreed by all ranks); null: 30 inside a SLURM job, else off")
     keep_last: int | None = Field(None, ge=1, description="keep the newest N checkpoints; null: keep all")
 
 
@@ -233,6 +235,10 @@ class LaunchConfig(Section):
         if isinstance(n, int) and n < 1:
             raise ValueError("must be >= 1 or 'auto'")
         return n
+
+
+class DistributedConfig(Section):
+    timeout_s: float = Field(600, gt=0, description="seconds a collective may wait before the run fails with a timeout (DDP and DeepSpeed; a hung rank, GPU or node)")
 
 
 SEED_MAX = 2**31 - 1  # numpy seeds take 32 bits, and each rank adds its rank to the seed
@@ -257,6 +263,7 @@ class Config(Section):
     resume_allow_changes: list[str] = Field(
         default_factory=list, description="keys (or sections) whose values may differ from the resumed checkpoint's, e.g. [train.learning_rate]; the new values take effect")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("tokenizer")
     @classmethod
@@ -312,8 +319,9 @@ def _is_config_key(loc: list[str]) -> bool:
     return _section_at(loc) is not None or _field_at(loc) is not None
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML file, apply `dotted.key=value` overrides, validate; raise UsageError listing every problem."""
+def load_config(path: str | Path, overrides: list[str] = (), job_values: bool = False) -> Config:
+    """Read a YAML file, apply `dotted.key=value` overrides, validate; raise UsageError listing every problem.
+    `job_values`: fill the SLURM placeholders ({job_id}, {array_task_id}, ...) in string values."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file '{path}' not found; pass the path of a YAML file such as configs/default.yaml")
@@ -336,12 +344,37 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
             problems += err.lines
     if problems:
         raise UsageError(*problems)
+    if job_values:
+        raw = _fill_placeholders(raw)
     try:
         config = Config.model_validate(raw)
     except ValidationError as err:
         raise UsageError(*(_explain(path, e) for e in err.errors())) from None
     config._config_dir = path.resolve().parent
     return config
+
+
+# a value such as output_dir=runs/{array_task_id} gives each task of a SLURM job array its own folder
+PLACEHOLDERS = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID"}
+
+
+def _fill_placeholders(raw):
+    """Every string value with {job_id}, {array_job_id} or {array_task_id} replaced by the SLURM job's value."""
+    import os
+
+    if isinstance(raw, dict):
+        return {key: _fill_placeholders(value) for key, value in raw.items()}
+    if isinstance(raw, list):
+        return [_fill_placeholders(value) for value in raw]
+    if not isinstance(raw, str):
+        return raw
+    for name, variable in PLACEHOLDERS.items():
+        if "{" + name + "}" in raw:
+            if not os.environ.get(variable):
+                what = "a SLURM job array (sbatch --array)" if "array" in name else "a SLURM job"
+                raise UsageError(f"'{raw}': {{{name}}} is filled only inside {what} ({variable} is not set); give a plain value")
+            raw = raw.replace("{" + name + "}", os.environ[variable])
+    return raw
 
 
 class DuplicateKey(yaml.YAMLError):

@@ -5,6 +5,7 @@ Other modules receive `rank`, `world_size` and `is_main_process` as values from 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,17 +76,55 @@ def in_slurm_job() -> bool:
     return "SLURM_JOB_ID" in os.environ
 
 
+def restart_count() -> int:
+    """SLURM_RESTART_COUNT: 0 for a job's first start, N after N requeues (by the job script or by SLURM's preemption)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", 0)) if in_slurm_job() else 0
+    except ValueError:
+        return 0
+
+
 def default_resume() -> str | None:
-    """`resume` when the config leaves it unset: `auto` inside a SLURM job (a requeued job continues), else none."""
-    return "auto" if in_slurm_job() else None
+    """`resume` when the config leaves it unset: `auto` for a restarted SLURM job (it continues its own run), else none.
+    A first start follows the normal output_dir rules, inside SLURM as anywhere."""
+    return "auto" if restart_count() >= 1 else None
 
 
-def requeue_slurm_job() -> None:
-    """Put this SLURM job back in the queue (it keeps its id; SLURM_RESTART_COUNT counts the restarts).
+def default_checkpoint_minutes() -> float | None:
+    """checkpoint.every_minutes when the config leaves it unset: 30 inside a SLURM job (a preemption without a
+    warning, a dead node, loses at most that much), else off."""
+    return 30.0 if in_slurm_job() else None
 
-    SLURM kills the running job at once, so call this only after the checkpoint is complete."""
-    if in_slurm_job() and os.environ.get("SLURM_JOB_ID"):
-        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+
+STOP_FILE = "LAUNCHER_STOP_FILE"  # set by slurm/*.sbatch: the batch shell reads it once the step has ended
+
+
+def report_stop(output_dir: Path, step: int, requeue: bool) -> None:
+    """Main process, after a stop checkpoint inside a SLURM job: tell the job script, or requeue from here.
+
+    Under slurm/*.sbatch (LAUNCHER_STOP_FILE) this writes that file and the batch shell decides, on the host, once
+    the step has ended: it requeues the job after the requeue signal, and after a SLURM preemption (whose job would
+    otherwise end COMPLETED when it stops within the grace time); never after a cancel. That works in containers
+    without `scontrol` and never kills a save. Without the job script: `scontrol requeue` from here for the requeue
+    signal (it kills the job at once: call this only once the checkpoint is complete)."""
+    if not in_slurm_job():
+        return
+    job = os.environ["SLURM_JOB_ID"]
+    stop_file = os.environ.get(STOP_FILE)
+    if stop_file:
+        try:
+            Path(stop_file).write_text(json.dumps({"job": job, "step": step, "requeue": requeue, "output_dir": str(output_dir)}) + "\n")
+        except OSError as err:
+            print(f"launcher: warning: could not tell the job script about the stop ({STOP_FILE}={stop_file}: {err.strerror});"
+                  f" requeue job {job} by hand to continue", file=sys.stderr)
+        return
+    if not requeue:
+        return
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=False)
+    except FileNotFoundError:
+        print(f"launcher: warning: no scontrol here (a container?): job {job} is not requeued;"
+              f" submit through slurm/train.sbatch, which requeues from the batch shell", file=sys.stderr)
 
 
 def processes_to_start(cfg: LaunchConfig) -> int:
@@ -104,14 +143,17 @@ def relaunch(nproc: int, argv: list[str]) -> int:
 
     The workers report their pid and their exit code through a private folder and exit 0 themselves, so that
     torchrun reports a deliberate stop (preemption, bad input, a fault) as no failure of its own. A preemption
-    signal (SIGUSR1, SIGTERM) or a first Ctrl-C sent to this process reaches the workers as SIGTERM: they stop
+    signal sent to this process reaches the workers as itself (the requeue signal, SIGUSR1) or as SIGTERM (SIGTERM,
+    a first Ctrl-C): they stop
     at a step boundary after a checkpoint. A second Ctrl-C ends torchrun and the workers at once. torchrun runs
     in a session of its own, so a terminal's Ctrl-C reaches only this process (which decides what it means)."""
     import shutil
     import tempfile
 
     from launcher.exits import EXIT_ABORTED, EXIT_FAULT, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USAGE
-    from launcher.preemption import ABORTED, INTERRUPTED
+    from launcher.preemption import ABORTED, INTERRUPTED, requeue_signal
+
+    requeue = requeue_signal()
 
     control = Path(tempfile.mkdtemp(prefix="launcher-control-"))
     env = dict(os.environ, **{CONTROL_DIR: str(control)})
@@ -133,11 +175,11 @@ def relaunch(nproc: int, argv: list[str]) -> int:
             child.send_signal(signal.SIGTERM)
         for pid in workers if len(workers) == nproc else []:
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signum if signum == requeue else signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for signum in (signal.SIGTERM, requeue, signal.SIGINT):
         signal.signal(signum, forward)
     try:
         code = child.wait()
@@ -208,7 +250,8 @@ def resolved_deepspeed_config(configured: Path | None, cfg: TrainConfig, world_s
     return deepspeed_config.resolve(deepspeed_config.read_deepspeed_json(json_path), cfg, world_size, json_path)
 
 
-def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_steps_per_process: int | None = None) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_steps_per_process: int | None = None,
+                     timeout_s: float = 600, output_dir: Path | None = None) -> Accelerator:
     """The Accelerator, which joins the process group when launched with several processes.
 
     Accumulation (the micro-steps each process makes per optimizer step) is declared here so that
@@ -217,6 +260,8 @@ def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_step
     """
     on_cpu = not torch.cuda.is_available()
     several = env_world_size() > 1
+    if not on_cpu and several and output_dir is not None:
+        record_flight(output_dir)
     ds_config = resolved_deepspeed_config(deepspeed, cfg, env_world_size())
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config) if ds_config else None
     if plugin is not None and on_cpu:
@@ -226,8 +271,13 @@ def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_step
     if plugin is not None and not launched_by_a_launcher():
         # one plain process: DeepSpeed would look for its rank through MPI (mpi4py); give it a one-process group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    # gloo on CPU; naming it is also what makes Accelerate count DeepSpeed's CPU ranks
-    kwargs = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=10))] if on_cpu and (several or plugin) else []
+    # gloo on CPU; naming it is also what makes Accelerate count DeepSpeed's CPU ranks. The timeout bounds how long
+    # a collective waits for a hung rank (DDP and DeepSpeed alike; DeepSpeed's own default is 30 minutes)
+    handler = InitProcessGroupKwargs(backend="gloo" if on_cpu else "nccl", timeout=timedelta(seconds=timeout_s))
+    # Accelerate passes on only the values that differ from its defaults, which would leave a 10-minute timeout
+    # to torch's 30-minute gloo default and DeepSpeed's own 30 minutes: pass both, always
+    handler.to_kwargs = lambda: {"backend": handler.backend, "timeout": handler.timeout}
+    kwargs = [handler] if several or plugin else []
     return Accelerator(
         cpu=on_cpu and plugin is None,
         mixed_precision=cfg.mixed_precision,
@@ -237,6 +287,15 @@ def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_step
         deepspeed_plugin=plugin,
         kwargs_handlers=kwargs,
     )
+
+
+def record_flight(output_dir: Path) -> None:
+    """NCCL's flight recorder (torch >= 2.3): the last collectives of each rank are kept in memory and, when a
+    collective times out, dumped to output_dir/logs/nccl-trace-rank-N. Set before the process group exists;
+    values already in the environment win."""
+    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str((output_dir / "logs" / "nccl-trace-rank-").absolute()))
 
 
 def _free_port() -> int:

@@ -37,7 +37,7 @@ from launcher.metrics import MetricsLog, peak_memory_gb
 from launcher.models import logits_of
 from launcher.models.hf import export_hf, is_hf_model
 from launcher.outputs import save_weights, storage_fault
-from launcher.preemption import PreemptionFlag
+from launcher.preemption import Agreement, PreemptionFlag
 
 
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -94,7 +94,8 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     watch = NonFiniteWatch(model, names, params, acc.process_index, acc.device, cfg.train.mixed_precision == "fp16")
     optimizer.zero_grad(set_to_none=True)
     steps_done, skipped_steps, nonfinite_steps = run.start_step, run.skipped_steps, run.nonfinite_steps
-    interval, preempted, nonfinite = Interval(acc.device, mfu), False, None
+    interval, preempted, requeue, nonfinite = Interval(acc.device, mfu), False, False, None
+    clock = CheckpointClock(cfg.checkpoint.every_minutes)
     for step in range(run.start_step, run.total_steps):
         window = run.train_data.window(step)
         scale = micro_steps * run.plan.processes / window.global_target_tokens
@@ -133,12 +134,14 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
                            "lr": lr, "grad_norm": float(norms.total), "skipped_steps": skipped_steps,
                            "nonfinite_steps": nonfinite_steps})
         due = checkpoint_due(cfg.checkpoint, steps_done, run.total_steps)
-        # one small CPU collective per step: a signal on any rank, or a metrics write that failed on the main process
-        preempted, faulted = preemption.agreed(metrics.fault is not None) if preemption else (False, metrics.fault is not None)
+        # one small CPU collective per step: a signal on any rank, rank 0's clock, a failed metrics write on the main process
+        time_due = clock.due() and acc.is_main_process
+        agreed = preemption.agreed(metrics.fault is not None, time_due) if preemption else Agreement(False, False, metrics.fault is not None, time_due)
+        preempted, requeue, faulted, due = agreed.stop, agreed.requeue, agreed.fault, due or agreed.time_due
         if faulted:  # a full disk, a vanished output_dir: stop with the newest complete checkpoint as it is
             raise write_fault(run, metrics.fault, "metrics.jsonl")
         if cfg.diagnostics.nonfinite == "stop" and (is_log_step or due or preempted) and (nonfinite := watch.first_bad(acc)):
-            preempted = False  # diverged: no checkpoint of the bad weights, no requeue; the newest checkpoint is good
+            preempted = requeue = False  # diverged: no checkpoint of the bad weights, no requeue; the newest checkpoint is good
             break
         if run.eval_data is not None and cfg.eval.every_steps and steps_done % cfg.eval.every_steps == 0:
             last_eval = log_eval(run, metrics, steps_done)
@@ -147,11 +150,12 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
                                  run.plan.global_batch_size, run.plan.processes, backend_name(acc), nonfinite_steps)
             save_checkpoint(acc, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last,
                             lambda err: storage_fault(err, cfg.output_dir, f"checkpoint of step {steps_done}"), metrics.fault)
+            clock.saved()
         if preempted:
             break
 
     summary = {"steps": steps_done, "skipped_steps": skipped_steps, "nonfinite_steps": nonfinite_steps, "nonfinite": nonfinite,
-               "preempted": preempted, "weights": None, "first_eval_loss": first_eval and first_eval[1], "eval_loss": None}
+               "preempted": preempted, "requeue": requeue, "weights": None, "first_eval_loss": first_eval and first_eval[1], "eval_loss": None}
     if not preempted and nonfinite is None:
         if run.eval_data is not None and run.total_steps > 0 and (last_eval is None or last_eval[0] != run.total_steps):
             last_eval = log_eval(run, metrics, run.total_steps)
@@ -163,6 +167,21 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
 def checkpoint_due(cfg: CheckpointConfig, steps_done: int, total_steps: int) -> bool:
     """Every `every_steps` optimizer steps and at the end, when checkpointing is on."""
     return cfg.every_steps is not None and (steps_done % cfg.every_steps == 0 or steps_done == total_steps)
+
+
+class CheckpointClock:
+    """checkpoint.every_minutes: due at the first step boundary that many minutes after the last checkpoint (or the
+    start); only rank 0's clock counts, and the ranks agree on it with the stop signals."""
+
+    def __init__(self, every_minutes: float | None):
+        self.every_s = every_minutes * 60 if every_minutes else None
+        self.saved()
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.every_s is not None and time.monotonic() - self.last >= self.every_s
 
 
 def inspect_gradients(run: Run, metrics: MetricsLog, names, params, norms: GradNorms, step: int) -> None:

@@ -18,7 +18,7 @@ from launcher.lock import LOCK_FILE
 PREEMPTED_MARKER = "preempted.json"  # written when a run stops for preemption; removed when the next one starts
 NONFINITE_MARKER = "nonfinite.json"  # written when a run stops on an inf/nan; removed when the next one starts
 # --overwrite removes only these
-RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "tensorboard", "plots", PREEMPTED_MARKER, NONFINITE_MARKER)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "tensorboard", "plots", "logs", PREEMPTED_MARKER, NONFINITE_MARKER)
 
 
 def holds_files(output_dir: Path) -> bool:
@@ -167,8 +167,9 @@ def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: Pa
     return path
 
 
-def mark_preempted(output_dir: Path, step: int) -> Path:
-    """Main process, after a preemption checkpoint: tell the job script (and a relaunching parent) to requeue."""
+def mark_preempted(output_dir: Path, step: int, requeue: bool = True) -> Path:
+    """Main process, after a stop checkpoint: record where it stopped and whether the stop asks for a requeue (the
+    requeue signal) or not (SIGTERM, Ctrl-C: a cancel, or a preemption that SLURM requeues itself)."""
     checkpoint = output_dir / "checkpoints" / f"step-{step:09d}"
-    (output_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "checkpoint": str(checkpoint)}) + "\n")
+    (output_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "checkpoint": str(checkpoint), "requeue": requeue}) + "\n")
     return checkpoint

@@ -25,6 +25,8 @@ class Allocation:
     time_limit_s: float | None = None  # the SLURM job's time limit
     step_s: float | None = None  # an estimated (or measured) seconds per optimizer step
     signal_margin_s: float = 180.0  # slurm/train.sbatch's --signal=USR1@180
+    cpus_per_task: int | None = None  # CPUs of the one task per node (shared by its processes); None: --exclusive
+    mem: str | None = None  # memory per node (sbatch --mem); None: all of it (--mem=0)
 
 
 def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Allocation) -> str:
@@ -57,7 +59,9 @@ def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Alloca
 
 def checkpoint_cadence(cfg: Config, total_steps: int, alloc: Allocation) -> list[str]:
     every = cfg.checkpoint.every_steps
-    lines = [f"checkpoints: every {every} steps and at the end" if every else "checkpoints: only on preemption (checkpoint.every_steps is null)"]
+    minutes = cfg.checkpoint.every_minutes
+    lines = [f"checkpoints: every {every} steps and at the end" if every else "checkpoints: on a stop signal (checkpoint.every_steps is null)",
+             f"  and every {minutes:g} min of training" if minutes else "  and every 30 min of training inside a SLURM job (checkpoint.every_minutes is null)"]
     if alloc.step_s is None:
         return lines + ["  (give --step-time-s to see the cadence in time)"]
     lines.append(f"  at {alloc.step_s:g} s/step: the run takes {total_steps * alloc.step_s / 3600:.2f} h"
@@ -85,9 +89,13 @@ def command_lines(config_path: str, overrides: list[str], alloc: Allocation) -> 
                       f" --machine_rank $NODE_RANK --main_process_ip $HEAD_ADDR --main_process_port 29500"
                       f" -m launcher train {args}   # on every node")
     time = f" --time={_hms(alloc.time_limit_s)}" if alloc.time_limit_s else ""
-    sbatch = (f"  sbatch --nodes={alloc.nodes} --gpus-per-node={alloc.processes_per_node}{time}"
+    cpus = f"--cpus-per-task={alloc.cpus_per_task}" if alloc.cpus_per_task else "--exclusive"
+    mem = f"--mem={alloc.mem or 0}"
+    sbatch = (f"  sbatch --nodes={alloc.nodes} --ntasks-per-node=1 --gpus-per-node={alloc.processes_per_node} {cpus} {mem}{time}"
               f" slurm/train.sbatch {args}")
-    return [accelerate, sbatch]
+    threads = (f"{alloc.cpus_per_task} CPUs / {alloc.processes_per_node} processes = {max(1, alloc.cpus_per_task // alloc.processes_per_node)}"
+               if alloc.cpus_per_task else f"the node's CPUs / {alloc.processes_per_node} processes")
+    return [accelerate, sbatch, f"  (each process: OMP_NUM_THREADS = {threads}; --exclusive --mem=0 takes whole nodes)"]
 
 
 def _hms(seconds: float) -> str:

@@ -1,31 +1,63 @@
-"""Preemption: a signal only sets a flag; the loop acts on it at the next optimizer-step boundary.
+"""Stop signals: a signal only sets a flag; the loop acts on it at the next optimizer-step boundary.
 
-SIGUSR1 (what SLURM sends before a time limit or preemption), SIGTERM and a first Ctrl-C (SIGINT) are
-caught. Nothing heavy runs inside the handler. At each step boundary all ranks agree on whether any
-rank was signalled, with one small all-reduce on a CPU (gloo) group, so the check never waits for the
-GPU; then every rank saves the same checkpoint and the process exits with EXIT_PREEMPTED. A second
-Ctrl-C ends the process at once (EXIT_ABORTED), without a checkpoint and without a traceback.
+What each signal means:
+- the requeue signal (SIGUSR1; LAUNCHER_REQUEUE_SIGNAL names another, e.g. USR2), what SLURM's
+  `--signal=USR1@T` sends before the time limit: checkpoint, stop, and ask for a requeue (the job
+  script requeues the job; preempted.json says `"requeue": true`).
+- SIGTERM (scancel, SLURM preemption, a shutdown): checkpoint if it can within the grace time, stop,
+  and ask for nothing: a cancelled job ends CANCELLED, and SLURM requeues a preempted job itself
+  (PreemptMode=REQUEUE). When both arrive (preemption with `preempt_send_user_signal`), SIGTERM wins.
+- a first Ctrl-C (SIGINT): like SIGTERM; a second one ends the process at once (EXIT_ABORTED),
+  without a checkpoint and without a traceback.
+
+Nothing heavy runs inside the handler. At each step boundary all ranks agree, with one small all-reduce
+on a CPU (gloo) group, on whether any rank was signalled (and how), whether rank 0's clock says a
+time-based checkpoint is due, and whether the main process met a write fault; so the check never waits
+for the GPU, and every rank saves the same checkpoint. The gloo group is a second set of connections
+beside NCCL's: GLOO_SOCKET_IFNAME chooses its network interface.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from typing import NamedTuple
 
+from launcher.errors import UsageError
 from launcher.exits import EXIT_ABORTED, EXIT_PREEMPTED  # noqa: F401 - EXIT_PREEMPTED: re-exported for callers
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 INTERRUPTED = "launcher: interrupted: stopping after this step with a checkpoint (exit 75); Ctrl-C again to stop at once\n"
 ABORTED = "launcher: interrupted twice: stopped at once, without a checkpoint (the newest complete one is kept)\n"
+REQUEUE_SIGNAL_VARIABLE = "LAUNCHER_REQUEUE_SIGNAL"
+
+
+def requeue_signal() -> signal.Signals:
+    """The signal that asks for checkpoint-and-requeue: SIGUSR1, or the one LAUNCHER_REQUEUE_SIGNAL names."""
+    name = os.environ.get(REQUEUE_SIGNAL_VARIABLE, "USR1").upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    found = getattr(signal, name, None)
+    if not isinstance(found, signal.Signals) or found in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGSTOP):
+        raise UsageError(f"{REQUEUE_SIGNAL_VARIABLE}: '{os.environ[REQUEUE_SIGNAL_VARIABLE]}' cannot be the requeue signal;"
+                         f" name another signal, such as USR1 or USR2")
+    return found
+
+
+class Agreement(NamedTuple):
+    """What every rank agreed on at a step boundary."""
+    stop: bool  # some rank was signalled: checkpoint and stop
+    requeue: bool  # ... with the requeue signal only (no SIGTERM or Ctrl-C anywhere)
+    fault: bool  # the main process met a write fault
+    time_due: bool  # rank 0's clock: a time-based checkpoint is due
 
 
 class PreemptionFlag:
     """Create it as early as possible: a signal that arrives before the handler exists kills the process."""
 
-    def __init__(self, signals=SIGNALS):
+    def __init__(self, signals=None):
+        self.requeue_signal = requeue_signal()
         self.received: list[int] = []  # signal numbers, in arrival order (a second one changes nothing, but Ctrl-C)
         self.on_abort = lambda: None  # what a second Ctrl-C does before the process ends (release the output_dir lock)
-        for signum in signals:
+        for signum in signals or (self.requeue_signal, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
         self._group = None
 
@@ -50,12 +82,15 @@ class PreemptionFlag:
             os.write(2, INTERRUPTED.encode())
         self.received.append(signum)
 
-    def agreed(self, fault: bool = False) -> tuple[bool, bool]:
-        """(any rank signalled, any rank's `fault`), the same on every rank (a collective: all ranks call it each step)."""
+    def agreed(self, fault: bool = False, time_due: bool = False) -> Agreement:
+        """The same answer on every rank (a collective: all ranks call it at each step boundary)."""
         import torch
         import torch.distributed as dist
 
-        local = torch.tensor([1 if self.received else 0, 1 if fault else 0], dtype=torch.int32)
+        requeue = self.requeue_signal in self.received
+        stop = any(s != self.requeue_signal for s in self.received)
+        local = torch.tensor([int(requeue), int(stop), int(fault), int(time_due)], dtype=torch.int32)
         if self._group is not None:
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(local[0]), bool(local[1])
+        requeue, stop, fault, time_due = (bool(v) for v in local.tolist())
+        return Agreement(stop=requeue or stop, requeue=requeue and not stop, fault=fault, time_due=time_due)

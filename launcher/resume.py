@@ -26,7 +26,7 @@ from launcher.outputs import check_output_dir, holds_files
 
 # changing these does not change what a step computes (the global batch is checked on its own: its split
 # into micro-batch x accumulation x world size may change)
-FREE_KEYS = ("output_dir", "resume", "resume_allow_changes", "launch", "eval", "checkpoint", "diagnostics", "train.log_every",
+FREE_KEYS = ("output_dir", "resume", "resume_allow_changes", "launch", "distributed", "eval", "checkpoint", "diagnostics", "train.log_every",
              "train.tensorboard", "train.compile", "train.max_steps", "train.epochs", "train.micro_batch_size",
              "train.gradient_accumulation_steps", "data.cache_dir")
 BOUNDS = ("train.max_steps", "train.epochs")

@@ -59,12 +59,12 @@ def run_worker(script: str, *args: str, nproc: int = 2, timeout: float = 300) ->
 
 
 def submit_job(cluster, tmp_path: Path, config: Path, out: Path, *overrides: str, script: str = "train.sbatch",
-               nodes: int = 1) -> int:
+               nodes: int = 1, sbatch_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> int:
     """sbatch one of the real slurm/ scripts on a test cluster, in CPU mode with 2 gloo processes per node;
-    its log goes to tmp_path/slurm-JOBID.out."""
-    return cluster.sbatch(f"--nodes={nodes}", f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}",
+    its log goes to tmp_path/slurm-JOBID.out. `env`: more environment for the job (tests/ is on its PYTHONPATH)."""
+    return cluster.sbatch(f"--nodes={nodes}", f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}", *sbatch_args,
                           str(REPO / "slurm" / script), str(config), f"output_dir={out}", *overrides,
-                          cwd=tmp_path, env=cpu_env(PYTHON=PYTHON, NPROC_PER_NODE="2"))
+                          cwd=tmp_path, env=cpu_env(PYTHON=PYTHON, NPROC_PER_NODE="2", PYTHONPATH=str(REPO / "tests"), **(env or {})))
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

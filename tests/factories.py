@@ -53,3 +53,58 @@ def plant_nan(model: nn.Module, param: str, rank: int, step: int, accumulation: 
 
     dict(model.named_parameters())[param].register_hook(plant)
     return model
+
+
+class SlowStopSave(GPT):
+    """The built-in GPT whose checkpoint takes SLOW_SAVE_S more seconds (from the environment) once a stop signal
+    has arrived: a save slower than torch's 30-second agent shutdown timeout; and whose training forwards take
+    SLOW_FORWARD_S more seconds in a job's first start (time for a test to act mid-run). Weights and training are the
+    GPT's."""
+
+    def forward(self, input_ids):
+        import os
+        import time
+
+        if self.training and not int(os.environ.get("SLURM_RESTART_COUNT", 0)):  # a restarted job runs at full speed
+            time.sleep(float(os.environ.get("SLOW_FORWARD_S", 0)))
+        return super().forward(input_ids)
+
+    def state_dict(self, *args, **kwargs):
+        import os
+        import signal
+        import time
+
+        delay = float(os.environ.get("SLOW_SAVE_S", 0))
+        flag = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)  # the launcher's PreemptionFlag
+        if delay and getattr(flag, "received", None):
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"slow save: {delay:g} s more", flush=True)
+            time.sleep(delay)
+        return super().state_dict(*args, **kwargs)
+
+
+def slow_stop_save_gpt(vocab_size: int, seq_len: int, **kwargs) -> nn.Module:
+    return SlowStopSave(vocab_size, seq_len, **kwargs)
+
+
+class Hanging(GPT):
+    """The built-in GPT whose `forward`-th training forward (1-based) on global rank `rank` sleeps `seconds`: a hung
+    GPU or node, as the other ranks see it."""
+
+    def __init__(self, vocab_size: int, seq_len: int, rank: int, forward: int, seconds: float, **kwargs):
+        super().__init__(vocab_size, seq_len, **kwargs)
+        self.hang_rank, self.hang_forward, self.seconds, self.forwards = rank, forward, seconds, 0
+
+    def forward(self, input_ids):
+        import os
+        import time
+
+        if self.training and int(os.environ.get("RANK", 0)) == self.hang_rank:
+            self.forwards += 1
+            if self.forwards == self.hang_forward + 1:  # the first forward settles DDP's buckets
+                time.sleep(self.seconds)
+        return super().forward(input_ids)
+
+
+def hanging_gpt(vocab_size: int, seq_len: int, **kwargs) -> nn.Module:
+    return Hanging(vocab_size, seq_len, **kwargs)

@@ -30,8 +30,13 @@ def ensure_installed() -> None:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path):
+    """`grace_s`: two partitions with real preemption instead of one: `low` (the default) and `high`, whose jobs
+    preempt `low` jobs that hold the CPUs they need (PreemptMode=REQUEUE: SIGTERM, GraceTime `grace_s`, then
+    SIGKILL, and SLURM requeues the job itself)."""
+
+    def __init__(self, root: Path, grace_s: int | None = None):
         self.root = root
+        self.grace_s = grace_s
         self.host = socket.gethostname()
         self.conf = root / "slurm.conf"
         self.pid_files: list[Path] = []
@@ -89,8 +94,16 @@ MpiDefault=none
 JobRequeue=1
 KillWait=10
 {self._node_lines()}
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+{self._partition_lines()}
 """
+
+    def _partition_lines(self) -> str:
+        if self.grace_s is None:
+            return "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+        return f"""PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=low Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime={self.grace_s}
+PartitionName=high Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF"""
 
     def _start_munge_if_needed(self) -> None:
         if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check, final_weights, metrics, run_cli, submit_job, tiny_config, write_config
+from conftest import REPO, check, final_weights, metrics, run_cli, submit_job, tiny_config, write_config
 from slurm_cluster import TwoNodeCluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces, a bridge and the SLURM daemons need root")
@@ -110,3 +110,24 @@ def test_a_dead_node_ends_the_job_promptly(cluster, tmp_path: Path):
     assert ended_s < 60, f"the job took {ended_s:.0f}s to end"
     assert f"srun: error: {cluster.names[1]}: task 1: Killed" in log, log[-3000:]  # names the node and task that died
     print(f"job ended {ended_s:.1f}s after its second node's launcher was killed")
+
+
+def test_a_node_local_output_dir_is_refused_at_start(cluster, tmp_path: Path):
+    """output_dir on a disk only one node sees (a private tmpfs mounted in the second node's mount namespace): rank 0
+    probes it, the second node's ranks do not see the probe, and every rank stops with one line, before training."""
+    local = tmp_path / "local"
+    local.mkdir()
+    slurmd = (cluster.root / f"slurmd-{cluster.names[1]}.pid").read_text().strip()
+    subprocess.run(["nsenter", "-t", slurmd, "-m", "mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(local)], check=True)
+    try:
+        job = submit(cluster, tmp_path, two_node_config(tmp_path), local / "out")
+        state = cluster.wait(job, 300)
+        log = log_of(tmp_path, job)
+        assert state == "FAILED", log[-3000:]
+        line = (f"launcher: error: output_dir: '{local / 'out'}' is not the same folder on every node: rank 2 (on {cluster.names[1]})"
+                f" does not see rank 0's files there (a node-local disk?); put output_dir on a file system shared by all nodes")
+        assert log.count(line) == 1, log[-3000:]
+        assert f"{REPO}/launcher/" not in log and "step/s" not in log  # no traceback of the launcher's (only the agents' exit reports)
+        assert list(local.iterdir()) == []  # rank 0's probe removed; nothing written
+    finally:
+        subprocess.run(["nsenter", "-t", slurmd, "-m", "umount", str(local)], check=False)

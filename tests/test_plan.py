@@ -20,7 +20,18 @@ def test_plan_numbers_equal_the_real_runs(tmp_path: Path):
     table = lambda text: text[text.index("module "):text.index("total")]  # noqa: E731
     assert table(plan.stdout) == table(run.stdout)
     assert "a 0.50 h allocation (USR1 180 s before its end) runs about 810 steps" in plan.stdout
-    assert f"sbatch --nodes=1 --gpus-per-node=2 --time=00:30:00 slurm/train.sbatch {config}" in plan.stdout
+    assert (f"sbatch --nodes=1 --ntasks-per-node=1 --gpus-per-node=2 --exclusive --mem=0 --time=00:30:00"
+            f" slurm/train.sbatch {config}") in plan.stdout
+    assert "checkpoints: on a stop signal" in plan.stdout and "every 30 min of training inside a SLURM job" in plan.stdout
+
+
+def test_plan_prints_the_sbatch_line_with_resources(tmp_path: Path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, checkpoint={"every_minutes": 20}))
+    plan = check(run_cli("plan", str(config), "output_dir=runs/{array_task_id}", "--nodes", "2", "--gpus-per-node", "4",
+                         "--cpus-per-task", "32", "--mem", "200G"))
+    assert (f"sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=4 --cpus-per-task=32 --mem=200G slurm/train.sbatch"
+            f" {config} 'output_dir=runs/{{array_task_id}}'") in plan.stdout  # the placeholder is filled in the job
+    assert "OMP_NUM_THREADS = 32 CPUs / 4 processes = 8" in plan.stdout and "every 20 min of training" in plan.stdout
 
 
 def test_plan_refuses_what_the_run_refuses(tmp_path: Path):

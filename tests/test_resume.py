@@ -151,3 +151,4 @@ def test_signal_to_a_plain_multi_process_run_checkpoints_and_exits_75(tmp_path: 
     assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
     marker = json.loads((out / "preempted.json").read_text())
     assert Path(marker["checkpoint"]).is_dir() and marker["step"] >= 3
+    assert marker["requeue"] is True  # the workers got the requeue signal itself, not SIGTERM
