@@ -170,7 +170,7 @@ def _prepare_data_main_first(cfg: Config, accelerator: Accelerator, tokenizer: B
     result, error = None, [None]
     if accelerator.is_main_process:
         try:
-            result = prepare_splits(cfg.data, cfg.seed, tokenizer)
+            result = prepare_splits(cfg.data, cfg.seed, tokenizer, report=accelerator.print)
         except UsageError as err:
             error = [err.lines]
     if accelerator.num_processes > 1:
