@@ -218,6 +218,8 @@ def preflight(cfg, overwrite: bool, world_size: int) -> None:
     check_output_dir(cfg.output_dir, overwrite, resuming=cfg.resume is not None)
     resume_path(cfg.resume, cfg.output_dir)
     load_documents(cfg.data)
+    if cfg.data.eval_path is not None or cfg.data.eval_split is not None:
+        load_documents(cfg.data, evaluation=True)
 
 
 def report(summary: dict, cfg) -> None:

@@ -63,8 +63,8 @@ def load_documents(cfg: DataConfig, evaluation: bool = False) -> datasets.Datase
             path = path or builtin_corpus_file(cache_root(cfg))
             key = "data.eval_path" if evaluation and cfg.eval_path is not None else "data.path"
             where = str(path)
-            split = cfg.eval_split if evaluation and cfg.eval_path is None else cfg.split
-            docs, files = load_path(path, key, split, cfg)
+            split_key = "data.eval_split" if evaluation and cfg.eval_path is None else "data.split"
+            docs, files = load_path(path, key, (split_key, getattr(cfg, split_key.removeprefix("data."))), cfg)
     finally:
         datasets.logging.set_verbosity(verbosity)
     columns = {}
@@ -96,8 +96,9 @@ def first_line(err: Exception) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
-def load_path(path: Path, key: str, split: str, cfg: DataConfig) -> tuple[datasets.Dataset, list[Path]]:
-    """A data file, a folder or glob of data files of one format, or a save_to_disk folder; and the files read."""
+def load_path(path: Path, key: str, split: tuple[str, str], cfg: DataConfig) -> tuple[datasets.Dataset, list[Path]]:
+    """A data file, a folder or glob of data files of one format, or a save_to_disk folder; and the files read.
+    `split`: the key and value of the split a DatasetDict folder gives."""
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         return load_saved(path, key, split), []
     if path.is_dir():
@@ -126,8 +127,9 @@ def load_path(path: Path, key: str, split: str, cfg: DataConfig) -> tuple[datase
     return docs, files
 
 
-def load_saved(path: Path, key: str, split: str) -> datasets.Dataset:
-    """A Dataset or DatasetDict folder written by save_to_disk; a DatasetDict gives `split` (data.split or data.eval_split)."""
+def load_saved(path: Path, key: str, split: tuple[str, str]) -> datasets.Dataset:
+    """A Dataset or DatasetDict folder written by save_to_disk; a DatasetDict gives the split (data.split or data.eval_split)."""
+    which, split = split
     try:
         saved = datasets.load_from_disk(str(path))
     except Exception as err:
@@ -135,7 +137,6 @@ def load_saved(path: Path, key: str, split: str) -> datasets.Dataset:
                          " write it again with save_to_disk") from None
     if isinstance(saved, datasets.DatasetDict):
         if split not in saved:
-            which = "data.eval_split" if key == "data.path" and split != "train" else "data.split"
             raise UsageError(f"{which}: '{path}' has no split '{split}' (splits: {', '.join(saved)}); set {which} to one of them")
         return saved[split]
     return saved
@@ -177,6 +178,13 @@ def check_text_column(docs: datasets.Dataset, field: str, key: str = "data.path"
 
     column = docs.data.table.column(field)
     if docs._indices is None and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        try:
+            column.validate(full=True)  # the text reader passes bytes through: a string that is not UTF-8 stops here
+        except pa.ArrowInvalid:
+            for file in files:
+                if bad := first_bad_bytes(file):
+                    raise UsageError(f"{key}: '{file}' {bad}") from None
+            raise UsageError(f"{key}: '{where}' has text in '{field}' that is not UTF-8; convert it to UTF-8") from None
         if column.null_count == 0:
             return
         row = pc.index(pc.is_null(column), True).as_py()
