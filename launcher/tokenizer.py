@@ -82,8 +82,11 @@ class HFTokenizer:
         self.identity = hashlib.sha256((backend + rule).encode()).hexdigest()[:16]
 
     def encode_documents(self, texts: list[str]) -> list[list[int]]:
-        # verbose=False: long documents are expected here (they are cut into blocks later)
-        encoded = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if hasattr(backend, "encode_batch_fast"):  # the same ids as tokenizer(texts), without offsets: about twice as fast
+            encoded = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+        else:  # verbose=False: long documents are expected here (they are cut into blocks later)
+            encoded = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
         return [ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id] for ids in encoded]
 
     def decode(self, ids) -> str:
