@@ -83,7 +83,7 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="fraction of documents held out for evaluation; 0 disables evaluation")
     shuffle: bool = Field(True, description="reshuffle the training samples every epoch (seeded)")
     num_proc: int | None = Field(None, ge=1, description="processes that tokenize; null: one per CPU core (up to 8) from 10,000 rows on, else 1")
-    cache_dir: Path | None = Field(None, description="where tokenized data is cached; null: the datasets library's default")
+    cache_dir: Path | None = Field(None, description="where tokenized data is cached; null: ~/.cache/launcher (or $LAUNCHER_CACHE)")
 
     @field_validator("path", "eval_path")
     @classmethod
