@@ -46,8 +46,14 @@ def sources(tmp_path: Path) -> dict:
     }
 
 
-def test_every_source_gives_its_rows_in_order(sources, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # load_dataset by name resolves a local folder, never a hub
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub: load_dataset by name must resolve the local folder (the datasets library read the variable at import)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def test_every_source_gives_its_rows_in_order(sources, offline):
     for name, (data, train_texts, eval_texts) in sources.items():
         cfg = DataConfig(**data)
         assert load_documents(cfg)["text"] == train_texts, name
@@ -65,10 +71,9 @@ def train_in_process(config: dict, tmp_path: Path, out: str, *overrides: str) ->
     return tmp_path / out
 
 
-def test_every_source_trains_and_resumes_bitwise(sources, tmp_path: Path, monkeypatch, fresh_accelerate):
+def test_every_source_trains_and_resumes_bitwise(sources, tmp_path: Path, offline, fresh_accelerate):
     """Straight 4 steps, and 2 steps then resumed to 4: the same weights bit for bit and the same losses; with an
     evaluation set, its loss is over exactly its target tokens. The save_to_disk folders are left as they were."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     before = snapshot(tmp_path)
     for name, (data, _, eval_texts) in sources.items():
         config = tiny_config(tmp_path, train={"lr_schedule": "constant", "max_steps": 4}, checkpoint={"every_steps": 2})
@@ -104,6 +109,7 @@ BAD_FILES = {  # file name -> content (bytes); the data each case reads
     "chat_broken.jsonl": (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n' * 2
                           + b'{"messages": [{"role": "user", "content": "a"}\n'),
     "chat_ok.jsonl": b'{"messages": [{"role": "user", "content": "a question"}, {"role": "assistant", "content": "an answer"}]}\n' * 4,
+    "reversed.jinja": b"{% for m in messages | reverse %}{{ m['content'] }}{% endfor %}",
     "empty.jsonl": b"",
     "blank.txt": b"  \n\n \t\n",
     "latin1.txt": "first paragraph\n\ncaf\u00e9 au lait\n".encode("latin-1"),
@@ -123,6 +129,8 @@ BAD_DATA = {  # name: (overrides, expected text in the one line)
     "malformed JSON line": (["data.path={tmp}/chat_broken.jsonl", *CHAT], "'{tmp}/chat_broken.jsonl' line 3 is not valid JSON"),
     "no chat template": (["data.path={tmp}/chat_ok.jsonl", *CHAT, "tokenizer={llama}"],
                          "data.chat_template: tokenizer '{llama}' has no chat template; set data.chat_template to a Jinja file"),
+    "template without growing turns": (["data.path={tmp}/chat_ok.jsonl", *CHAT, "data.chat_template={tmp}/reversed.jinja"],
+                                       "data.chat_template: the template does not render a conversation as the growing text of its turns"),
     "all dropped as too long": (["data.path={tmp}/chat_ok.jsonl", *CHAT, "data.too_long=drop", "data.seq_len=8"],
                                 "data.too_long: every one of the 4 training samples is dropped (4 longer than seq_len + 1 = 9 tokens"),
     "empty file": (["data.path={tmp}/empty.jsonl"], "data.path: '{tmp}/empty.jsonl' is empty; put data in it or remove it"),
