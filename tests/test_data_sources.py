@@ -138,6 +138,7 @@ BAD_DATA = {  # name: (overrides, expected text in the one line)
     "non-UTF-8 text": (["data.path={tmp}/latin1.txt"], "data.path: '{tmp}/latin1.txt' is not UTF-8: byte 0xe9 at line 3 (byte offset 20)"),
     "non-UTF-8 JSON lines": (["data.path={tmp}/latin1.jsonl"], "'{tmp}/latin1.jsonl' is not UTF-8: byte 0xe9 at line 2"),
     "split not in the folder": (["data.path={tmp}/dict", "data.split=test"], "data.split: '{tmp}/dict' has no split 'test' (splits: train)"),
+    "eval_split of a plain file": (["data.eval_split=validation", "data.eval_fraction=0"], "data.eval_split: '{tmp}/docs.jsonl' has no splits"),
     "glob matching nothing": (["data.path={tmp}/nothing-*.jsonl"], "data.path: the pattern '{tmp}/nothing-*.jsonl' matches no file"),
 }
 

@@ -101,6 +101,9 @@ def load_path(path: Path, key: str, split: tuple[str, str], cfg: DataConfig) -> 
     `split`: the key and value of the split a DatasetDict folder gives."""
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         return load_saved(path, key, split), []
+    if split[0] == "data.eval_split":  # the training files themselves would be evaluated
+        raise UsageError(f"data.eval_split: '{path}' has no splits (only data.name and a DatasetDict save_to_disk folder have);"
+                         " give the evaluation data as data.eval_path")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
     elif path.is_file():
@@ -139,6 +142,8 @@ def load_saved(path: Path, key: str, split: tuple[str, str]) -> datasets.Dataset
         if split not in saved:
             raise UsageError(f"{which}: '{path}' has no split '{split}' (splits: {', '.join(saved)}); set {which} to one of them")
         return saved[split]
+    if which == "data.eval_split":
+        raise UsageError(f"data.eval_split: '{path}' is a single Dataset with no splits; give the evaluation data as data.eval_path")
     return saved
 
 
