@@ -14,7 +14,7 @@ import datasets
 
 from launcher.config import DataConfig
 from launcher.data.formats import DEFAULT_CHAT_TEMPLATE, Encoder, chat_template
-from launcher.data.packing import SampleCounts, count_samples, layout_rows, tokenize_samples
+from launcher.data.packing import count_samples, layout_rows, tokenize_samples
 from launcher.data.sources import builtin_corpus_file, cache_root, check_text_column, first_bad_json_row, load_documents, split_documents
 from launcher.data.store import IGNORE_INDEX, Batch, EvalData, RowStore, TrainData, Window, rows_to_batch, sample_lengths, target_counts
 from launcher.errors import UsageError

@@ -26,8 +26,7 @@ from datasets.fingerprint import Hasher
 import numpy as np
 import pyarrow as pa
 
-from launcher.config import DataConfig
-from launcher.data.formats import CONTEXT, START, TARGET, Encoder
+from launcher.data.formats import CONTEXT, TARGET, Encoder
 from launcher.errors import UsageError
 
 LAYOUT_VERSION = 3  # bump when the samples or rows change, so old caches are not reused
@@ -184,5 +183,3 @@ def to_table(rows: list, width: int, pad_id: int, masked: bool) -> pa.Table:
         columns["n_targets"] = pa.array(np.maximum(lengths - 1, 0).astype(np.int32))
     return pa.table(columns)
 
-
-__all__ = ["START", "SampleCounts", "count_samples", "layout_rows", "tokenize_samples"]
