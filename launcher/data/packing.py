@@ -85,25 +85,23 @@ def tokenize_samples(docs: datasets.Dataset, encoder: Encoder, num_proc: int | N
 
 
 def count_samples(samples: datasets.Dataset, width: int, too_long: str) -> SampleCounts:
-    """What stage 2 will truncate and drop, from the kinds alone (masked formats)."""
-    table = samples.with_format("arrow")[:]
-    lengths = np.asarray(pa.compute.list_value_length(table.column("ids")), dtype=np.int64)
-    kinds = table.column("kinds").combine_chunks()
-    flat = kinds.flatten().to_numpy(zero_copy_only=False)
-    offsets = kinds.offsets.to_numpy()
-    within = np.zeros(len(flat), dtype=np.int64)  # 1 at target positions within a row's width
-    position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
-    within[(flat == TARGET) & (position < width)] = 1
-    targets_kept = np.add.reduceat(within, offsets[:-1]) if len(flat) else np.zeros(len(lengths), dtype=np.int64)
-    targets_kept[lengths == 0] = 0
-    too_long_mask = lengths > width
-    counts = SampleCounts(samples=len(lengths))
-    if too_long == "drop":
-        counts.dropped_too_long = int(too_long_mask.sum())
-        counts.dropped_no_target = int(((targets_kept == 0) & ~too_long_mask).sum())
-    else:
-        counts.dropped_no_target = int((targets_kept == 0).sum())
-        counts.truncated = int((too_long_mask & (targets_kept > 0)).sum())
+    """What stage 2 will truncate and drop, from the kinds alone (masked formats), a group of samples at a time."""
+    counts = SampleCounts(samples=len(samples))
+    for table in samples.select_columns(["kinds"]).with_format("arrow").iter(batch_size=10 * GROUP):
+        kinds = table.column("kinds").combine_chunks()
+        offsets = kinds.offsets.to_numpy()
+        flat = kinds.flatten().to_numpy(zero_copy_only=False)
+        lengths = np.diff(offsets)
+        position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
+        kept = np.concatenate([[0], np.cumsum((flat == TARGET) & (position < width))])
+        targets_kept = kept[offsets[1:]] - kept[offsets[:-1]]  # targets within the first `width` tokens
+        too_long_mask = lengths > width
+        if too_long == "drop":
+            counts.dropped_too_long += int(too_long_mask.sum())
+            counts.dropped_no_target += int(((targets_kept == 0) & ~too_long_mask).sum())
+        else:
+            counts.dropped_no_target += int((targets_kept == 0).sum())
+            counts.truncated += int((too_long_mask & (targets_kept > 0)).sum())
     return counts
 
 
