@@ -17,7 +17,7 @@ from torch import nn
 from launcher.batches import BatchPlan
 from launcher.checkpoints import load_checkpoint, set_aside_newer
 from launcher.config import Config
-from launcher.data import EvalData, TrainData, prepare_splits
+from launcher.data import EvalData, TrainData, cache_root, prepare_splits
 from launcher.diagnostics import check_backend_support, check_dump_names
 from launcher.distributed import (check_hardware, deepspeed_json, env_rank, env_world_size, make_accelerator, resolved_deepspeed_config,
                                   seed_initial_weights, seed_rank_streams)
@@ -253,10 +253,8 @@ def cache_dirs(cfg: Config) -> list[tuple[str, Path]]:
         return [("data.cache_dir", cfg.data.cache_dir)]
     import datasets
 
-    found = [("HF_DATASETS_CACHE", Path(datasets.config.HF_DATASETS_CACHE))]
-    if cfg.data.path is None:  # the built-in corpus is written there once
-        found.append(("LAUNCHER_CACHE", Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher"))))
-    return found
+    # datasets' own cache holds what load_dataset reads; LAUNCHER_CACHE the tokenized rows (and the built-in corpus)
+    return [("HF_DATASETS_CACHE", Path(datasets.config.HF_DATASETS_CACHE)), ("LAUNCHER_CACHE", cache_root(cfg.data))]
 
 
 def main_first(accelerator: Accelerator, work):
@@ -317,14 +315,14 @@ def _prepare_data_main_first(cfg: Config, accelerator: Accelerator, tokenizer: B
 
     A data error on the main process is sent to every rank, so all exit with it instead of waiting.
     """
-    result = main_first(accelerator, lambda: prepare_data(cfg, tokenizer))
+    result = main_first(accelerator, lambda: prepare_data(cfg, tokenizer, accelerator.print))
     return result if result is not None else prepare_data(cfg, tokenizer)
 
 
-def prepare_data(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer):
+def prepare_data(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer, report=None):
     """prepare_splits, with a cache that cannot be written (full, read-only) reported as a fault of the machine."""
     try:
-        return prepare_splits(cfg.data, cfg.seed, tokenizer)
+        return prepare_splits(cfg.data, cfg.seed, tokenizer, report=report)
     except OSError as err:
         where = Path(err.filename).absolute() if err.filename else None
         for key, folder in cache_dirs(cfg):

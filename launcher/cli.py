@@ -252,6 +252,8 @@ def preflight(cfg, overwrite: bool, world_size: int):
     if not start.finished:
         check_storage_for(cfg, model)
         load_documents(cfg.data)
+        if cfg.data.eval_path is not None or cfg.data.eval_split is not None:
+            load_documents(cfg.data, evaluation=True)
     return start
 
 

@@ -7,6 +7,7 @@ the key and the fix, and checks the cross-field rules a single field cannot expr
 from __future__ import annotations
 
 import difflib
+import glob
 import math
 import re
 import typing
@@ -83,24 +84,57 @@ class EvalConfig(Section):
 
 
 class DataConfig(Section):
-    path: Path | None = Field(None, description="local .txt/.jsonl/.json/.csv/.parquet file; null: the built-in corpus")
-    text_field: str = Field("text", min_length=1, description="column holding the text (.jsonl/.json/.csv/.parquet)")
+    path: Path | None = Field(
+        None, description="a .txt/.jsonl/.json/.csv/.parquet file, a folder of such files or a glob, or a save_to_disk folder; null: the built-in corpus")
+    name: str | None = Field(None, min_length=1, description="instead of path: a dataset for datasets.load_dataset (a hub name, or a local folder of data files)")
+    config: str | None = Field(None, min_length=1, description="the configuration of data.name (load_dataset's second argument)")
+    split: str = Field("train", min_length=1, description="the split to train on, for data.name and a DatasetDict save_to_disk folder")
+    eval_path: Path | None = Field(None, description="a separate evaluation set, in any form data.path takes; replaces the held-out fraction")
+    eval_split: str | None = Field(None, min_length=1, description="a split of data.name (or of a DatasetDict folder) to evaluate on; replaces the held-out fraction")
+    format: Literal["text", "prompt_completion", "chat"] = Field(
+        "text", description="text: every token is a target; prompt_completion: only the completion; chat: only assistant turns (data.train_on)")
+    text_field: str = Field("text", min_length=1, description="column holding the text (format text)")
+    prompt_field: str = Field("prompt", min_length=1, description="column holding the prompt (format prompt_completion)")
+    completion_field: str = Field("completion", min_length=1, description="column holding the completion (format prompt_completion)")
+    messages_field: str = Field("messages", min_length=1, description="column holding the conversation, a list of {role, content} (format chat)")
+    chat_template: str | None = Field(
+        None, min_length=1, description="format chat: null: the tokenizer's own template (the byte-level tokenizer: the default); 'default': the launcher's; or a .jinja file")
+    train_on: Literal["assistant", "all"] = Field("assistant", description="format chat: the loss counts assistant turns only, or every token")
+    too_long: Literal["truncate", "drop"] = Field(
+        "truncate", description="prompt_completion and chat samples longer than seq_len + 1 tokens: cut the end off, or drop the sample (both counted)")
     seq_len: int = Field(128, ge=2, description="tokens per training sequence")
-    pack: bool = Field(True, description="concatenate documents into full blocks; false: one padded sequence per document chunk")
+    pack: bool = Field(True, description="several documents (samples) per row; false: one padded row per document chunk (sample)")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="fraction of documents held out for evaluation; 0 disables evaluation")
     shuffle: bool = Field(True, description="reshuffle the training samples every epoch (seeded)")
-    cache_dir: Path | None = Field(None, description="where tokenized data is cached; null: the datasets library's default")
+    num_proc: int | None = Field(None, ge=1, description="processes that tokenize; null: one per CPU core (up to 8) from 10,000 rows on, else 1")
+    cache_dir: Path | None = Field(None, description="where tokenized data is cached; null: ~/.cache/launcher (or $LAUNCHER_CACHE)")
 
-    @field_validator("path")
+    @field_validator("path", "eval_path")
     @classmethod
-    def _existing_data_file(cls, path: Path | None) -> Path | None:
-        if path is None:
-            return None
+    def _existing_data(cls, path: Path | None) -> Path | None:
+        if path is None or path.is_dir():
+            return path
+        if any(c in str(path) for c in "*?["):
+            if not glob.glob(str(path), recursive=True):
+                raise ValueError(f"the pattern '{path}' matches no file; check the folder and the pattern")
+            return path
         if path.suffix not in DATA_SUFFIXES:
-            raise ValueError(f"'{path}' has an unsupported suffix; use one of {', '.join(DATA_SUFFIXES)}")
+            raise ValueError(f"'{path}' has an unsupported suffix; use one of {', '.join(DATA_SUFFIXES)}, a folder or a glob")
         if not path.is_file():
             raise ValueError(f"file '{path}' not found; point it at an existing file, or null for the built-in corpus")
         return path
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.path is not None and self.name is not None:
+            raise ValueError("data.path and data.name both choose the training data; keep one of them")
+        if self.config is not None and self.name is None:
+            raise ValueError("data.config is the configuration of data.name; set data.name or remove data.config")
+        if self.eval_path is not None and self.eval_split is not None:
+            raise ValueError("data.eval_path and data.eval_split both choose the evaluation set; keep one of them")
+        if (self.eval_path is not None or self.eval_split is not None) and "eval_fraction" in self.model_fields_set and self.eval_fraction:
+            raise ValueError("data.eval_fraction holds out training documents, but data.eval_path/eval_split gives an evaluation set; remove one")
+        return self
 
 
 BUILTIN_GPT_KEYS = ("n_layer", "n_head", "d_model", "dropout")

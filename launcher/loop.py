@@ -42,7 +42,10 @@ from launcher.preemption import Agreement, PreemptionFlag
 
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the batch's target tokens, in fp32."""
-    logits = logits_of(model(batch.input_ids))
+    # position ids only for rows packed with several samples: they restart at each sample (models.gpt and Hugging Face
+    # models then attend within a sample only)
+    output = model(batch.input_ids) if batch.position_ids is None else model(batch.input_ids, position_ids=batch.position_ids)
+    logits = logits_of(output)
     return F.cross_entropy(
         logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from launcher.build import check_run_inputs
 from launcher.config import Config
-from launcher.data import prepare_splits, sample_lengths
+from launcher.data import prepare_splits, target_counts
 from launcher.errors import UsageError
 from launcher.freezing import parameter_table
 from launcher.tokenizer import load_tokenizer
@@ -36,7 +36,7 @@ def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Alloca
     n_train = len(train_blocks)
     steps_per_epoch = batch.steps_per_epoch(n_train)
     total_steps = batch.total_steps(n_train, cfg.train.max_steps, cfg.train.epochs)
-    targets_per_epoch = int((sample_lengths(train_blocks) - 1).sum())
+    targets_per_epoch = int(target_counts(train_blocks).sum())
 
     lines = [
         f"world size {world_size} = {alloc.nodes} node(s) x {alloc.processes_per_node} process(es)",

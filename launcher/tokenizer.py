@@ -34,6 +34,30 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    # chat templates write text: in it, EOS is spelled like GPT-2's end-of-text token
+    eos_token, bos_token, chat_template = "<|endoftext|>", None, None
+
+    def encode_texts(self, texts: list[str], special_tokens: bool) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Rendered chat text: its ids (`eos_token` becomes the EOS id) and each id's first character."""
+        out = []
+        for text in texts:
+            ids, starts, at = [], [], 0
+            for k, piece in enumerate(text.split(self.eos_token)):
+                if k:
+                    ids.append(self.eos_id)
+                    starts.append(at)
+                    at += len(self.eos_token)
+                for offset, char in enumerate(piece):
+                    n = len(char.encode("utf-8"))
+                    ids += char.encode("utf-8")
+                    starts += [at + offset] * n
+                at += len(piece)
+            out.append((ids, starts))
+        return out
+
 
 class HFTokenizer:
     """A Hugging Face fast tokenizer, applied in batches, with the EOS/BOS and padding rule above."""
@@ -58,12 +82,37 @@ class HFTokenizer:
         self.identity = hashlib.sha256((backend + rule).encode()).hexdigest()[:16]
 
     def encode_documents(self, texts: list[str]) -> list[list[int]]:
-        # verbose=False: long documents are expected here (they are cut into blocks later)
-        encoded = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if hasattr(backend, "encode_batch_fast"):  # the same ids as tokenizer(texts), without offsets: about twice as fast
+            encoded = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+        else:  # verbose=False: long documents are expected here (they are cut into blocks later)
+            encoded = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
         return [ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id] for ids in encoded]
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
+
+    @property
+    def eos_token(self) -> str:
+        return self.tokenizer.eos_token
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.tokenizer.bos_token
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    def encode_texts(self, texts: list[str], special_tokens: bool) -> list[list[int]]:
+        """Ids of each text, with the tokenizer's own special tokens (BOS) or without; no EOS added."""
+        return self.tokenizer(texts, add_special_tokens=special_tokens, verbose=False)["input_ids"]
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Rendered chat text (the template wrote its special tokens): ids and each id's first character."""
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [(ids, [start for start, _ in offsets]) for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
 
 
 def tokenizer_source(cfg: Config) -> str | None:

@@ -167,3 +167,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+                   " + message['content'] + '<|eot_id|>' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizers(tiny_hf, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the tiny tokenizers with a chat template and its special tokens: 'chatml' (the Llama-style tokenizer,
+    ChatML turns) and 'llama3' (the GPT-2-style tokenizer, Llama-3 headers and <|eot_id|>)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("chat-tokenizers")
+    folders = {}
+    for name, arch, template, specials in (("chatml", "llama", CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"]),
+                                           ("llama3", "gpt2", LLAMA3_TEMPLATE, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])):
+        tokenizer = AutoTokenizer.from_pretrained(tiny_hf[arch])
+        tokenizer.add_special_tokens({"additional_special_tokens": specials})
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(root / name)
+        folders[name] = root / name
+    return folders

@@ -22,11 +22,15 @@ class Block(nn.Module):
         self.mlp_out = nn.Linear(4 * d_model, d_model)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, width = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).split(width, dim=2)
         q, k, v = (t.view(batch, seq, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:  # one sequence per row: the fused causal kernel
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         x = x + self.resid_dropout(self.attn_out(attn.transpose(1, 2).reshape(batch, seq, width)))
         return x + self.resid_dropout(self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(x)))))
 
@@ -56,10 +60,27 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`position_ids` [batch, seq] (rows packed with several samples): positions restart at each sample, and a
+        token attends only to earlier tokens of its own sample (a block-diagonal causal mask)."""
+        attn_mask = None
+        if position_ids is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        else:
+            positions, attn_mask = position_ids, sample_causal_mask(position_ids)
         x = self.embed_dropout(self.tok_embed(input_ids) + self.pos_embed(positions))
         for block in self.blocks:
             # non-reentrant checkpointing restores the RNG state, so dropout masks match the first forward
-            x = checkpoint(block, x, use_reentrant=False) if self.gradient_checkpointing and self.training else block(x)
+            x = checkpoint(block, x, attn_mask, use_reentrant=False) if self.gradient_checkpointing and self.training else block(x, attn_mask)
         return self.lm_head(self.final_norm(x))
+
+
+def sample_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, seq, seq] booleans: causal, and within one sample (a sample starts where the position does not
+    grow by one)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    sample = starts.cumsum(dim=1)
+    seq = position_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    return (causal & (sample[:, :, None] == sample[:, None, :]))[:, None]

@@ -1,0 +1,65 @@
+"""Data through HF `datasets`: sources (sources.py), formats and loss masks (formats.py), tokenizing and
+rows (packing.py), and the per-rank batches the loop reads (store.py).
+
+Every sample is a fixed-width row of `seq_len + 1` token ids; the model reads `ids[:-1]` and predicts
+`ids[1:]`, and the loss counts only the target tokens of each row (`n_targets`, stored with the row),
+so the loop normalizes exactly over the tokens that count whatever the format.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import datasets
+
+from launcher.config import DataConfig
+from launcher.data.formats import DEFAULT_CHAT_TEMPLATE, Encoder, chat_template
+from launcher.data.packing import count_samples, layout_rows, tokenize_samples
+from launcher.data.sources import builtin_corpus_file, cache_root, check_text_column, first_bad_json_row, load_documents, split_documents
+from launcher.data.store import IGNORE_INDEX, Batch, EvalData, RowStore, TrainData, Window, rows_to_batch, sample_lengths, target_counts
+from launcher.errors import UsageError
+from launcher.tokenizer import ByteTokenizer, HFTokenizer
+
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "IGNORE_INDEX", "Batch", "ByteTokenizer", "EvalData", "HFTokenizer", "RowStore", "TrainData",
+           "Window", "builtin_corpus_file", "cache_root", "check_text_column", "first_bad_json_row", "load_documents", "prepare_splits",
+           "rows_to_batch", "sample_lengths", "split_documents", "target_counts", "tokenize_into_blocks"]
+
+
+def tokenize_into_blocks(docs: datasets.Dataset, seq_len: int, pack: bool, tokenizer: ByteTokenizer | HFTokenizer | None = None,
+                         cfg: DataConfig | None = None, what: str = "data", report: Callable[[str], None] | None = None
+                         ) -> datasets.Dataset:
+    """Rows of `seq_len + 1` token ids with their `length`, `n_targets` (and `kinds`, for masked formats)."""
+    tokenizer = tokenizer or ByteTokenizer()
+    cfg = cfg or DataConfig(seq_len=seq_len, pack=pack)
+    template = chat_template(cfg, tokenizer) if cfg.format == "chat" else None
+    cache_dir = cache_root(cfg) if docs.cache_files else None
+    samples = tokenize_samples(docs, Encoder(cfg, tokenizer, template), cfg.num_proc, cache_dir)
+    if cfg.format != "text":
+        counts = count_samples(samples, seq_len + 1, cfg.too_long)
+        if counts.samples and counts.samples == counts.dropped_too_long + counts.dropped_no_target:
+            raise UsageError(f"data.too_long: every one of the {counts.samples} {what} samples is dropped ({counts.dropped_too_long}"
+                             f" longer than seq_len + 1 = {seq_len + 1} tokens, {counts.dropped_no_target} with no target token"
+                             " within them); raise data.seq_len, or use data.too_long: truncate")
+        if report is not None and (line := counts.describe(what)):
+            report(line)
+    return layout_rows(samples, seq_len, pack, cfg.too_long, tokenizer.pad_id, cache_dir)
+
+
+def prepare_splits(cfg: DataConfig, seed: int, tokenizer: ByteTokenizer | HFTokenizer | None = None,
+                   report: Callable[[str], None] | None = None) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Tokenized training and evaluation rows: the evaluation set is data.eval_path / data.eval_split when given, else
+    the held-out fraction of the training documents (None when data.eval_fraction is 0)."""
+    datasets.disable_progress_bars()
+    tokenizer = tokenizer or ByteTokenizer()
+    docs = load_documents(cfg)
+    if cfg.eval_path is not None or cfg.eval_split is not None:
+        train_docs, eval_docs = docs, load_documents(cfg, evaluation=True)
+    else:
+        train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, seed)
+    train_blocks = tokenize_into_blocks(train_docs, cfg.seq_len, cfg.pack, tokenizer, cfg, "training", report)
+    if len(train_blocks) == 0:
+        raise UsageError("data.path: the training split has no text; use a larger file or a smaller data.eval_fraction")
+    eval_blocks = None
+    if eval_docs is not None:
+        eval_blocks = tokenize_into_blocks(eval_docs, cfg.seq_len, cfg.pack, tokenizer, cfg, "evaluation", report)
+    return train_blocks, eval_blocks

@@ -1,0 +1,183 @@
+"""Tokenize (in parallel, cached) and lay samples out in fixed-width rows (cached).
+
+Stage 1 turns each row into one sample (formats.py) with `data.num_proc` processes; stage 2 lays the
+samples out in rows of `seq_len + 1` ids, in one process, in groups of 1,000 samples, so the rows
+never depend on the number of processes. Both stages are `datasets` caches keyed by what decides
+their output, written under the launcher's cache folder (never beside the source).
+
+A row has `input_ids` (padded with the tokenizer's pad id), `length` (valid ids), `n_targets` (the
+ids the loss counts) and, for masked formats, `kinds` (formats.py; padding is CONTEXT).
+- text: packed, documents are concatenated and cut into full rows (the last one of each group of
+  1,000 documents may be short); unpacked, each document is cut into rows of its own. Positions
+  run on across documents, as in pretraining.
+- prompt_completion, chat: a sample longer than a row is truncated (its end cut off) or dropped
+  (`data.too_long`); a sample left with no target is dropped. Packed, whole samples fill a row in
+  order while they fit (a START kind marks where each begins); unpacked, one sample per padded row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from datasets.fingerprint import Hasher
+import numpy as np
+import pyarrow as pa
+
+from launcher.data.formats import CONTEXT, TARGET, Encoder
+from launcher.errors import UsageError
+
+LAYOUT_VERSION = 3  # bump when the samples or rows change, so old caches are not reused
+GROUP = 1000  # samples per stage-2 group (and per tokenizer call)
+
+
+@dataclass
+class SampleCounts:
+    samples: int = 0
+    truncated: int = 0  # cut to fit a row, targets left
+    dropped_too_long: int = 0  # longer than a row under too_long: drop
+    dropped_no_target: int = 0  # no target token within the row
+
+    def describe(self, what: str) -> str | None:
+        if not (self.truncated or self.dropped_too_long or self.dropped_no_target):
+            return None
+        parts = [f"{self.truncated} truncated to seq_len + 1 tokens"] if self.truncated else []
+        parts += [f"{self.dropped_too_long} dropped as longer than seq_len + 1 tokens"] if self.dropped_too_long else []
+        parts += [f"{self.dropped_no_target} dropped with no target token left"] if self.dropped_no_target else []
+        return f"data: {what}: of {self.samples} samples, {', '.join(parts)}"
+
+
+def default_num_proc(n_rows: int) -> int:
+    return 1 if n_rows < 10_000 else max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def cache_file(docs: datasets.Dataset, cache_dir: Path | None, fingerprint: str) -> str | None:
+    """Where a stage's output goes: a file under the cache folder for sources read from disk; in memory otherwise."""
+    if not docs.cache_files or cache_dir is None:
+        return None
+    (cache_dir / "tokenized").mkdir(parents=True, exist_ok=True)
+    return str(cache_dir / "tokenized" / f"{fingerprint}.arrow")
+
+
+def tokenize_samples(docs: datasets.Dataset, encoder: Encoder, num_proc: int | None, cache_dir: Path | None) -> datasets.Dataset:
+    """Stage 1: one sample per row, with its length and first target (for stage 2's counts)."""
+    masked = encoder.format != "text"
+    features = {"ids": datasets.Sequence(datasets.Value("int32"))}
+    if masked:
+        features["kinds"] = datasets.Sequence(datasets.Value("uint8"))
+    fingerprint = Hasher.hash((docs._fingerprint, encoder.identity, LAYOUT_VERSION))
+    procs = min(num_proc or default_num_proc(len(docs)), max(1, len(docs)))
+    try:
+        return docs.map(encoder, batched=True, batch_size=GROUP, remove_columns=docs.column_names, features=datasets.Features(features),
+                        new_fingerprint=fingerprint, num_proc=procs if procs > 1 else None,
+                        cache_file_name=cache_file(docs, cache_dir, fingerprint))
+    except UsageError:
+        raise
+    except Exception as err:  # a UsageError raised in a worker process comes back wrapped
+        cause = err
+        while cause is not None and not isinstance(cause, UsageError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise UsageError(*cause.lines) from None
+        raise
+
+
+def count_samples(samples: datasets.Dataset, width: int, too_long: str) -> SampleCounts:
+    """What stage 2 will truncate and drop, from the kinds alone (masked formats), a group of samples at a time."""
+    counts = SampleCounts(samples=len(samples))
+    for table in samples.select_columns(["kinds"]).with_format("arrow").iter(batch_size=10 * GROUP):
+        kinds = table.column("kinds").combine_chunks()
+        offsets = kinds.offsets.to_numpy()
+        flat = kinds.flatten().to_numpy(zero_copy_only=False)
+        lengths = np.diff(offsets)
+        position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
+        kept = np.concatenate([[0], np.cumsum((flat == TARGET) & (position < width))])
+        targets_kept = kept[offsets[1:]] - kept[offsets[:-1]]  # targets within the first `width` tokens
+        too_long_mask = lengths > width
+        if too_long == "drop":
+            counts.dropped_too_long += int(too_long_mask.sum())
+            counts.dropped_no_target += int(((targets_kept == 0) & ~too_long_mask).sum())
+        else:
+            counts.dropped_no_target += int((targets_kept == 0).sum())
+            counts.truncated += int((too_long_mask & (targets_kept > 0)).sum())
+    return counts
+
+
+def layout_rows(samples: datasets.Dataset, seq_len: int, pack: bool, too_long: str, pad_id: int, cache_dir: Path | None
+                ) -> datasets.Dataset:
+    """Stage 2: rows of `seq_len + 1` ids; rows with no target are dropped."""
+    width = seq_len + 1
+    masked = "kinds" in samples.column_names
+    features = {"input_ids": datasets.Sequence(datasets.Value("int32"), length=width), "length": datasets.Value("int32"),
+                "n_targets": datasets.Value("int32")}
+    if masked:
+        features["kinds"] = datasets.Sequence(datasets.Value("uint8"), length=width)
+    fingerprint = Hasher.hash((samples._fingerprint, width, pack, too_long if masked else None, pad_id, LAYOUT_VERSION))
+
+    def rows_of_group(table: pa.Table) -> pa.Table:
+        ids = table.column("ids").combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        values = ids.flatten().to_numpy(zero_copy_only=False)
+        kinds = table.column("kinds").combine_chunks().flatten().to_numpy(zero_copy_only=False) if masked else None
+        pieces = [(values[a:b], kinds[a:b] if masked else None) for a, b in zip(offsets[:-1], offsets[1:])]
+        rows = masked_rows(pieces, width, pack, too_long) if masked else text_rows(pieces, width, pack)
+        return to_table(rows, width, pad_id, masked)
+
+    return samples.with_format("arrow").map(
+        rows_of_group, batched=True, batch_size=GROUP, remove_columns=samples.column_names, features=datasets.Features(features),
+        new_fingerprint=fingerprint, cache_file_name=cache_file(samples, cache_dir, fingerprint)).with_format("numpy")
+
+
+def text_rows(pieces: list, width: int, pack: bool) -> list[tuple[np.ndarray, None]]:
+    streams = [np.concatenate([ids for ids, _ in pieces])] if pack and pieces else [ids for ids, _ in pieces]
+    rows = []
+    for stream in streams:
+        n_full = len(stream) // width
+        rows += [(row, None) for row in stream[: n_full * width].reshape(n_full, width)]
+        if len(stream) - n_full * width >= 2:  # a tail of one id has no target
+            rows.append((stream[n_full * width :], None))
+    return rows
+
+
+def masked_rows(pieces: list, width: int, pack: bool, too_long: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    rows, ids_in_row, kinds_in_row, used = [], [], [], 0
+    for ids, kinds in pieces:
+        if len(ids) > width:
+            if too_long == "drop":
+                continue
+            ids, kinds = ids[:width], kinds[:width]
+        if not (kinds == TARGET).any():
+            continue
+        if not pack:
+            rows.append((ids, kinds))
+            continue
+        if used + len(ids) > width:
+            rows.append((np.concatenate(ids_in_row), np.concatenate(kinds_in_row)))
+            ids_in_row, kinds_in_row, used = [], [], 0
+        ids_in_row.append(ids)
+        kinds_in_row.append(kinds)
+        used += len(ids)
+    if ids_in_row:
+        rows.append((np.concatenate(ids_in_row), np.concatenate(kinds_in_row)))
+    return rows
+
+
+def to_table(rows: list, width: int, pad_id: int, masked: bool) -> pa.Table:
+    ids = np.full((len(rows), width), pad_id, dtype=np.int32)
+    lengths = np.zeros(len(rows), dtype=np.int32)
+    for i, (row, _) in enumerate(rows):
+        ids[i, : len(row)] = row
+        lengths[i] = len(row)
+    columns = {"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), width), "length": pa.array(lengths)}
+    if masked:
+        kinds = np.full((len(rows), width), CONTEXT, dtype=np.uint8)
+        for i, (_, row_kinds) in enumerate(rows):
+            kinds[i, : len(row_kinds)] = row_kinds
+        columns["n_targets"] = pa.array((kinds == TARGET).sum(axis=1).astype(np.int32))
+        columns["kinds"] = pa.FixedSizeListArray.from_arrays(pa.array(kinds.reshape(-1)), width)
+    else:
+        columns["n_targets"] = pa.array(np.maximum(lengths - 1, 0).astype(np.int32))
+    return pa.table(columns)
+
