@@ -2,13 +2,14 @@
 
 Every framework trains the same tiny Llama-style model (made locally, `launcher make-tiny-model`) from the same
 fp32 weights on the same samples in the same order, with the same global batch (micro-batch x accumulation x 2
-gloo ranks), AdamW, constant LR and clipping. The samples have very different lengths and are padded, not packed,
-so a mean per micro-batch weights tokens unequally; the reference is one process taking one big batch per step
-with the exact mean over its target tokens.
+gloo ranks), AdamW, constant LR and clipping. The samples have very different lengths and are padded, not packed
+(and, in the second table, only their completions are targets), so a mean per micro-batch weights tokens
+unequally; the reference is one process taking one big batch per step with the exact mean over its target tokens.
 
-It prints two tables and writes them to OUT/peers.json and OUT/peers.png:
-- exactness: per framework and accumulation (1, 4, 8 at the same global batch), the max |loss - reference| over
-  the steps (the loss each framework reports) and the max |W - W_ref| after the last step;
+It prints the tables and writes them to OUT/peers.json and OUT/peers.png:
+- exactness, on padded text and on prompt-masked samples: per framework and accumulation (1, 4, 8 at the same
+  global batch), the max |loss - reference| over the steps (the loss each framework reports) and the max
+  |W - W_ref| after the last step;
 - speed: target tokens/s of each framework relative to this launcher, median of alternating rounds (each run
   includes the framework's own overhead and data loading as its documentation sets it up; the first step is
   not timed).
@@ -44,7 +45,10 @@ FRAMEWORKS = {  # name: (how it is run, what it is)
 }
 PEER_MODULES = {"trainer": "transformers", "trainer-per-rank-tokens": "transformers", "accelerate": "accelerate",
                 "fabric": "lightning_fabric"}
-WORLD_SIZE, LR, SEQ_LEN = 2, 2e-3, 64
+# Float noise in the weights scales with the LR: AdamW divides each gradient entry by its own running magnitude,
+# so an entry whose contributions nearly cancel (its sum then mostly rounding) still moves by up to ~LR. At 3e-4 (a
+# usual fine-tuning LR) the exact runs stay below 1e-5; the peers' systematic differences scale with the LR too.
+WORLD_SIZE, LR, SEQ_LEN = 2, 3e-4, 64
 
 
 def cpu_env() -> dict[str, str]:
@@ -81,10 +85,32 @@ def make_documents(path: Path, n_docs: int, seed: int = 0) -> Path:
     return path
 
 
-def launcher_config(model: Path, docs: Path, steps: int) -> dict:
+def make_prompt_completions(path: Path, n_samples: int, seed: int = 1) -> Path:
+    """Instruction-style samples: prompts and completions of very different lengths, so that the share of target
+    tokens differs a lot from sample to sample."""
+    import pydoc_data.topics
+
+    text = " ".join(pydoc_data.topics.topics.values()).split()
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        for _ in range(n_samples):
+            n_prompt, n_completion = int(rng.integers(2, 30)), int(rng.choice([rng.integers(1, 4), rng.integers(4, 16)]))
+            start = int(rng.integers(0, len(text) - n_prompt - n_completion))
+            f.write(json.dumps({"prompt": " ".join(text[start:start + n_prompt]) + "\n",
+                                "completion": " ".join(text[start + n_prompt:start + n_prompt + n_completion])}) + "\n")
+    return path
+
+
+DATA_KINDS = {  # name: (the file's maker, the launcher's data settings)
+    "padded": (make_documents, {"format": "text"}),
+    "prompt-masked": (make_prompt_completions, {"format": "prompt_completion"}),
+}
+
+
+def launcher_config(model: Path, docs: Path, steps: int, data: dict) -> dict:
     return {
         "seed": 0, "model": {"pretrained": str(model)},
-        "data": {"path": str(docs), "seq_len": SEQ_LEN, "pack": False, "eval_fraction": 0.0, "shuffle": False},
+        "data": {"path": str(docs), "seq_len": SEQ_LEN, "pack": False, "eval_fraction": 0.0, "shuffle": False, **data},
         "train": {"max_steps": steps, "learning_rate": LR, "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
                   "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "max_grad_norm": 1.0, "log_every": 1},
         "eval": {"at_start": False},
@@ -190,17 +216,16 @@ def speed(work, config_path, rows, model, names, accumulation, global_batch, ste
 
 
 def print_tables(results: dict) -> None:
-    print("\nexactness against the reference (one process, one big batch, exact token mean); same global batch:")
-    accumulations = results["accumulations"]
-    print(f"{'framework':<26}" + "".join(f"{'acc ' + a + ': loss':>16}{'weights':>11}" for a in map(str, accumulations)))
-    for name, row in results["exactness"].items():
-        cells = []
-        for a in map(str, accumulations):
-            cell = row[a]
-            cells.append(f"{'n/a':>16}{'n/a':>11}" if "error" in cell else f"{cell['max_loss_diff']:>16.1e}{cell['max_weight_diff']:>11.1e}")
-        print(f"{name:<26}" + "".join(cells) + (f"   ({row[str(accumulations[0])]['error']})" if "error" in row[str(accumulations[0])] else ""))
+    accumulations = [str(a) for a in results["accumulations"]]
+    for kind, table in results["exactness"].items():
+        print(f"\nexactness against the reference (one process, one big batch, exact token mean), {kind} data, same global batch:")
+        print(f"{'framework':<26}" + "".join(f"{'acc ' + a + ': loss':>16}{'weights':>11}" for a in accumulations))
+        for name, row in table.items():
+            cells = [f"{'n/a':>16}{'n/a':>11}" if "error" in row[a] else f"{row[a]['max_loss_diff']:>16.1e}{row[a]['max_weight_diff']:>11.1e}"
+                     for a in accumulations]
+            print(f"{name:<26}" + "".join(cells) + (f"   ({row[accumulations[0]]['error']})" if "error" in row[accumulations[0]] else ""))
     if "speed" in results:
-        print(f"\nspeed at accumulation {results['speed_accumulation']}, relative to the launcher (median of alternating rounds):")
+        print(f"\nspeed at accumulation {results['speed_accumulation']}, padded data, relative to the launcher (median of alternating rounds):")
         for name, row in results["speed"].items():
             print(f"{name:<26}" + (f"  n/a ({row['error']})" if "error" in row else
                                    f"{row['ratio_median']:>7.3f}x  ({row['ratio_min']:.3f}-{row['ratio_max']:.3f}, "
@@ -213,25 +238,28 @@ def chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results["exactness"])
-    fig, axes = plt.subplots(1, 2 if "speed" in results else 1, figsize=(13, 4.5), squeeze=False)
-    ax = axes[0][0]
-    width = 0.8 / len(results["accumulations"])
-    for i, a in enumerate(map(str, results["accumulations"])):
-        values = [results["exactness"][n][a].get("max_weight_diff", np.nan) for n in names]
-        ax.bar(np.arange(len(names)) + i * width, [max(v, 1e-12) for v in values], width, label=f"accumulation {a}")
-    ax.set_yscale("log")
-    ax.set_xticks(np.arange(len(names)) + width * (len(results["accumulations"]) - 1) / 2, names, rotation=20, ha="right")
-    ax.set_ylabel("max |W - W_ref| after the last step")
-    ax.set_title("Exactness against one big batch (lower is better)")
-    ax.legend()
+    kinds = list(results["exactness"])
+    panels = len(kinds) + ("speed" in results)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
+    accumulations = [str(a) for a in results["accumulations"]]
+    width = 0.8 / len(accumulations)
+    for ax, kind in zip(axes[0], kinds):
+        names = list(results["exactness"][kind])
+        for i, a in enumerate(accumulations):
+            values = [results["exactness"][kind][n][a].get("max_weight_diff", np.nan) for n in names]
+            ax.bar(np.arange(len(names)) + i * width, [max(v, 1e-12) for v in values], width, label=f"accumulation {a}")
+        ax.set_yscale("log")
+        ax.set_xticks(np.arange(len(names)) + width * (len(accumulations) - 1) / 2, names, rotation=20, ha="right")
+        ax.set_ylabel("max |W - W_ref| after the last step")
+        ax.set_title(f"Exactness, {kind} data (lower is better)")
+        ax.legend()
     if "speed" in results:
-        ax = axes[0][1]
-        ratios = [results["speed"][n].get("ratio_median", np.nan) for n in names]
-        ax.bar(names, ratios)
+        ax = axes[0][-1]
+        names = list(results["speed"])
+        ax.bar(names, [results["speed"][n].get("ratio_median", np.nan) for n in names])
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylabel("target tokens/s relative to the launcher")
-        ax.set_title(f"Speed (median of {results['rounds']} alternating rounds)")
+        ax.set_title(f"Speed, padded data (median of {results['rounds']} rounds)")
         ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -245,30 +273,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     parser.add_argument("--rounds", type=int, default=7, help="alternating speed rounds")
     parser.add_argument("--speed-accumulation", type=int, default=4)
-    parser.add_argument("--no-speed", action="store_true", help="the exactness table only")
+    parser.add_argument("--no-speed", action="store_true", help="the exactness tables only")
+    parser.add_argument("--data", nargs="+", choices=list(DATA_KINDS), default=list(DATA_KINDS), help="the data of the exactness tables")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "peers")
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
     unknown = [n for n in names if n not in FRAMEWORKS]
     if unknown or any(args.global_batch % (WORLD_SIZE * a) for a in args.accumulation):
         parser.error(f"unknown frameworks {unknown}" if unknown else "--global-batch must be a multiple of 2 x each accumulation")
+    if not args.no_speed and "padded" not in args.data:
+        parser.error("the speed rounds use the padded data: add it to --data, or pass --no-speed")
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="peers-", dir=args.out))
     try:
         from launcher.models.tiny import make_tiny_model
 
         model = make_tiny_model(work / "tiny-llama", "llama")
-        docs = make_documents(work / "docs.jsonl", n_docs=args.global_batch * args.steps + 64)
-        config_path = work / "launcher.yaml"
         import yaml
 
-        config_path.write_text(yaml.safe_dump(launcher_config(model, docs, args.steps)))
-        rows = the_rows(config_path, args.global_batch * args.steps, work / "rows.npz")
-        print(f"{args.steps} steps of {args.global_batch} padded samples (seq_len {SEQ_LEN}), 2 gloo ranks, fp32, lr {LR}")
         results = {"accumulations": args.accumulation, "global_batch": args.global_batch, "steps": args.steps,
-                   "settings": {n: FRAMEWORKS[n][1] for n in names}}
-        results["exactness"] = exactness(work, config_path, rows, model, names, args.accumulation, args.global_batch, args.steps)
+                   "settings": {n: FRAMEWORKS[n][1] for n in names}, "exactness": {}}
+        print(f"{args.steps} steps of {args.global_batch} samples (seq_len {SEQ_LEN}, padded), 2 gloo ranks, fp32, lr {LR}")
+        for kind in args.data:
+            make, data = DATA_KINDS[kind]
+            source = make(work / f"{kind}.jsonl", args.global_batch * args.steps + 64)
+            config_path = work / f"launcher-{kind}.yaml"
+            config_path.write_text(yaml.safe_dump(launcher_config(model, source, args.steps, data)))
+            rows = the_rows(config_path, args.global_batch * args.steps, work / f"rows-{kind}.npz")
+            print(f"{kind} data:")
+            results["exactness"][kind] = exactness(work, config_path, rows, model, names, args.accumulation,
+                                                   args.global_batch, args.steps)
         if not args.no_speed:
+            make, data = DATA_KINDS["padded"]
+            config_path, rows = work / "launcher-padded.yaml", work / "rows-padded.npz"
+            print("speed (padded data):")
             results["speed"] = speed(work, config_path, rows, model, names, args.speed_accumulation, args.global_batch,
                                      args.steps, args.rounds)
             results["speed_accumulation"], results["rounds"] = args.speed_accumulation, args.rounds
