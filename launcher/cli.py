@@ -109,14 +109,15 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
-    import torch
-
     from launcher.config import load_config
     from launcher.distributed import (default_checkpoint_minutes, default_resume, env_world_size, launched_by_a_launcher,
                                       processes_to_start, report_stop, restart_count)
+
+    cfg = load_config(args.config, args.overrides + flag_overrides(args), job_values=True)  # before torch is imported
+    import torch
+
     from launcher.resume import plan_start
 
-    cfg = load_config(args.config, args.overrides + flag_overrides(args), job_values=True)
     overwrite = args.overwrite
     if restart_count() >= 1 and overwrite and not args.debug:
         # the job's arguments are the same on every restart: deleting then would delete this job's own checkpoints

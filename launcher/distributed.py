@@ -12,14 +12,16 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
-
-from launcher import deepspeed_config
 from launcher.config import LaunchConfig, TrainConfig
 from launcher.errors import UsageError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+# torch, accelerate and the DeepSpeed config are imported where they are used: a bad config is reported before
+# torch is imported (seconds per refused command)
 
 
 def launched_by_a_launcher() -> bool:
@@ -128,6 +130,8 @@ def report_stop(output_dir: Path, step: int, requeue: bool) -> None:
 
 
 def processes_to_start(cfg: LaunchConfig) -> int:
+    import torch
+
     if cfg.nproc_per_node != "auto":
         return cfg.nproc_per_node
     if torch.cuda.is_available():
@@ -149,6 +153,8 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     in a session of its own, so a terminal's Ctrl-C reaches only this process (which decides what it means)."""
     import shutil
     import tempfile
+
+    import torch
 
     from launcher.exits import EXIT_ABORTED, EXIT_FAULT, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USAGE
     from launcher.preemption import ABORTED, INTERRUPTED, requeue_signal
@@ -230,6 +236,7 @@ def first_failed_rank(acc: Accelerator, failed: bool) -> int | None:
     """The lowest rank for which `failed` is true, the same on every rank (a collective, and so a barrier), or None."""
     if acc.num_processes == 1:
         return 0 if failed else None
+    import torch
     import torch.distributed as dist
 
     flag = torch.tensor([acc.process_index if failed else acc.num_processes], device=acc.device)
@@ -238,12 +245,16 @@ def first_failed_rank(acc: Accelerator, failed: bool) -> int | None:
 
 
 def check_hardware(cfg: TrainConfig) -> None:
+    import torch
+
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("train.mixed_precision: fp16 needs a CUDA GPU (its loss scaler is GPU-only); use bf16 or no on CPU")
 
 
 def resolved_deepspeed_config(configured: Path | None, cfg: TrainConfig, world_size: int) -> dict | None:
     """The DeepSpeed JSON in use (if any) with every launcher-owned value filled from `cfg` (mismatches refused)."""
+    from launcher import deepspeed_config
+
     json_path = deepspeed_json(configured)
     if json_path is None:
         return None
@@ -258,6 +269,10 @@ def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_step
     `Accelerator.backward` (and DeepSpeed) divide each micro-step's loss by it; the loop multiplies it
     back in its exact token normalization.
     """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
     on_cpu = not torch.cuda.is_available()
     several = env_world_size() > 1
     if not on_cpu and several and output_dir is not None:
@@ -308,9 +323,13 @@ def _free_port() -> int:
 
 def seed_initial_weights(seed: int) -> None:
     """The same seed on every rank and world size, so initial weights never depend on the launch."""
+    from accelerate.utils import set_seed
+
     set_seed(seed)
 
 
 def seed_rank_streams(seed: int, rank: int) -> None:
     """Per-rank RNG for what should differ between ranks (dropout masks); data order does not use it."""
+    from accelerate.utils import set_seed
+
     set_seed(seed + rank)
