@@ -19,30 +19,41 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts
 FROZEN = ["tok_embed.*", "blocks.0.mlp_in.*"]
 
 
-def ddp_and_deepspeed(tmp_path: Path, stage_json: str, max_grad_norm: float | None):
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, freeze=FROZEN, train={"max_steps": 6, "max_grad_norm": max_grad_norm, "gradient_accumulation_steps": 2,
-                                        "peak_tflops": 1.0}))
-    check(run_cli("train", str(config), "train.max_steps=0", f"output_dir={tmp_path / 'init'}"))
-    ddp = check(run_cli("train", str(config), f"output_dir={tmp_path / 'ddp'}", nproc=2))
-    ds = check(run_cli("train", str(config), f"output_dir={tmp_path / 'ds'}", f"deepspeed={REPO / 'configs' / 'deepspeed' / stage_json}", nproc=2))
-    assert "DDP (gloo): global batch 8 " in ddp.stdout
-    stage = stage_json.removeprefix("zero").removesuffix(".json").removesuffix("_offload")
-    assert f"DeepSpeed ZeRO-{stage}: global batch 8 " in ds.stdout  # Accelerate really built the engine
-    return ds
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory):
+    """`reference(max_grad_norm)`: (config, folder) of the initial weights (folder/init) and of the DDP run
+    (folder/ddp) every DeepSpeed stage is compared with; each made once per clipping setting."""
+    made = {}
+
+    def reference(max_grad_norm: float | None) -> tuple[Path, Path]:
+        if max_grad_norm not in made:
+            folder = tmp_path_factory.mktemp(f"ddp-clip-{max_grad_norm}")
+            config = write_config(folder / "c.yaml", tiny_config(
+                folder, freeze=FROZEN, train={"max_steps": 6, "max_grad_norm": max_grad_norm, "gradient_accumulation_steps": 2,
+                                              "peak_tflops": 1.0}))
+            check(run_cli("train", str(config), "train.max_steps=0", f"output_dir={folder / 'init'}"))
+            ddp = check(run_cli("train", str(config), f"output_dir={folder / 'ddp'}", nproc=2))
+            assert "DDP (gloo): global batch 8 " in ddp.stdout
+            made[max_grad_norm] = config, folder
+        return made[max_grad_norm]
+
+    return reference
 
 
 @pytest.mark.parametrize("stage_json, max_grad_norm", [
     ("zero1.json", 0.5), ("zero2.json", 0.5), ("zero3.json", 0.5), ("zero2.json", None), ("zero3.json", None),
     ("zero3_offload.json", 0.5)])
-def test_deepspeed_matches_ddp(tmp_path: Path, stage_json: str, max_grad_norm: float | None):
+def test_deepspeed_matches_ddp(ddp_reference, tmp_path: Path, stage_json: str, max_grad_norm: float | None):
     """Same per-step losses, pre-clip grad norms (read from the engine, with and without clipping) and lr;
     same exported weights; frozen parameters bitwise unchanged. With the optimizer offloaded, DeepSpeed's CPU Adam
     makes the updates."""
-    ds = ddp_and_deepspeed(tmp_path, stage_json, max_grad_norm)
+    config, reference = ddp_reference(max_grad_norm)
+    ds = check(run_cli("train", str(config), f"output_dir={tmp_path / 'ds'}", f"deepspeed={REPO / 'configs' / 'deepspeed' / stage_json}", nproc=2))
+    stage = stage_json.removeprefix("zero").removesuffix(".json").removesuffix("_offload")
+    assert f"DeepSpeed ZeRO-{stage}: global batch 8 " in ds.stdout  # Accelerate really built the engine
     if "offload" in stage_json:
         assert "optimizer offloaded to the CPU: DeepSpeedCPUAdam, 1 thread(s) per process" in ds.stdout, ds.stdout[-2000:]
-    ddp_rows = [r for r in metrics(tmp_path / "ddp") if "loss" in r]
+    ddp_rows = [r for r in metrics(reference / "ddp") if "loss" in r]
     ds_rows = [r for r in metrics(tmp_path / "ds") if "loss" in r]
     assert [r["step"] for r in ds_rows] == [r["step"] for r in ddp_rows] == list(range(1, 7))
     if max_grad_norm is not None:
@@ -53,7 +64,7 @@ def test_deepspeed_matches_ddp(tmp_path: Path, stage_json: str, max_grad_norm: f
         assert ds["lr"] == pytest.approx(ddp["lr"], rel=1e-12)
         # the same model FLOPs per token, read from ZeRO-3's partitioned parameters too
         assert ds["mfu"] / ds["tokens_per_s"] == pytest.approx(ddp["mfu"] / ddp["tokens_per_s"], rel=1e-12)
-    initial, ddp_w, ds_w = (final_weights(tmp_path / d) for d in ("init", "ddp", "ds"))
+    initial, ddp_w, ds_w = final_weights(reference / "init"), final_weights(reference / "ddp"), final_weights(tmp_path / "ds")
     assert set(ds_w) == set(ddp_w)
     for name, tensor in ddp_w.items():
         assert ds_w[name].shape == tensor.shape and ds_w[name].dtype == torch.float32, name
