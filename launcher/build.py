@@ -93,12 +93,14 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
     # multi-process: the main process takes the lock below and tells every rank (a rank cannot tell its own run's lock)
     start = start or plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
     tokenizer = load_tokenizer(cfg)
-    try:  # before the model is built: output_dir and caches writable, room for a checkpoint
-        check_storage_for(cfg, inspection_model(cfg, tokenizer))
+    # a factory's model is built for real either way (its code may not run on the meta device): build it once
+    built = build_bare_model(cfg, tokenizer) if cfg.model.factory is not None else None
+    try:  # before a model is loaded: output_dir and caches writable, room for a checkpoint
+        check_storage_for(cfg, built[0] if built else inspection_model(cfg, tokenizer))
     except RunFault as err:
         err.quiet = env_rank() != 0  # every rank finds it: one report
         raise
-    model, frozen = build_bare_model(cfg, tokenizer)  # freezing precedes wrapping: DDP and the optimizer see only trainable params
+    model, frozen = built or build_bare_model(cfg, tokenizer)  # freezing precedes wrapping: DDP and the optimizer see only trainable params
 
     plan = batch_plan(cfg, env_world_size())
     check_options(cfg, uses_deepspeed=deepspeed_json(cfg.deepspeed) is not None)
