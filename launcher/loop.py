@@ -267,11 +267,12 @@ def save_final_weights(run: Run, pending: BaseException | None = None):
     """Full, unwrapped weights (gathered from every rank where they are sharded), written by the main process.
     `pending`: a write that already failed (the last metrics rows): the run ends on it instead."""
     acc = run.accelerator
+    bare = acc.unwrap_model(run.model, keep_torch_compile=False)  # without the DDP and torch.compile wrappers
     if acc.distributed_type == DistributedType.DEEPSPEED:
         state_dict = deepspeed_full_state_dict(acc, run.model)
-    else:  # without the DDP and torch.compile wrappers, so names match the bare model's
-        state_dict = acc.unwrap_model(run.model, keep_torch_compile=False).state_dict()
-    path, error, bare = None, None, acc.unwrap_model(run.model, keep_torch_compile=False)
+    else:  # names match the bare model's
+        state_dict = bare.state_dict()
+    path, error = None, None
     if run.is_main_process:
         try:
             if pending is not None:
