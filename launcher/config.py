@@ -484,10 +484,12 @@ def _section_at(loc: list[str]) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc:
         field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # an optional section (lora, fsdp) is `Section | None`
+        kinds = [a for a in (getattr(field, "annotation", None), *typing.get_args(getattr(field, "annotation", None)))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not kinds:
             return None
-        model = annotation
+        model = kinds[0]
     return model
 
 
