@@ -36,7 +36,7 @@ from launcher.resume import Start, check_end, plan_start
 class Run:
     cfg: Config
     accelerator: Accelerator
-    model: nn.Module  # wrapped (DDP, compiled, ...) by accelerator.prepare
+    model: nn.Module  # wrapped (DDP, compiled, ...) by accelerator.prepare, or sharded by FSDP2
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
     train_data: TrainData
@@ -49,7 +49,7 @@ class Run:
     skipped_steps: int = 0  # fp16 overflow steps among them
     nonfinite_steps: int = 0  # steps dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)
     lock: OutputLock | None = None  # the main process's hold on output_dir
-    backend: Backend | None = None  # what differs between DDP and DeepSpeed (launcher.backends)
+    backend: Backend | None = None  # what differs between DDP, DeepSpeed and FSDP2 (launcher.backends)
 
     @property
     def is_main_process(self) -> bool:
@@ -100,11 +100,12 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
     except RunFault as err:
         err.quiet = env_rank() != 0  # every rank finds it: one report
         raise
-    model, frozen = build_bare_model(cfg, tokenizer)  # freezing precedes wrapping: DDP and the optimizer see only trainable params
+    model, frozen = build_bare_model(cfg, tokenizer)  # freezing precedes wrapping: DDP, FSDP2 and the optimizer see only trainable params
 
     plan = batch_plan(cfg, env_world_size())
     check_options(cfg, uses_deepspeed=deepspeed_json(cfg.deepspeed) is not None)
-    accelerator = make_accelerator(cfg.train, cfg.deepspeed, plan.micro_steps_per_process, cfg.distributed.timeout_s, cfg.output_dir)
+    accelerator = make_accelerator(cfg.train, cfg.deepspeed, plan.micro_steps_per_process, cfg.distributed.timeout_s, cfg.output_dir,
+                                   needs_process_group=cfg.fsdp is not None)
     backend = make_backend(accelerator, cfg)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     start = agree_on_start(accelerator, cfg, start)
@@ -121,7 +122,7 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
     check_end(start, total_steps, cfg)
 
     offloaded = backend.offloads_optimizer
-    model = backend.shard(model)  # before the optimizer is built: it must see the parameters the backend trains
+    model = backend.shard(model)  # before the optimizer is built: it must see the parameters the backend trains (FSDP2: shards)
     optimizer = build_optimizer(model, cfg.train, cpu_adam=offloaded)
     if offloaded:
         accelerator.print(f"optimizer offloaded to the CPU: {type(optimizer).__name__}, {torch.get_num_threads()} thread(s) per process")
@@ -146,6 +147,8 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
     )
     accelerator.print(f"{world_size} process(es), {torch.get_num_threads()} CPU thread(s) each"
                       f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    for line in backend.notes:
+        accelerator.print(line)
     if state:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     for line in start.notes + ([f"changed since the checkpoint: {', '.join(start.changes)}"] if start.changes else []):

@@ -97,7 +97,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         for k, micro in enumerate(window.micro_batches):
             is_sync = k == micro_steps - 1
             acc.sync_gradients = is_sync  # AcceleratedOptimizer and DeepSpeed act only on the sync micro-step
-            # gradients accumulate locally; the one all-reduce happens in the window's last backward
+            # gradients accumulate locally; they are all-reduced (FSDP2: reduce-scattered) once, in the window's last backward
             with backend.micro_step(model, is_sync):
                 loss_sum = token_loss_sum(model, micro.to(acc.device))
                 acc.backward(loss_sum * scale)
