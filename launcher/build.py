@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import broadcast_object_list
 from torch import nn
 
+from launcher.backends import Backend, backend_kind, diagnostics_problems, make_backend
 from launcher.batches import BatchPlan
 from launcher.checkpoints import load_checkpoint, set_aside_newer
 from launcher.config import Config
 from launcher.data import EvalData, TrainData, cache_root, prepare_splits
-from launcher.diagnostics import check_backend_support, check_dump_names
+from launcher.diagnostics import check_dump_names
 from launcher.distributed import (check_hardware, deepspeed_json, env_rank, env_world_size, make_accelerator, resolved_deepspeed_config,
                                   seed_initial_weights, seed_rank_streams)
 from launcher.errors import RunFault, UsageError
@@ -35,7 +36,7 @@ from launcher.resume import Start, check_end, plan_start
 class Run:
     cfg: Config
     accelerator: Accelerator
-    model: nn.Module  # wrapped (DDP, compiled, ...) by accelerator.prepare
+    model: nn.Module  # wrapped (DDP, compiled, ...) by accelerator.prepare, or sharded by FSDP2
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
     train_data: TrainData
@@ -48,6 +49,7 @@ class Run:
     skipped_steps: int = 0  # fp16 overflow steps among them
     nonfinite_steps: int = 0  # steps dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)
     lock: OutputLock | None = None  # the main process's hold on output_dir
+    backend: Backend | None = None  # what differs between DDP, DeepSpeed and FSDP2 (launcher.backends)
 
     @property
     def is_main_process(self) -> bool:
@@ -100,11 +102,13 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
     except RunFault as err:
         err.quiet = env_rank() != 0  # every rank finds it: one report
         raise
-    model, frozen = built or build_bare_model(cfg, tokenizer)  # freezing precedes wrapping: DDP and the optimizer see only trainable params
+    model, frozen = built or build_bare_model(cfg, tokenizer)  # freezing precedes wrapping: DDP, FSDP2 and the optimizer see only trainable params
 
     plan = batch_plan(cfg, env_world_size())
     check_options(cfg, uses_deepspeed=deepspeed_json(cfg.deepspeed) is not None)
-    accelerator = make_accelerator(cfg.train, cfg.deepspeed, plan.micro_steps_per_process, cfg.distributed.timeout_s, cfg.output_dir)
+    accelerator = make_accelerator(cfg.train, cfg.deepspeed, plan.micro_steps_per_process, cfg.distributed.timeout_s, cfg.output_dir,
+                                   needs_process_group=cfg.fsdp is not None)
+    backend = make_backend(accelerator, cfg)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     start = agree_on_start(accelerator, cfg, start)
     checkpoint = start.checkpoint
@@ -119,17 +123,18 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
     total_steps = plan.total_steps(len(train_data), cfg.train.max_steps, cfg.train.epochs)
     check_end(start, total_steps, cfg)
 
-    offloaded = offloads_optimizer(accelerator)
+    offloaded = backend.offloads_optimizer
+    model = backend.shard(model)  # before the optimizer is built: it must see the parameters the backend trains (FSDP2: shards)
     optimizer = build_optimizer(model, cfg.train, cpu_adam=offloaded)
     if offloaded:
         accelerator.print(f"optimizer offloaded to the CPU: {type(optimizer).__name__}, {torch.get_num_threads()} thread(s) per process")
     lr_schedule = build_lr_schedule(optimizer, cfg.train, total_steps)
     accelerator.print(parameter_table(model))
     accelerator.print(describe_model(model, cfg) + f"; tokenizer {tokenizer.name}")
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = backend.prepare(model, optimizer)
     accelerator.register_for_checkpointing(lr_schedule)
     seed_rank_streams(cfg.seed, rank)  # a resumed run then restores every rank's RNG states from the checkpoint
-    state = load_checkpoint(accelerator, checkpoint, plan.global_batch_size) if checkpoint else None
+    state = load_checkpoint(backend, checkpoint, plan.global_batch_size) if checkpoint else None
     if state:
         apply_hyperparameters(lr_schedule, cfg.train, total_steps)  # the config's values, not the checkpoint's
 
@@ -138,19 +143,21 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
     if world_size > 1:
         log_to_rank_file(cfg.output_dir, rank)
     accelerator.print(
-        f"{backend_name(accelerator)}: {plan.describe()}; {len(train_data)} training samples of {cfg.data.seq_len} tokens,"
+        f"{backend.name}: {plan.describe()}; {len(train_data)} training samples of {cfg.data.seq_len} tokens,"
         f" {train_data.steps_per_epoch} steps per epoch, {total_steps} steps;"
         f" {len(eval_blocks) if eval_blocks is not None else 0} held-out samples"
     )
     accelerator.print(f"{world_size} process(es), {torch.get_num_threads()} CPU thread(s) each"
                       f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    for line in backend.notes:
+        accelerator.print(line)
     if state:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     for line in start.notes + ([f"changed since the checkpoint: {', '.join(start.changes)}"] if start.changes else []):
         accelerator.print(line)
     return Run(cfg, accelerator, model, optimizer, lr_schedule, train_data, eval_data, tokenizer, plan, total_steps, frozen,
                start_step=state.step if state else 0, skipped_steps=state.skipped_steps if state else 0,
-               nonfinite_steps=state.nonfinite_steps if state else 0, lock=lock)
+               nonfinite_steps=state.nonfinite_steps if state else 0, lock=lock, backend=backend)
 
 
 def agree_on_start(accelerator: Accelerator, cfg: Config, start: Start) -> Start:
@@ -304,7 +311,9 @@ def inspection_model(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer | None 
 
 def check_options(cfg: Config, uses_deepspeed: bool) -> None:
     """Options that depend on the backend or on an optional package, checked before anything starts."""
-    check_backend_support(cfg.diagnostics, uses_deepspeed)
+    problems = diagnostics_problems(backend_kind(cfg, uses_deepspeed), cfg.diagnostics)
+    if problems:
+        raise UsageError(*problems)
     if cfg.train.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -333,18 +342,3 @@ def prepare_data(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer, report=Non
                 raise RunFault(f"preparing the data: {FAULTS[err.errno]} writing '{where or folder}' ({free_text(existing_parent(folder))});"
                                f" free space or make it writable, or set {key} to another folder") from None
         raise
-
-
-def offloads_optimizer(accelerator: Accelerator) -> bool:
-    """DeepSpeed with zero_optimization.offload_optimizer.device cpu."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return False
-    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-    return (zero.get("offload_optimizer") or {}).get("device") == "cpu"
-
-
-def backend_name(accelerator: Accelerator) -> str:
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-    return {DistributedType.NO: "single process", DistributedType.MULTI_CPU: "DDP (gloo)"}.get(
-        accelerator.distributed_type, f"DDP ({accelerator.distributed_type.value})")

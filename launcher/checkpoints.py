@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
 from launcher.distributed import first_failed_rank
 from launcher.errors import RunFault, UsageError
@@ -124,7 +123,7 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(acc: Accelerator, output_dir: Path, state: TrainerState, config_yaml: str, keep_last: int | None,
+def save_checkpoint(acc: Accelerator, backend, output_dir: Path, state: TrainerState, config_yaml: str, keep_last: int | None,
                     storage_fault=lambda err: None, pending: BaseException | None = None) -> Path:
     """Every rank calls this at the same optimizer-step boundary; returns the complete checkpoint.
 
@@ -163,7 +162,7 @@ def save_checkpoint(acc: Accelerator, output_dir: Path, state: TrainerState, con
             shutil.rmtree(partial)
         partial.mkdir()
     stage(start if acc.is_main_process or pending is not None else lambda: None)
-    stage(lambda: acc.save_state(str(partial)))  # every rank's files (its RNG states, DeepSpeed shards)
+    stage(lambda: backend.save_state(partial))  # every rank's files (its RNG states, its shards)
 
     def commit() -> None:
         (partial / "config.yaml").write_text(config_yaml)
@@ -180,21 +179,20 @@ def save_checkpoint(acc: Accelerator, output_dir: Path, state: TrainerState, con
     return final
 
 
-def load_checkpoint(acc: Accelerator, path: Path, global_batch_size: int) -> TrainerState:
-    """Restore the run from `path`; UsageError (one line, nothing deleted) when it cannot be resumed."""
+def load_checkpoint(backend, path: Path, global_batch_size: int) -> TrainerState:
+    """Restore the run from `path` through the run's backend (launcher.backends); UsageError (one line, nothing
+    deleted) when it cannot be resumed."""
     state = read_state(path)
     if state.global_batch_size != global_batch_size:
         raise UsageError(
             f"resume: '{path}' was trained with a global batch of {state.global_batch_size}, this run has {global_batch_size};"
             f" set train.gradient_accumulation_steps (or micro_batch_size) so that the global batch is {state.global_batch_size}"
         )
-    if acc.distributed_type == DistributedType.DEEPSPEED and state.world_size != acc.num_processes:
-        raise UsageError(
-            f"resume: '{path}' holds DeepSpeed shards of {state.world_size} ranks, this run has {acc.num_processes};"
-            f" resume it with {state.world_size} processes"
-        )
+    problem = backend.resume_problem(path, state)
+    if problem:
+        raise UsageError(problem)
     try:
-        acc.load_state(str(path))
+        backend.load_state(path)
     except Exception as err:  # torch, safetensors and DeepSpeed raise many types for a bad file
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         if "size mismatch" in str(err) or "shape" in str(err):

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     plan.add_argument("--gpus-per-node", type=int, help="processes per node (default: launch.nproc_per_node)")
     plan.add_argument("--deepspeed", help="a DeepSpeed JSON (the same as deepspeed=JSON)")
+    plan.add_argument("--compare-backends", action="store_true",
+                      help="per-rank bytes of parameters, gradients and optimizer state under DDP, ZeRO-1/2/3 and FSDP2")
     plan.add_argument("--time-limit", help="the SLURM time limit, HH:MM:SS")
     plan.add_argument("--step-time-s", type=float, help="estimated seconds per optimizer step")
     plan.add_argument("--cpus-per-task", type=int, help="CPUs per node for the sbatch line (default: --exclusive, whole nodes)")
@@ -110,10 +112,11 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     from launcher.config import load_config
-    from launcher.distributed import (default_checkpoint_minutes, default_resume, env_world_size, launched_by_a_launcher,
-                                      processes_to_start, report_stop, restart_count)
+    from launcher.distributed import (default_checkpoint_minutes, default_resume, env_world_size, fsdp_from_accelerate,
+                                      launched_by_a_launcher, processes_to_start, report_stop, restart_count)
 
     cfg = load_config(args.config, args.overrides + flag_overrides(args), job_values=True)  # before torch is imported
+    cfg.fsdp = fsdp_from_accelerate(cfg.fsdp, cfg.deepspeed)  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
     import torch
 
     from launcher.resume import plan_start
@@ -228,7 +231,7 @@ def run_plan(args: argparse.Namespace) -> int:
     alloc = Allocation(args.nodes, args.gpus_per_node or processes_to_start(cfg.launch),
                        parse_duration(args.time_limit) if args.time_limit else None, args.step_time_s,
                        cpus_per_task=args.cpus_per_task, mem=args.mem)
-    print(plan_text(cfg, args.config, overrides, alloc))
+    print(plan_text(cfg, args.config, overrides, alloc, compare_backends=args.compare_backends))
     return 0
 
 

@@ -248,6 +248,14 @@ class DiagnosticsConfig(Section):
     detect_anomaly: bool = Field(False, description="torch.autograd anomaly detection: the backward op that made a nan, with its forward trace (slow)")
 
 
+class FsdpConfig(Section):
+    reshard_after_forward: bool = Field(
+        True, description="free each block's gathered parameters after its forward (gathered again for the backward): less memory, one more all-gather per block")
+    sync_every_micro_step: bool = Field(
+        False, description="reduce-scatter after every micro-step instead of the window's last (the same numbers; k x the communication, sharded instead of full accumulated gradients in memory)")
+    cpu_offload: bool = Field(False, description="keep the parameter shards, their gradients and the optimizer state in CPU memory (the optimizer steps on the CPU)")
+
+
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="optimizer steps between checkpoints (and one at the end); null: only on preemption")
     every_minutes: float | None = Field(
@@ -291,6 +299,7 @@ class Config(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze: globs on dotted names, 're:' for a regex")
     deepspeed: Path | None = Field(None, description="DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) to train with DeepSpeed; null: DDP")
+    fsdp: FsdpConfig | None = Field(None, description="train with FSDP2 (fully_shard per transformer block), with these options; {} for the defaults; null: DDP")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     resume: str | None = Field(None, min_length=1, description="'auto': the newest complete checkpoint in output_dir (none: start fresh); or a checkpoint folder")
@@ -323,6 +332,15 @@ class Config(Section):
             raise ValueError("lora: needs a Hugging Face model; set model.pretrained (or model.hf_config), or remove lora")
         if self.export.merge_lora and self.lora is None:
             raise ValueError("export.merge_lora: there is no lora section to merge; remove export.merge_lora or add lora")
+        if self.fsdp is not None:
+            if self.deepspeed is not None:
+                raise ValueError("fsdp and deepspeed both choose the backend; keep one of them")
+            if self.launch.simulate_world_size:
+                raise ValueError("launch.simulate_world_size simulates DDP; remove fsdp (FSDP2 matches DDP's updates)")
+            if self.train.mixed_precision == "fp16":
+                raise ValueError("train.mixed_precision: fp16 needs a sharded loss scaler, which fsdp does not set up; use bf16")
+            if self.train.compile:
+                raise ValueError("train.compile: not available with fsdp; set train.compile to false")
         if self.model.dtype == "bf16" and self.deepspeed is not None:
             raise ValueError("model.dtype: bf16 is pure 16-bit training; DeepSpeed keeps its own fp32 master weights: use train.mixed_precision: bf16 and model.dtype: fp32")
         return self
@@ -484,10 +502,12 @@ def _section_at(loc: list[str]) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc:
         field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # an optional section (lora, fsdp) is `Section | None`
+        kinds = [a for a in (getattr(field, "annotation", None), *typing.get_args(getattr(field, "annotation", None)))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not kinds:
             return None
-        model = annotation
+        model = kinds[0]
     return model
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import gather_object
 from torch import nn
 
 from launcher.config import DiagnosticsConfig
@@ -35,17 +35,8 @@ class GradNorms:
     total: torch.Tensor  # the global norm over all of them
 
 
-def gradient_norms(acc, params: list[nn.Parameter], max_norm: float | None, norm_type: float) -> GradNorms:
-    """Pre-clip norms of the synced gradients (unscaled first under fp16); `clip` then uses them.
-
-    Under DeepSpeed the engine has already clipped (its gradient_clipping is train.max_grad_norm) and
-    stepped inside the sync micro-step's backward, and its gradients are partitioned: this reads the
-    pre-clip global norm it computed then.
-    """
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        norm = acc.clip_grad_norm_(params, max_norm, norm_type=norm_type)
-        return GradNorms(None, torch.as_tensor(norm if norm is not None else math.nan, dtype=torch.float32, device=acc.device))
-    acc.unscale_gradients()  # fp16: the scaler's own inf check happens here; a no-op otherwise
+def gradient_norms(params: list[nn.Parameter], norm_type: float) -> GradNorms:
+    """Pre-clip norms of the synced (and already unscaled) full gradients: per parameter and in total."""
     with_grad = [p for p in params if p.grad is not None]
     per_grad = torch._foreach_norm([p.grad for p in with_grad], norm_type)  # what clip_grad_norm_ computes, kept per parameter
     total = torch.linalg.vector_norm(torch.stack(per_grad), norm_type)
@@ -55,9 +46,9 @@ def gradient_norms(acc, params: list[nn.Parameter], max_norm: float | None, norm
     return GradNorms([next(it) if p.grad is not None else zero for p in params], total)
 
 
-def clip(params: list[nn.Parameter], max_norm: float | None, norms: GradNorms) -> None:
-    """Scale the gradients so their total norm is at most `max_norm` (DeepSpeed's engine clips itself)."""
-    if max_norm is not None and norms.per_param is not None:
+def clip_gradients(params: list[nn.Parameter], max_norm: float | None, norms: GradNorms) -> None:
+    """Scale the gradients so their total norm (`norms.total`, measured before) is at most `max_norm`."""
+    if max_norm is not None:
         # min(1, max_norm / norm) as a device scalar: no host-device sync
         torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norms.total)
 
@@ -65,38 +56,21 @@ def clip(params: list[nn.Parameter], max_norm: float | None, norms: GradNorms) -
 class NonFiniteWatch:
     """Notices the first inf/nan loss or gradient on the device, and reports where it came from.
 
-    Under DDP a comm hook records each rank's local gradient norms just before the all-reduce (after it,
-    one rank's nan is every rank's), so the report can say which rank produced it. Under fp16 a
-    non-finite gradient is the loss scaler's normal overflow skip and is not flagged; a non-finite loss is.
+    `local_norms` (the backend's): each rank's own gradient norms just before they are averaged (after it,
+    one rank's nan is every rank's), so the report can say which rank produced it; None where the backend
+    has none, `no_local_norms` then says why. Under fp16 a non-finite gradient is the loss scaler's normal
+    overflow skip and is not flagged; a non-finite loss is.
     """
 
-    def __init__(self, model: nn.Module, names: list[str], params: list[nn.Parameter], rank: int,
-                 device: torch.device, fp16: bool):
+    def __init__(self, names: list[str], rank: int, device: torch.device, fp16: bool,
+                 local_norms: list[torch.Tensor] | None, no_local_norms: str = ""):
         self.names, self.rank, self.fp16 = names, rank, fp16
         self.first_step = torch.full((), -1, dtype=torch.long, device=device)
         self.first_loss = torch.zeros((), dtype=torch.float64, device=device)
         self.first_local = torch.zeros(len(names), device=device)
         self.first_global = torch.zeros(len(names), device=device)
         self.current = None
-        self.local_norms = None
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            self._hook_local_norms(model, params, device)
-
-    def _hook_local_norms(self, model, params, device) -> None:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-        index = {id(p): i for i, p in enumerate(params)}
-        self.local_norms = [torch.zeros((), device=device)] * len(params)
-
-        def record_then_allreduce(state, bucket):
-            for param, norm in zip(bucket.parameters(), torch._foreach_norm(bucket.gradients())):
-                self.local_norms[index[id(param)]] = norm
-            return allreduce_hook(state, bucket)  # DDP's default: divide by the world size, all-reduce
-
-        try:
-            model.register_comm_hook(None, record_then_allreduce)
-        except RuntimeError:  # DDP takes one comm hook, and the model has one (e.g. gradient compression)
-            self.local_norms = None
+        self.local_norms, self.no_local_norms = local_norms, no_local_norms
 
     def record(self, step: int, local_loss: torch.Tensor, norms: GradNorms) -> torch.Tensor:
         """After optimizer step `step` (1-based) is measured: a device bool, True when it is bad on this rank."""
@@ -136,14 +110,16 @@ class NonFiniteWatch:
                 "local": self._offenders(local_vec) if have_names and (self.local_norms is not None or acc.num_processes == 1) else None,
                 "global": self._offenders(global_vec) if have_names else None}
         ranks = gather_object([info]) if acc.num_processes > 1 else [info]
-        return report_lines(step, ranks, len(self.names), policy, several=acc.num_processes > 1, fp16=self.fp16)
+        return report_lines(step, ranks, len(self.names), policy, several=acc.num_processes > 1, fp16=self.fp16,
+                            no_local_norms=self.no_local_norms)
 
     def _offenders(self, norms: torch.Tensor) -> list[tuple[str, float]]:
         values = norms.tolist()
         return [(name, v) for name, v in zip(self.names, values) if not math.isfinite(v)]
 
 
-def report_lines(step: int, ranks: list[dict], n_params: int, policy: str, several: bool, fp16: bool) -> list[str]:
+def report_lines(step: int, ranks: list[dict], n_params: int, policy: str, several: bool, fp16: bool,
+                 no_local_norms: str = "") -> list[str]:
     action = {"stop": "stopping (diagnostics.nonfinite: stop)", "skip": "step skipped (diagnostics.nonfinite: skip)"}[policy]
     lines = [f"non-finite loss or gradient at step {step}; {action}"]
     after = None
@@ -155,7 +131,7 @@ def report_lines(step: int, ranks: list[dict], n_params: int, policy: str, sever
         if info["global"] is None:
             grads = "gradient names are not available under DeepSpeed (partitioned); rerun with DDP or --debug to name them"
         elif info["local"] is None:
-            grads = "its own gradients were not recorded (the model has another DDP comm hook)"
+            grads = no_local_norms
         elif fp16:
             grads = "gradients not checked (fp16: overflowing gradients are the loss scaler's skips)"
         else:
@@ -233,20 +209,5 @@ def check_dump_names(model: nn.Module, names: list[str]) -> None:
             problems.append(f"diagnostics.dump_grad: no parameter '{name}'; closest names: {', '.join(closest)} (launcher inspect CONFIG lists them)")
         elif not params[name].requires_grad:
             problems.append(f"diagnostics.dump_grad: '{name}' is frozen by the freeze patterns, so it has no gradient; name a trainable parameter")
-    if problems:
-        raise UsageError(*problems)
-
-
-def check_backend_support(cfg: DiagnosticsConfig, uses_deepspeed: bool) -> None:
-    """DeepSpeed steps inside backward and partitions the gradients: what needs them before the step is refused."""
-    if not uses_deepspeed:
-        return
-    problems = []
-    if cfg.nonfinite == "skip":
-        problems.append("diagnostics.nonfinite: skip is not available under DeepSpeed (the engine steps inside backward); use stop")
-    if cfg.grad_norms_every is not None:
-        problems.append("diagnostics.grad_norms_every: per-layer gradient norms need DDP (DeepSpeed partitions the gradients); set it to null")
-    if cfg.dump_grad:
-        problems.append("diagnostics.dump_grad: needs DDP (DeepSpeed partitions the gradients); set it to [] or run with --debug")
     if problems:
         raise UsageError(*problems)

@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from launcher.config import LaunchConfig, TrainConfig
+from launcher.config import FsdpConfig, LaunchConfig, TrainConfig
 from launcher.errors import UsageError
 
 if TYPE_CHECKING:
@@ -48,6 +48,22 @@ def deepspeed_json(configured: Path | None) -> Path | None:
             f"deepspeed: the config names '{configured}' but the accelerate config names '{from_accelerate}'; keep one of them"
         )
     return configured or from_accelerate
+
+
+def fsdp_from_accelerate(configured: FsdpConfig | None, deepspeed: Path | None) -> FsdpConfig | None:
+    """The `fsdp` section: the config's, or the one an accelerate config selected (distributed_type FSDP, version 2).
+    Accelerate is then told nothing of FSDP: the launcher applies fully_shard itself (launcher.backends)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return configured
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UsageError("accelerate config: FSDP version 1 is not supported; set fsdp_config.fsdp_version: 2 (as configs/accelerate/fsdp2.yaml does)")
+    if deepspeed is not None:
+        raise UsageError("deepspeed: the config names a DeepSpeed JSON but the accelerate config selects FSDP; keep one of them")
+    os.environ.pop("ACCELERATE_USE_FSDP")
+    if configured is not None:
+        return configured
+    return FsdpConfig(reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false",
+                      cpu_offload=os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true")
 
 
 def env_rank() -> int:
@@ -262,7 +278,7 @@ def resolved_deepspeed_config(configured: Path | None, cfg: TrainConfig, world_s
 
 
 def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_steps_per_process: int | None = None,
-                     timeout_s: float = 600, output_dir: Path | None = None) -> Accelerator:
+                     timeout_s: float = 600, output_dir: Path | None = None, needs_process_group: bool = False) -> Accelerator:
     """The Accelerator, which joins the process group when launched with several processes.
 
     Accumulation (the micro-steps each process makes per optimizer step) is declared here so that
@@ -293,7 +309,7 @@ def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_step
     # to torch's 30-minute gloo default and DeepSpeed's own 30 minutes: pass both, always
     handler.to_kwargs = lambda: {"backend": handler.backend, "timeout": handler.timeout}
     kwargs = [handler] if several or plugin else []
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=on_cpu and plugin is None,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=micro_steps_per_process or cfg.gradient_accumulation_steps,
@@ -302,6 +318,11 @@ def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_step
         deepspeed_plugin=plugin,
         kwargs_handlers=kwargs,
     )
+    if needs_process_group and not torch.distributed.is_initialized():
+        # one process under FSDP2: its sharding (a mesh of one rank) and Distributed Checkpoint need a process group
+        torch.distributed.init_process_group(handler.backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                             timeout=handler.timeout)
+    return accelerator
 
 
 def record_flight(output_dir: Path) -> None:

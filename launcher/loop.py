@@ -17,19 +17,16 @@ import errno
 import math
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from accelerate.utils import DistributedType
 
-from launcher.build import Run, backend_name
+from launcher.build import Run
 from launcher.checkpoints import TrainerState, save_checkpoint
 from launcher.config import CheckpointConfig, to_yaml
 from launcher.data import IGNORE_INDEX, Batch
-from launcher.diagnostics import (GradNorms, NonFiniteWatch, clip, format_stats, gradient_stats, gradient_norms, is_dump_step,
-                                  layer_norms)
+from launcher.diagnostics import GradNorms, NonFiniteWatch, format_stats, gradient_stats, is_dump_step, layer_norms
 from launcher.distributed import first_failed_rank
 from launcher.errors import RunFault
 from launcher.flops import Mfu, make_mfu
@@ -51,24 +48,16 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     )
 
 
-def settle_ddp_buckets(run: Run) -> None:
-    """One backward of zeros before the first step, so that DDP's gradient buckets have their final layout.
-
-    DDP regroups its buckets after the first backward, in the order gradients became ready. With more
-    than two ranks the layout changes the summation order inside the all-reduce, so a run resumed from a
-    checkpoint (whose first step would use the initial layout) would drift from the uninterrupted run by
-    float rounding. This settles the layout the same way in every run; it changes no weight, gradient,
-    optimizer state or RNG stream.
-    """
-    if not isinstance(run.model, torch.nn.parallel.DistributedDataParallel):
-        return
+def zero_loss_backward(run: Run) -> None:
+    """One backward of a loss of 0 (no target token), communicated once like a step's last micro-step; it changes no
+    weight, gradient, optimizer state or RNG stream (the backend's before_first_step may ask for it)."""
     acc, width = run.accelerator, run.cfg.data.seq_len
     empty = Batch(torch.zeros(1, width, dtype=torch.long, device=acc.device),
                   torch.full((1, width), IGNORE_INDEX, dtype=torch.long, device=acc.device))
     devices = [acc.device] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         acc.sync_gradients = True
-        acc.backward(token_loss_sum(run.model, empty))  # no target token: a loss of 0, all-reduced once
+        acc.backward(token_loss_sum(run.model, empty))
     run.optimizer.zero_grad(set_to_none=True)
 
 
@@ -78,7 +67,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     With `preemption`, a signal on any rank stops every rank at the same step boundary, after a checkpoint.
     An inf/nan loss or gradient stops the run (no checkpoint after it) or skips the step, per diagnostics.nonfinite.
     """
-    acc, model, optimizer, cfg = run.accelerator, run.model, run.optimizer, run.cfg
+    acc, model, optimizer, cfg, backend = run.accelerator, run.model, run.optimizer, run.cfg, run.backend
     tensorboard = cfg.output_dir / "tensorboard" if cfg.train.tensorboard else None
     mfu, mfu_line = make_mfu(acc.unwrap_model(model), cfg.data.seq_len, acc.device, cfg.train.mixed_precision,
                              cfg.train.peak_tflops, acc.num_processes)
@@ -93,8 +82,9 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         first_eval = last_eval = log_eval(run, metrics, step=0)
 
     model.train()
-    settle_ddp_buckets(run)
-    watch = NonFiniteWatch(model, names, params, acc.process_index, acc.device, cfg.train.mixed_precision == "fp16")
+    backend.before_first_step(lambda: zero_loss_backward(run))  # DDP: settles its gradient buckets
+    watch = NonFiniteWatch(names, acc.process_index, acc.device, cfg.train.mixed_precision == "fp16",
+                           backend.local_gradient_norms(params), backend.no_local_norms)
     optimizer.zero_grad(set_to_none=True)
     steps_done, skipped_steps, nonfinite_steps = run.start_step, run.skipped_steps, run.nonfinite_steps
     interval, preempted, requeue, nonfinite = Interval(acc.device, mfu), False, False, None
@@ -107,17 +97,18 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         for k, micro in enumerate(window.micro_batches):
             is_sync = k == micro_steps - 1
             acc.sync_gradients = is_sync  # AcceleratedOptimizer and DeepSpeed act only on the sync micro-step
-            # no_sync: gradients accumulate locally; the one all-reduce happens in the last backward
-            with nullcontext() if is_sync else acc.no_sync(model):
+            # gradients accumulate locally; they are all-reduced (FSDP2: reduce-scattered) once, in the window's last backward
+            with backend.micro_step(model, is_sync):
                 loss_sum = token_loss_sum(model, micro.to(acc.device))
                 acc.backward(loss_sum * scale)
             step_loss += loss_sum.detach()  # no sync per micro-step
         steps_done = step + 1
         is_log_step = steps_done % cfg.train.log_every == 0 or steps_done == run.total_steps
-        norms = gradient_norms(acc, params, cfg.train.max_grad_norm, cfg.train.grad_norm_type)
+        backend.unscale()  # fp16: the loss scale divided out (the scaler's inf check); a no-op otherwise
+        norms = backend.gradient_norms(params, cfg.train.grad_norm_type)  # pre-clip, global over the ranks; logged
         bad = watch.record(steps_done, step_loss, norms)  # device-side: no sync
         inspect_gradients(run, metrics, names, params, norms, steps_done)
-        clip(params, cfg.train.max_grad_norm, norms)  # on the synced gradients only, after unscaling, before the step
+        backend.clip(params, cfg.train.max_grad_norm, norms)  # the synced gradients, before the step (DeepSpeed clipped already)
         if cfg.diagnostics.nonfinite == "skip" and watch.current_is_bad(acc, bad):  # one sync per step
             drop_step(acc, watch.current_report(acc))
             nonfinite_steps += 1
@@ -150,8 +141,8 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
             last_eval = log_eval(run, metrics, steps_done)
         if preempted or due:
             state = TrainerState(steps_done, steps_done // run.train_data.steps_per_epoch, skipped_steps,
-                                 run.plan.global_batch_size, run.plan.processes, backend_name(acc), nonfinite_steps)
-            save_checkpoint(acc, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last,
+                                 run.plan.global_batch_size, run.plan.processes, backend.name, nonfinite_steps)
+            save_checkpoint(acc, backend, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last,
                             lambda err: storage_fault(err, cfg.output_dir, f"checkpoint of step {steps_done}"), metrics.fault)
             clock.saved()
         if preempted:
@@ -194,7 +185,7 @@ def inspect_gradients(run: Run, metrics: MetricsLog, names, params, norms: GradN
         metrics.write({"step": step, "grad_norm_by_layer": layer_norms(names, norms, run.cfg.train.grad_norm_type)})
     if is_dump_step(cfg, step, run.cfg.train.log_every):
         by_name = dict(zip(names, params))
-        stats = {name: gradient_stats(by_name[name].grad) for name in cfg.dump_grad}
+        stats = {name: gradient_stats(run.backend.full_gradient(by_name[name])) for name in cfg.dump_grad}
         for name, values in stats.items():
             run.accelerator.print(format_stats(name, by_name[name].shape, step, values))
         metrics.write({"step": step, "grad": stats})
@@ -267,12 +258,8 @@ def save_final_weights(run: Run, pending: BaseException | None = None):
     """Full, unwrapped weights (gathered from every rank where they are sharded), written by the main process.
     `pending`: a write that already failed (the last metrics rows): the run ends on it instead."""
     acc = run.accelerator
-    bare = acc.unwrap_model(run.model, keep_torch_compile=False)  # without the DDP and torch.compile wrappers
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        state_dict = deepspeed_full_state_dict(acc, run.model)
-    else:  # names match the bare model's
-        state_dict = bare.state_dict()
-    path, error = None, None
+    state_dict = run.backend.full_state_dict()  # a collective where the weights are sharded
+    path, error, bare = None, None, acc.unwrap_model(run.model, keep_torch_compile=False)
     if run.is_main_process:
         try:
             if pending is not None:
@@ -298,22 +285,3 @@ def write_fault(run: Run, error: BaseException | None, what: str) -> BaseExcepti
     if error is None:
         return RunFault(f"{what}: a write failed on the main process", quiet=True)
     return storage_fault(error, run.cfg.output_dir, what) or error
-
-
-def deepspeed_full_state_dict(acc, engine) -> dict[str, torch.Tensor]:
-    """Consolidated weights under any ZeRO stage; collectives under ZeRO-3, so every rank calls it.
-
-    Trainable parameters come from the optimizer's fp32 master copies (under bf16/fp16 the module
-    holds only 16-bit copies); frozen parameters and buffers from the module.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    # ZeRO-3: needs stage3_gather_16bit_weights_on_model_save, and returns None off the main process
-    state_dict = acc.get_state_dict(engine)
-    # every name of a tied parameter (GPT-2's lm_head and embedding) gets the master copy
-    for name, param in acc.unwrap_model(engine).named_parameters(remove_duplicate=False):
-        if param.requires_grad:
-            master = safe_get_full_fp32_param(param)  # a collective under ZeRO-3: every rank asks
-            if master is not None and state_dict is not None:
-                state_dict[name] = master.detach().to("cpu")
-    return state_dict

@@ -29,7 +29,7 @@ class Allocation:
     mem: str | None = None  # memory per node (sbatch --mem); None: all of it (--mem=0)
 
 
-def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Allocation) -> str:
+def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Allocation, compare_backends: bool = False) -> str:
     world_size = alloc.nodes * alloc.processes_per_node
     ds_config, batch, model = check_run_inputs(cfg, world_size)  # what the run checks, and fails on, first
     train_blocks, eval_blocks = prepare_splits(cfg.data, cfg.seed, load_tokenizer(cfg))
@@ -49,12 +49,37 @@ def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Alloca
         parameter_table(model),
         "",
     ]
+    lines += memory_lines(cfg, ds_config, model, world_size, compare_backends) + [""]
     if ds_config is not None:
         lines += [f"DeepSpeed config ({cfg.deepspeed or 'from the accelerate config'}), every \"auto\" filled:",
                   json.dumps(ds_config, indent=2), ""]
     lines += checkpoint_cadence(cfg, total_steps, alloc)
     lines += ["", "commands:", *command_lines(config_path, overrides, alloc)]
     return "\n".join(lines)
+
+
+def memory_lines(cfg: Config, ds_config: dict | None, model, world_size: int, compare_backends: bool) -> list[str]:
+    """Per-rank bytes of parameters, gradients and optimizer state: the run's backend, or every backend."""
+    from launcher.backends import memory_per_rank
+    from launcher.deepspeed_config import zero_stage
+    from launcher.outputs import _size
+
+    table = memory_per_rank(model, world_size)
+    chosen = f"ZeRO-{zero_stage(ds_config)}" if ds_config is not None else "FSDP2" if cfg.fsdp is not None else "DDP"
+    if chosen not in table:  # ZeRO-0: DeepSpeed without sharding
+        chosen = "DDP"
+    rows = table if compare_backends else {chosen: table[chosen]}
+    lines = [f"memory per rank (world size {world_size}; activations and communication buffers not counted; ZeRO rows estimated):",
+             f"  {'backend':<8} {'parameters':>12} {'gradients':>12} {'optimizer':>12} {'total':>12}"]
+    for name, (params, grads, optimizer) in rows.items():
+        mark = "  <- this run" if compare_backends and name == chosen else ""
+        lines.append(f"  {name:<8} {_size(params):>12} {_size(grads):>12} {_size(optimizer):>12} {_size(params + grads + optimizer):>12}{mark}")
+    if "FSDP2" in rows and not (cfg.fsdp is not None and cfg.fsdp.sync_every_micro_step):
+        lines.append(f"  FSDP2 with accumulation also holds the full gradients ({_size(table['DDP'][1])}) during a window, unless"
+                     f" fsdp.sync_every_micro_step")
+    if not compare_backends:
+        lines.append("  (--compare-backends: DDP, ZeRO-1/2/3 and FSDP2 side by side)")
+    return lines
 
 
 def checkpoint_cadence(cfg: Config, total_steps: int, alloc: Allocation) -> list[str]:

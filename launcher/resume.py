@@ -28,7 +28,8 @@ from launcher.outputs import check_output_dir, holds_files
 # into micro-batch x accumulation x world size may change)
 FREE_KEYS = ("output_dir", "resume", "resume_allow_changes", "launch", "distributed", "eval", "checkpoint", "diagnostics", "train.log_every",
              "train.tensorboard", "train.compile", "train.max_steps", "train.epochs", "train.micro_batch_size",
-             "train.gradient_accumulation_steps", "data.cache_dir")
+             "train.gradient_accumulation_steps", "data.cache_dir", "fsdp.reshard_after_forward", "fsdp.sync_every_micro_step",
+             "fsdp.cpu_offload")
 BOUNDS = ("train.max_steps", "train.epochs")
 PATH_KEYS = ("data.path", "deepspeed")
 

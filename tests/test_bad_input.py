@@ -72,6 +72,11 @@ CASES = {
     "resume from nowhere": (["resume=/no/such/checkpoint"], "resume: checkpoint '/no/such/checkpoint' does not exist"),
     "output_dir is a file": (["output_dir=README.md"], "output_dir: 'README.md' is a file"),
     "override into a value": (["seed.x=1"], "override 'seed.x=1': 'seed' is not a section"),
+    "fsdp and deepspeed": (["fsdp={}", "deepspeed=configs/deepspeed/zero2.json"], "fsdp and deepspeed both choose the backend; keep one of them"),
+    "fsdp not a mapping": (["fsdp=true"], "fsdp: input should be a valid dictionary"),
+    "fsdp unknown key": (["fsdp={reshard: false}"], "unknown key 'fsdp.reshard'; did you mean 'fsdp.reshard_after_forward'?"),
+    "fsdp with fp16": (["fsdp={}", "train.mixed_precision=fp16"], "train.mixed_precision: fp16 needs a sharded loss scaler"),
+    "fsdp with compile": (["fsdp={}", "train.compile=true"], "train.compile: not available with fsdp"),
 }
 
 # DeepSpeed JSON files with malformed values (written into the test's folder)

@@ -17,7 +17,7 @@ def test_one_allreduce_per_optimizer_step(tmp_path: Path):
     for rank in range(2):
         result = json.loads((tmp_path / f"result.json.rank{rank}").read_text())
         assert result["model_type"] == "DistributedDataParallel"
-        # forward 0 is the zero-loss pass that settles DDP's buckets before the first step (loop.settle_ddp_buckets)
+        # forward 0 is the zero-loss pass that settles DDP's buckets before the first step (launcher.backends: Backend.before_first_step)
         assert result["training_forwards"] == 1 + steps * accumulation
         sync_micro_steps = {1 + s * accumulation + accumulation - 1 for s in range(steps)}
         assert set(result["allreduce_at"]) == {0} | sync_micro_steps, result["allreduce_at"]

@@ -1,5 +1,5 @@
 """Checkpoints and exact resume: a run stopped by a signal at any step and resumed ends bitwise identical to the
-uninterrupted run (fp32, CPU, same world size; DDP and DeepSpeed ZeRO-2), with dropout on so that the restored
+uninterrupted run (fp32, CPU, same world size; DDP, DeepSpeed ZeRO-2 and FSDP2), with dropout on so that the restored
 RNG states matter."""
 
 import json
@@ -38,13 +38,14 @@ SCENARIOS = {  # name: (processes, extra overrides, rank-0 micro-steps at which 
     "1 rank DDP": (1, [], [3]),  # the 4th micro-step: the last of step 2, so it stops after step 2
     "2 ranks DDP": (2, [], [2, 13]),  # first micro-step of step 2 (mid-window); step 7, the end of epoch 0
     "2 ranks ZeRO-2": (2, ["deepspeed=configs/deepspeed/zero2.json"], [4]),
+    "2 ranks FSDP2": (2, ["fsdp={}"], [2]),  # Distributed Checkpoint shards; mid-window
 }
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path: Path, name: str):
     nproc, overrides, signal_points = SCENARIOS[name]
-    if overrides:
+    if any(o.startswith("deepspeed=") for o in overrides):
         pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
     config = resume_config(tmp_path)
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'straight'}", *overrides, nproc=nproc))

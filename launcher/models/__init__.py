@@ -38,6 +38,15 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, weights: bool =
     return model.to(DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else model
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated layers, the units FSDP2 shards and gathers one at a time: the built-in GPT's blocks, a
+    Hugging Face model's `_no_split_modules` classes (its decoder layers); none for a model that has neither."""
+    from launcher.models.gpt import Block
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if m is not model and (isinstance(m, Block) or type(m).__name__ in names)]
+
+
 def embedding_rows(model: nn.Module) -> int | None:
     """Rows of the input embedding (the largest token id + 1 the model accepts), where it can be found."""
     get = getattr(model, "get_input_embeddings", None)
@@ -122,7 +131,8 @@ def describe_model(model: nn.Module, cfg) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.model.dtype == "fp32":
-        weights = "weights fp32" + (f", computed in {cfg.train.mixed_precision} (autocast)" if cfg.train.mixed_precision != "no" else "")
+        how = "FSDP2's mixed-precision policy" if getattr(cfg, "fsdp", None) is not None else "autocast"
+        weights = "weights fp32" + (f", computed in {cfg.train.mixed_precision} ({how})" if cfg.train.mixed_precision != "no" else "")
     else:
         weights = f"weights {cfg.model.dtype}: pure 16-bit training (model.dtype), no fp32 master copy"
     extras = [f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}"] if cfg.lora is not None else []
