@@ -258,7 +258,8 @@ class Fsdp2Backend(Backend):
         if self.mixed_precision == "bf16" and self.model_dtype == "fp32":
             # compute in bf16 from fp32 master shards; gradients reduced in fp32
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        offload = CPUOffloadPolicy() if self.cfg.cpu_offload else OffloadPolicy()
+        # pinned host memory (faster copies to the GPU) needs a GPU; on a CPU-only machine the shards live there anyway
+        offload = CPUOffloadPolicy(pin_memory=self.acc.device.type == "cuda") if self.cfg.cpu_offload else OffloadPolicy()
         model = model.to(self.acc.device)
         options = dict(mesh=mesh, mp_policy=policy, offload_policy=offload)
         blocks = transformer_blocks(model)

@@ -18,18 +18,26 @@ from launcher.backends import Backend, backend_kind, diagnostics_problems, make_
 from launcher.batches import BatchPlan
 from launcher.checkpoints import load_checkpoint, set_aside_newer
 from launcher.config import Config
-from launcher.data import EvalData, TrainData, cache_root, prepare_splits
+from launcher.data import EvalData, TrainData, cache_root, load_documents, prepare_splits
 from launcher.diagnostics import check_dump_names
-from launcher.distributed import (check_hardware, deepspeed_json, env_rank, env_world_size, make_accelerator, resolved_deepspeed_config,
-                                  seed_initial_weights, seed_rank_streams)
-from launcher.errors import RunFault, UsageError
+from launcher.distributed import (
+    check_hardware,
+    deepspeed_json,
+    env_rank,
+    env_world_size,
+    make_accelerator,
+    resolved_deepspeed_config,
+    seed_initial_weights,
+    seed_rank_streams,
+)
+from launcher.errors import Problems, RunFault, UsageError
 from launcher.freezing import apply_freeze, parameter_table
 from launcher.lock import OutputLock, describe
 from launcher.models import build_model, check_model_output, describe_model
-from launcher.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from launcher.optim import apply_hyperparameters, build_lr_schedule, build_optimizer
 from launcher.outputs import FAULTS, check_storage, existing_parent, free_text, prepare_output_dir, storage_fault
 from launcher.resume import Start, check_end, plan_start
+from launcher.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 
 @dataclass
@@ -44,7 +52,6 @@ class Run:
     tokenizer: ByteTokenizer | HFTokenizer
     plan: BatchPlan
     total_steps: int
-    frozen: set[str]
     start_step: int = 0  # optimizer steps already done (from the checkpoint resumed)
     skipped_steps: int = 0  # fp16 overflow steps among them
     nonfinite_steps: int = 0  # steps dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)
@@ -75,8 +82,10 @@ def build_bare_model(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer | None 
             model = apply_lora(model, cfg.lora)
     elif weights:
         check_model_output(model, cfg.model, tokenizer.vocab_size, cfg.data.seq_len)
-    frozen = apply_freeze(model, cfg.freeze)
-    check_dump_names(model, cfg.diagnostics.dump_grad)
+    problems = Problems()
+    frozen = problems.check(apply_freeze, model, cfg.freeze)
+    problems.check(check_dump_names, model, cfg.diagnostics.dump_grad)
+    problems.report()
     return model, frozen
 
 
@@ -89,23 +98,21 @@ def batch_plan(cfg: Config, processes: int) -> BatchPlan:
                      ranks_per_process=simulated or 1)
 
 
-def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) -> Run:
-    """`start` (plan_start's answer) when the caller has it already."""
-    check_hardware(cfg.train)
+def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, checked: Checked | None = None) -> Run:
+    """`start` (plan_start's answer) and `checked` (validate_run's) when the caller has them already."""
+    if checked is None:  # every problem of the input at once, before anything is written (one process: the documents too)
+        checked = validate_run(cfg, env_world_size(), data=env_world_size() == 1)
     # multi-process: the main process takes the lock below and tells every rank (a rank cannot tell its own run's lock)
     start = start or plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
-    tokenizer = load_tokenizer(cfg)
-    # a factory's model is built for real either way (its code may not run on the meta device): build it once
-    built = build_bare_model(cfg, tokenizer) if cfg.model.factory is not None else None
     try:  # before a model is loaded: output_dir and caches writable, room for a checkpoint
-        check_storage_for(cfg, built[0] if built else inspection_model(cfg, tokenizer))
+        check_storage_for(cfg, checked.model)
     except RunFault as err:
         err.quiet = env_rank() != 0  # every rank finds it: one report
         raise
-    model, frozen = built or build_bare_model(cfg, tokenizer)  # freezing precedes wrapping: DDP, FSDP2 and the optimizer see only trainable params
-
-    plan = batch_plan(cfg, env_world_size())
-    check_options(cfg, uses_deepspeed=deepspeed_json(cfg.deepspeed) is not None)
+    tokenizer, plan = checked.tokenizer, checked.plan
+    # a factory's model was built for real by the validation (its code may not run on the meta device): it is the
+    # run's. Freezing precedes wrapping: DDP, FSDP2 and the optimizer see only trainable parameters.
+    model = checked.model if cfg.model.factory is not None else build_bare_model(cfg, tokenizer)[0]
     accelerator = make_accelerator(cfg.train, cfg.deepspeed, plan.micro_steps_per_process, cfg.distributed.timeout_s, cfg.output_dir,
                                    needs_process_group=cfg.fsdp is not None)
     backend = make_backend(accelerator, cfg)
@@ -155,7 +162,7 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None) 
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     for line in start.notes + ([f"changed since the checkpoint: {', '.join(start.changes)}"] if start.changes else []):
         accelerator.print(line)
-    return Run(cfg, accelerator, model, optimizer, lr_schedule, train_data, eval_data, tokenizer, plan, total_steps, frozen,
+    return Run(cfg, accelerator, model, optimizer, lr_schedule, train_data, eval_data, tokenizer, plan, total_steps,
                start_step=state.step if state else 0, skipped_steps=state.skipped_steps if state else 0,
                nonfinite_steps=state.nonfinite_steps if state else 0, lock=lock, backend=backend)
 
@@ -285,28 +292,59 @@ def main_first(accelerator: Accelerator, work):
     return result
 
 
-def check_run_inputs(cfg: Config, world_size: int) -> tuple[dict | None, BatchPlan, nn.Module]:
-    """The checks a run of `world_size` processes makes on its config, without starting it (for `launcher plan`
-    and before a plain `launcher train` starts its processes): hardware, the DeepSpeed JSON, backend options,
-    batch arithmetic, the model and its freeze patterns. Returns the resolved DeepSpeed config, the batch
-    plan and the model on the meta device (names and shapes only, no memory)."""
-    check_hardware(cfg.train)
-    ds_config = resolved_deepspeed_config(cfg.deepspeed, cfg.train, world_size)
-    check_options(cfg, uses_deepspeed=ds_config is not None)
-    plan = batch_plan(cfg, world_size)
-    return ds_config, plan, inspection_model(cfg)
+@dataclass
+class Checked:
+    """What the validation pass built on its way: the run reuses it instead of loading or computing it again."""
+    tokenizer: ByteTokenizer | HFTokenizer
+    plan: BatchPlan
+    deepspeed: dict | None  # the resolved DeepSpeed config ("auto" filled), if DeepSpeed runs
+    model: nn.Module  # names, shapes and freeze status: on the meta device, or a factory's real model on CPU
+    frozen: set[str]
 
 
-def inspection_model(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer | None = None) -> nn.Module:
-    """The model for names, shapes and freeze status (inspect, plan, the pre-flight): the built-in GPT and Hugging
-    Face models on the meta device (no weights read, no memory); a factory's model for real, on CPU, because its
-    code may not run on the meta device (a from_pretrained inside it), and so its logits are checked before any
-    process starts."""
+def validate_run(cfg: Config, world_size: int, problems: Problems | None = None, data: bool = False) -> Checked | None:
+    """The one validation pass of a run of `world_size` processes, called by `launcher train` (every process, and
+    the pre-flight before processes start), `launcher plan` and `launcher inspect`: hardware, the DeepSpeed JSON,
+    backend options, batch arithmetic, the tokenizer, the model and its freeze patterns and gradient names, and
+    with `data` the documents (several processes load them main-first, later). Every independent check runs; one UsageError names every problem. With `problems` given, they are added
+    there instead (the caller checks more, then reports), and None is returned when there are any."""
+    own = problems is None
+    problems = problems if problems is not None else Problems()
+    found_before = len(problems.lines)
+    problems.check(check_hardware, cfg.train)
+    ds_config = problems.check(resolved_deepspeed_config, cfg.deepspeed, cfg.train, world_size)
+    problems.check(check_options, cfg, uses_deepspeed=deepspeed_json(cfg.deepspeed) is not None)
+    plan = problems.check(batch_plan, cfg, world_size)
+    tokenizer = problems.check(load_tokenizer, cfg)
+    built = problems.check(inspection_model, cfg, tokenizer) if tokenizer is not None else None
+    if data:
+        problems.check(check_documents, cfg)
+    if own:
+        problems.report()
+    if len(problems.lines) > found_before:
+        return None
+    return Checked(tokenizer, plan, ds_config, *built)
+
+
+def check_documents(cfg: Config) -> None:
+    """The training (and evaluation) documents load: files exist, formats and fields are right."""
+    problems = Problems()
+    problems.check(load_documents, cfg.data)
+    if cfg.data.eval_path is not None or cfg.data.eval_split is not None:
+        problems.check(load_documents, cfg.data, evaluation=True)
+    problems.report()
+
+
+def inspection_model(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer | None = None) -> tuple[nn.Module, set[str]]:
+    """The model for names, shapes and freeze status (inspect, plan, the pre-flight), with its frozen names: the
+    built-in GPT and Hugging Face models on the meta device (no weights read, no memory); a factory's model for
+    real, on CPU, because its code may not run on the meta device (a from_pretrained inside it), and so its logits
+    are checked before any process starts."""
     tokenizer = tokenizer or load_tokenizer(cfg)
     if cfg.model.factory is not None:
-        return build_bare_model(cfg, tokenizer)[0]
+        return build_bare_model(cfg, tokenizer)
     with torch.device("meta"):
-        return build_bare_model(cfg, tokenizer, weights=False)[0]
+        return build_bare_model(cfg, tokenizer, weights=False)
 
 
 def check_options(cfg: Config, uses_deepspeed: bool) -> None:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from launcher.errors import RunFault, UsageError
-from launcher.exits import EXIT_FAULT, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
+from launcher.exits import EXIT_OK, end_with_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return {"inspect": run_inspect, "plan": run_plan, "plot": run_plot, "make-tiny-model": run_make_tiny_model}[args.command](args)
         except UsageError as err:
-            return report_usage_error(err)
+            return end_with_error(err)
     from launcher.preemption import PreemptionFlag
 
     # first of all: a preemption signal that arrives before the handler exists kills the process
@@ -76,22 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run_train(args, argv, preemption)
     except UsageError as err:
-        code = report_usage_error(err, quiet=env_rank() != 0)  # every rank finds the same problem: one report
+        code = end_with_error(err, quiet=env_rank() != 0)  # every rank finds the same problem: one report
     except RunFault as err:  # the rank that met the fault reports it
         from launcher.metrics import close_progress_bars
 
         close_progress_bars()
-        report_usage_error(err, quiet=err.quiet)
-        code = EXIT_FAULT
+        code = end_with_error(err, quiet=err.quiet)
     return exit_code_for_parent(code)
-
-
-def report_usage_error(err: UsageError | RunFault, quiet: bool = False) -> int:
-    """One `launcher: error:` line per problem on stderr; EXIT_USAGE."""
-    if not quiet:
-        for line in err.lines:
-            print(f"launcher: error: {line}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -112,8 +103,15 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     from launcher.config import load_config
-    from launcher.distributed import (default_checkpoint_minutes, default_resume, env_world_size, fsdp_from_accelerate,
-                                      launched_by_a_launcher, processes_to_start, report_stop, restart_count)
+    from launcher.distributed import (
+        default_checkpoint_minutes,
+        default_resume,
+        env_world_size,
+        fsdp_from_accelerate,
+        launched_by_a_launcher,
+        processes_to_start,
+        restart_count,
+    )
 
     cfg = load_config(args.config, args.overrides + flag_overrides(args), job_values=True)  # before torch is imported
     cfg.fsdp = fsdp_from_accelerate(cfg.fsdp, cfg.deepspeed)  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
@@ -137,24 +135,27 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     if cfg.checkpoint.every_minutes is None:
         cfg.checkpoint.every_minutes = default_checkpoint_minutes()  # 30 inside a SLURM job
     nproc = processes_to_start(cfg.launch)
+    checked = None
+    if launched_by_a_launcher():  # every process checks the input (build_run); the main process reports it
+        start = plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
+    else:  # every problem of the input in one report, once, before any process starts
+        start, checked = preflight(cfg, overwrite, nproc)
+    if start.finished:
+        return report_finished(cfg)
     if not launched_by_a_launcher() and nproc > 1:
-        if preflight(cfg, overwrite, nproc).finished:  # bad input fails here, once, before any process starts
-            return report_finished(cfg)
         from launcher.distributed import relaunch
 
         return relaunch(nproc, argv)
 
     from launcher.build import build_run
-    from launcher.diagnostics import write_report
+    from launcher.exits import end_run
     from launcher.loop import train
 
-    start = plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
-    if start.finished:
-        return report_finished(cfg)
     torch.autograd.set_detect_anomaly(cfg.diagnostics.detect_anomaly)
-    run = build_run(cfg, overwrite=overwrite, start=start)
-    if run.lock is not None:
-        preemption.on_abort = run.lock.release
+    run = build_run(cfg, overwrite=overwrite, start=start, checked=checked)
+    release_lock = run.lock.release if run.lock is not None else None
+    if release_lock is not None:
+        preemption.on_abort = release_lock
     try:
         if args.debug:
             from launcher.debug import open_debug_run, summary_text
@@ -163,20 +164,16 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
         summary = train(run, preemption)
         if run.is_main_process:
             report(summary, cfg)
-            if summary["nonfinite"]:
-                write_report(cfg.output_dir, summary["nonfinite"])
-                for line in summary["nonfinite"]:
-                    print(f"launcher: error: {line}", file=sys.stderr)
             if args.debug:
                 print(summary_text(run, summary, before, cfg.diagnostics.detect_anomaly))
-    finally:
-        if run.lock is not None:
-            run.lock.release()  # before a requeue: the next incarnation finds output_dir free
-    if run.is_main_process and summary["preempted"]:
-        report_stop(cfg.output_dir, summary["steps"], summary["requeue"])  # only now: the checkpoint is complete
-    if summary["preempted"] or summary["nonfinite"]:
+    except BaseException:
+        if release_lock is not None:
+            release_lock()
+        raise
+    code = end_run(summary, cfg.output_dir, run.is_main_process, release_lock)
+    if code != EXIT_OK:
         run.accelerator.wait_for_everyone()  # no rank exits (failing the launch) before the main process is done
-    return EXIT_PREEMPTED if summary["preempted"] else EXIT_NONFINITE if summary["nonfinite"] else EXIT_OK
+    return code
 
 
 def env_rank_is_main() -> bool:
@@ -237,35 +234,38 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Parameter names, shapes and trainable/frozen under the config's freeze patterns, without training."""
-    from launcher.build import inspection_model
+    from launcher.build import validate_run
     from launcher.config import load_config
+    from launcher.distributed import processes_to_start
     from launcher.freezing import parameter_listing
 
-    print(parameter_listing(inspection_model(load_config(args.config, args.overrides))))
+    cfg = load_config(args.config, args.overrides)
+    print(parameter_listing(validate_run(cfg, processes_to_start(cfg.launch)).model))
     return 0
 
 
 def preflight(cfg, overwrite: bool, world_size: int):
-    """The checks a launched run would make before training, without starting it; returns where it would start."""
-    from launcher.build import check_run_inputs, check_storage_for
-    from launcher.data import load_documents
+    """The checks a run would make before training, without starting it: the validation pass, where the run would
+    start (output_dir, resume) and the documents, every problem in one report; then room on disk. Returns the
+    start and what the validation built (`build_run` reuses it in a single process)."""
+    from launcher.build import check_documents, check_storage_for, validate_run
+    from launcher.errors import Problems
     from launcher.resume import plan_start
 
-    _, _, model = check_run_inputs(cfg, world_size)
-    start = plan_start(cfg, overwrite, check_lock=True)
+    problems = Problems()
+    checked = validate_run(cfg, world_size, problems)
+    start = problems.check(plan_start, cfg, overwrite, check_lock=True)
+    if start is None or not start.finished:
+        problems.check(check_documents, cfg)
+    problems.report()
     if not start.finished:
-        check_storage_for(cfg, model)
-        load_documents(cfg.data)
-        if cfg.data.eval_path is not None or cfg.data.eval_split is not None:
-            load_documents(cfg.data, evaluation=True)
-    return start
+        check_storage_for(cfg, checked.model)  # a fault of the machine (exit 74), not of the input
+    return start, checked
 
 
 def report(summary: dict, cfg) -> None:
     if summary["preempted"]:
-        from launcher.outputs import mark_preempted
-
-        checkpoint = mark_preempted(cfg.output_dir, summary["steps"], summary["requeue"])
+        checkpoint = summary["checkpoint"]
         if summary["requeue"]:
             print(f"preempted: stopped after step {summary['steps']}; checkpoint {checkpoint}; requeue asked for"
                   f" (inside a SLURM job; elsewhere run again with resume=auto to continue)")

@@ -10,10 +10,8 @@ kernels. Nothing is read back to the host until a log step, a checkpoint or the 
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
@@ -21,8 +19,6 @@ from torch import nn
 
 from launcher.config import DiagnosticsConfig
 from launcher.errors import UsageError
-from launcher.exits import EXIT_NONFINITE  # noqa: F401 - re-exported: the run stopped on an inf/nan loss or gradient
-from launcher.outputs import NONFINITE_MARKER
 
 SHOWN_OFFENDERS = 5
 
@@ -150,13 +146,6 @@ def _describe(offenders: list[tuple[str, float]], n_params: int) -> str:
     shown = ", ".join(f"{name} (norm {value})" for name, value in offenders[:SHOWN_OFFENDERS])
     more = f" and {len(offenders) - SHOWN_OFFENDERS} more" if len(offenders) > SHOWN_OFFENDERS else ""
     return f"non-finite in {len(offenders)} of {n_params} parameters: {shown}{more}"
-
-
-def write_report(output_dir: Path, lines: list[str]) -> Path:
-    """Main process: the report beside the run, so a relaunching parent (or a job script) knows why it stopped."""
-    path = output_dir / NONFINITE_MARKER
-    path.write_text(json.dumps({"report": lines}, indent=1) + "\n")
-    return path
 
 
 def layer_of(name: str) -> str:

@@ -1,4 +1,5 @@
-"""How a run ends: every exit code of `launcher`, in one place.
+"""How a run ends: every exit code of `launcher`, the marker files an ended run leaves, and the one function
+(`end_run`) that turns a run's outcome into markers, a requeue and the exit code.
 
 0   the run finished (or was already finished)
 2   bad input (config, data, checkpoint, a busy output_dir): one line each, nothing on disk changed
@@ -9,9 +10,60 @@
 130 a second Ctrl-C: stopped at once, without a checkpoint
 """
 
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 EXIT_FAULT = 74  # sysexits' EX_IOERR
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped early on purpose, run it again to continue
 EXIT_ABORTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+
+# beside the run in output_dir; both are removed when the next run in that folder starts
+PREEMPTED_MARKER = "preempted.json"  # where a stop by signal left its checkpoint, and whether it asks for a requeue
+NONFINITE_MARKER = "nonfinite.json"  # the inf/nan report of a run stopped on one
+
+
+def end_run(summary: dict, output_dir: Path, is_main_process: bool, release_lock: Callable[[], None] | None = None) -> int:
+    """A trained run's outcome (`launcher.loop.train`'s summary) as marker files, a requeue and the exit code.
+
+    Every rank calls it; the main process writes the marker (under the output_dir lock), then the lock is
+    released (a requeued job's next incarnation must find output_dir free), then, after a stop by signal
+    inside a SLURM job, the job script is told or the job requeued: only now, the stop checkpoint complete."""
+    code = EXIT_PREEMPTED if summary["preempted"] else EXIT_NONFINITE if summary["nonfinite"] else EXIT_OK
+    try:
+        if is_main_process and code == EXIT_PREEMPTED:
+            _write_marker(output_dir / PREEMPTED_MARKER, {"step": summary["steps"], "checkpoint": str(summary["checkpoint"]),
+                                                          "requeue": summary["requeue"]})
+        if is_main_process and code == EXIT_NONFINITE:
+            _write_marker(output_dir / NONFINITE_MARKER, {"report": summary["nonfinite"]})
+            for line in summary["nonfinite"]:
+                print(f"launcher: error: {line}", file=sys.stderr)
+    finally:
+        if release_lock is not None:
+            release_lock()
+    if is_main_process and code == EXIT_PREEMPTED:
+        from launcher.distributed import report_stop
+
+        report_stop(output_dir, summary["steps"], summary["requeue"])
+    return code
+
+
+def end_with_error(err: Exception, quiet: bool = False) -> int:
+    """A run (or command) ended by bad input (UsageError: EXIT_USAGE) or a fault of the machine (RunFault:
+    EXIT_FAULT): one `launcher: error:` line per problem on stderr unless `quiet` (another rank reports it)."""
+    from launcher.errors import RunFault
+
+    if not quiet:
+        for line in err.lines:
+            print(f"launcher: error: {line}", file=sys.stderr)
+    return EXIT_FAULT if isinstance(err, RunFault) else EXIT_USAGE
+
+
+def _write_marker(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=1) + "\n")

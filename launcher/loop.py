@@ -88,6 +88,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     optimizer.zero_grad(set_to_none=True)
     steps_done, skipped_steps, nonfinite_steps = run.start_step, run.skipped_steps, run.nonfinite_steps
     interval, preempted, requeue, nonfinite = Interval(acc.device, mfu), False, False, None
+    checkpoint = None  # the newest this run saved
     clock = CheckpointClock(cfg.checkpoint.every_minutes)
     for step in range(run.start_step, run.total_steps):
         window = run.train_data.window(step)
@@ -142,14 +143,14 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         if preempted or due:
             state = TrainerState(steps_done, steps_done // run.train_data.steps_per_epoch, skipped_steps,
                                  run.plan.global_batch_size, run.plan.processes, backend.name, nonfinite_steps)
-            save_checkpoint(acc, backend, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last,
-                            lambda err: storage_fault(err, cfg.output_dir, f"checkpoint of step {steps_done}"), metrics.fault)
+            checkpoint = save_checkpoint(acc, backend, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last,
+                                         lambda err, step=steps_done: storage_fault(err, cfg.output_dir, f"checkpoint of step {step}"), metrics.fault)
             clock.saved()
         if preempted:
             break
 
     summary = {"steps": steps_done, "skipped_steps": skipped_steps, "nonfinite_steps": nonfinite_steps, "nonfinite": nonfinite,
-               "preempted": preempted, "requeue": requeue, "weights": None, "first_eval_loss": first_eval and first_eval[1], "eval_loss": None}
+               "preempted": preempted, "requeue": requeue, "checkpoint": checkpoint, "weights": None, "first_eval_loss": first_eval and first_eval[1], "eval_loss": None}
     if not preempted and nonfinite is None:
         if run.eval_data is not None and run.total_steps > 0 and (last_eval is None or last_eval[0] != run.total_steps):
             last_eval = log_eval(run, metrics, run.total_steps)

@@ -24,7 +24,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, is_main_process: bool, total_steps: int, start_step: int = 0,
                  tensorboard_dir: Path | None = None, out: TextIO | None = None, err: TextIO | None = None):
-        self.is_main_process, self.total_steps = is_main_process, total_steps
+        self.total_steps = total_steps
         self.path = path
         self.fault: OSError | None = None  # a failed write (full disk, output_dir gone): the loop stops every rank on it
         self.file = path.open("a") if is_main_process else None

@@ -13,10 +13,9 @@ from safetensors.torch import save_file
 
 from launcher.config import Config, to_yaml
 from launcher.errors import RunFault, UsageError
+from launcher.exits import NONFINITE_MARKER, PREEMPTED_MARKER
 from launcher.lock import LOCK_FILE
 
-PREEMPTED_MARKER = "preempted.json"  # written when a run stops for preemption; removed when the next one starts
-NONFINITE_MARKER = "nonfinite.json"  # written when a run stops on an inf/nan; removed when the next one starts
 # --overwrite removes only these
 RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "tensorboard", "plots", "logs", PREEMPTED_MARKER, NONFINITE_MARKER)
 
@@ -165,11 +164,3 @@ def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: Pa
     save_file(tensors, str(path), metadata={"format": "pt"})
     (directory / "config.yaml").write_text(to_yaml(cfg))
     return path
-
-
-def mark_preempted(output_dir: Path, step: int, requeue: bool = True) -> Path:
-    """Main process, after a stop checkpoint: record where it stopped and whether the stop asks for a requeue (the
-    requeue signal) or not (SIGTERM, Ctrl-C: a cancel, or a preemption that SLURM requeues itself)."""
-    checkpoint = output_dir / "checkpoints" / f"step-{step:09d}"
-    (output_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "checkpoint": str(checkpoint), "requeue": requeue}) + "\n")
-    return checkpoint

@@ -10,12 +10,11 @@ import json
 import shlex
 from dataclasses import dataclass
 
-from launcher.build import check_run_inputs
+from launcher.build import check_documents, validate_run
 from launcher.config import Config
 from launcher.data import prepare_splits, target_counts
-from launcher.errors import UsageError
+from launcher.errors import Problems, UsageError
 from launcher.freezing import parameter_table
-from launcher.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -31,8 +30,12 @@ class Allocation:
 
 def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Allocation, compare_backends: bool = False) -> str:
     world_size = alloc.nodes * alloc.processes_per_node
-    ds_config, batch, model = check_run_inputs(cfg, world_size)  # what the run checks, and fails on, first
-    train_blocks, eval_blocks = prepare_splits(cfg.data, cfg.seed, load_tokenizer(cfg))
+    problems = Problems()  # what the run checks, and fails on, first: every problem in one report
+    checked = validate_run(cfg, world_size, problems)
+    problems.check(check_documents, cfg)
+    problems.report()
+    ds_config, batch, model = checked.deepspeed, checked.plan, checked.model
+    train_blocks, eval_blocks = prepare_splits(cfg.data, cfg.seed, checked.tokenizer)
     n_train = len(train_blocks)
     steps_per_epoch = batch.steps_per_epoch(n_train)
     total_steps = batch.total_steps(n_train, cfg.train.max_steps, cfg.train.epochs)

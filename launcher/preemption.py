@@ -24,7 +24,7 @@ import signal
 from typing import NamedTuple
 
 from launcher.errors import UsageError
-from launcher.exits import EXIT_ABORTED, EXIT_PREEMPTED  # noqa: F401 - EXIT_PREEMPTED: re-exported for callers
+from launcher.exits import EXIT_ABORTED
 
 INTERRUPTED = "launcher: interrupted: stopping after this step with a checkpoint (exit 75); Ctrl-C again to stop at once\n"
 ABORTED = "launcher: interrupted twice: stopped at once, without a checkpoint (the newest complete one is kept)\n"

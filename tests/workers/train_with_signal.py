@@ -1,7 +1,7 @@
 """Under torchrun (or alone): train, and have rank 0 send itself SIGUSR1 at its N-th training micro-step.
 
 The signal is real and reaches the real handler; the hook only chooses the moment (mid-window when
-N is not the last micro-step of a step). Exits like `launcher train`: EXIT_PREEMPTED after a preemption.
+N is not the last micro-step of a step). Ends like `launcher train` (end_run: the marker, EXIT_PREEMPTED after a preemption).
 With SECOND_SIGNAL_DURING_SAVE=1 in the environment, a SIGTERM also arrives in the middle of that
 checkpoint save. Usage: train_with_signal.py CONFIG MICRO_STEP [key=value ...]
 """
@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from launcher.build import build_run
 from launcher.config import load_config
 from launcher.loop import train
-from launcher.outputs import mark_preempted
-from launcher.preemption import EXIT_PREEMPTED, PreemptionFlag
+from launcher.exits import end_run
+from launcher.preemption import PreemptionFlag
 
 config_path, micro_step, *overrides = sys.argv[1:]
 preemption = PreemptionFlag()
@@ -36,8 +36,4 @@ run.accelerator.unwrap_model(run.model).register_forward_pre_hook(signal_at_micr
 if os.environ.get("SECOND_SIGNAL_DURING_SAVE") == "1":
     run.accelerator.register_save_state_pre_hook(lambda *args: os.kill(os.getpid(), signal.SIGTERM))
 summary = train(run, preemption)
-if summary["preempted"] and run.is_main_process:
-    mark_preempted(run.cfg.output_dir, summary["steps"])
-if run.lock is not None:
-    run.lock.release()
-sys.exit(EXIT_PREEMPTED if summary["preempted"] else 0)
+sys.exit(end_run(summary, run.cfg.output_dir, run.is_main_process, run.lock.release if run.lock is not None else None))
