@@ -232,7 +232,7 @@ def main() -> None:
         print(f"{side:<10} {target_tokens / median_s:>10,.0f} {target_tokens / max(times):>10,.0f} {target_tokens / min(times):>10,.0f}"
               f" {median_s / args.steps:>8.4f} {f'{100 * mfu(median_s):.1f}%' if mfu else '-':>7} {spread:>14}")
         print(f"{'':<10} rounds: " + " ".join(f"{t:.3f}s" for t in times))
-    ratios = sorted(r / l for r, l in zip(raw_s, launcher_s))  # > 1: the launcher was faster in that round
+    ratios = sorted(raw / ours for raw, ours in zip(raw_s, launcher_s))  # > 1: the launcher was faster in that round
     print(f"launcher/raw = {statistics.median(raw_s) / statistics.median(launcher_s):.3f}x (ratio of the medians)")
     print(f"  per round: min {ratios[0]:.3f}x, median {statistics.median(ratios):.3f}x, max {ratios[-1]:.3f}x")
     # on a shared machine a busy neighbour slows whole rounds; the best rounds are the least disturbed

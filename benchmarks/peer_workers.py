@@ -93,7 +93,7 @@ def run_accelerate(args, dataset: Rows):
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     losses, tokens, started, step_loss = [], 0, None, torch.zeros(())
-    for i, batch in enumerate(loader):
+    for batch in loader:
         with accelerator.accumulate(model):
             loss = model(**batch).loss
             accelerator.backward(loss)

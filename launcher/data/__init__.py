@@ -8,7 +8,7 @@ so the loop normalizes exactly over the tokens that count whatever the format.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import datasets
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from datasets.fingerprint import Hasher
 import numpy as np
 import pyarrow as pa
+from datasets.fingerprint import Hasher
 
 from launcher.data.formats import CONTEXT, TARGET, Encoder
 from launcher.errors import UsageError

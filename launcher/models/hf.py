@@ -18,7 +18,6 @@ from launcher.config import Config, ExportConfig, LoraConfig, ModelConfig
 from launcher.errors import UsageError
 
 
-
 def _transformers():
     try:
         import transformers
