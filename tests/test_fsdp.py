@@ -51,7 +51,8 @@ def ddp_reference(tmp_path_factory):
     return reference
 
 
-@pytest.mark.parametrize("nproc, fsdp", [(2, "{}"), (2, "{sync_every_micro_step: true, reshard_after_forward: false}"), (4, "{}")])
+@pytest.mark.parametrize("nproc, fsdp", [(2, "{}"), (2, "{sync_every_micro_step: true, reshard_after_forward: false, cpu_offload: true}"),
+                                         (4, "{}")])
 def test_fsdp2_matches_ddp_per_step_and_in_final_weights(tmp_path: Path, ddp_reference, nproc: int, fsdp: str):
     """Accumulation, a partial last window, clipping active, a frozen block: the same losses, pre-clip norms and lr
     per step and the same final weights as DDP, whatever the fsdp options; frozen parameters bitwise their initial
@@ -60,6 +61,7 @@ def test_fsdp2_matches_ddp_per_step_and_in_final_weights(tmp_path: Path, ddp_ref
     proc = check(run_cli("train", str(config), f"output_dir={tmp_path / 'fsdp'}", f"train.max_steps={max_steps}", f"fsdp={fsdp}",
                          nproc=nproc))
     assert f"FSDP2 (gloo): global batch {MICRO_BATCH * ACCUMULATION * nproc} " in proc.stdout
+    assert ("shards offloaded to the CPU" in proc.stdout) == ("cpu_offload: true" in fsdp)
     ddp_rows = [r for r in metrics(reference / "ddp") if "loss" in r]
     fsdp_rows = [r for r in metrics(tmp_path / "fsdp") if "loss" in r]
     assert [r["step"] for r in fsdp_rows] == [r["step"] for r in ddp_rows] == list(range(1, max_steps + 1))
@@ -222,7 +224,7 @@ def test_planned_bytes_per_rank_are_what_a_run_allocates(tmp_path: Path, backend
     sections = {"fsdp": {}} if backend == "FSDP2" else {}
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, freeze=["pos_embed.*"], train={"max_steps": 1}, **sections))
     check(run_worker("measure_memory.py", str(config), str(tmp_path / "result.json"), nproc=nproc))
-    planned = memory_per_rank(inspection_model(load_config(config)), nproc)[backend]
+    planned = memory_per_rank(inspection_model(load_config(config))[0], nproc)[backend]
     for rank in range(nproc):
         measured = json.loads((tmp_path / f"result.json.rank{rank}").read_text())
         got = (measured["parameters"], measured["gradients"], measured["optimizer"])

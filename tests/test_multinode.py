@@ -38,19 +38,24 @@ def two_node_config(tmp_path: Path, **train) -> Path:
         train={"max_steps": 8, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_grad_norm": 0.5, **train}))
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+BACKEND_OVERRIDES = {"ddp": [], "zero2": ["deepspeed=configs/deepspeed/zero2.json"], "fsdp2": ["fsdp={}"]}
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "fsdp2"])
 def test_two_nodes_train_like_one_node(cluster, tmp_path: Path, backend: str):
-    """2 nodes x 2 processes x 2 micro-steps against 1 node x 2 processes x 4 micro-steps: the same global batch of 16.
+    """2 nodes x 2 processes x 2 micro-steps against 1 node x 2 processes x 4 micro-steps: the same global batch of 16,
+    under each backend (FSDP2 shards over 4 ranks on two nodes, over 2 on one).
     Tolerance: losses and grad norms 1e-5, weights 1e-5 absolute (summation order differs)."""
     if backend == "zero2":
         pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
-    overrides = ["deepspeed=configs/deepspeed/zero2.json"] if backend == "zero2" else []
+    overrides = BACKEND_OVERRIDES[backend]
     config = two_node_config(tmp_path)
     job = submit(cluster, tmp_path, config, tmp_path / "two", *overrides)
     state = cluster.wait(job, 300)
     assert state == "COMPLETED", log_of(tmp_path, job)[-4000:]
     assert "2 node(s) x 2 process(es)" in log_of(tmp_path, job)
     assert "world size 4" in log_of(tmp_path, job)
+    assert {"ddp": "DDP (gloo)", "zero2": "DeepSpeed ZeRO-2", "fsdp2": "FSDP2"}[backend] in log_of(tmp_path, job)
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'one'}", "train.gradient_accumulation_steps=4", *overrides, nproc=2))
     two = [r for r in metrics(tmp_path / "two") if "loss" in r]
     one = [r for r in metrics(tmp_path / "one") if "loss" in r]
