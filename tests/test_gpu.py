@@ -138,3 +138,26 @@ def test_hf_model_in_bf16_on_the_gpu(tmp_path: Path, tiny_hf, variant: str, fres
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(final)
         assert model.dtype == torch.float32 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fsdp2_bf16_on_one_gpu(tmp_path: Path, fresh_accelerate):
+    """FSDP2 on one GPU with bf16: MixedPrecisionPolicy (bf16 compute, fp32 reduction) over fp32 master shards; the run
+    learns, its checkpoint is Distributed Checkpoint shards, its final weights are full fp32 tensors. Last in this
+    file: FSDP2 made a process group of one in this process, which is destroyed at the end."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    try:
+        run = make_run(tmp_path, fsdp={}, train={"mixed_precision": "bf16", "max_steps": 20}, eval={"at_start": True},
+                       checkpoint={"every_steps": 20})
+        assert any("compute in bf16, reduction in fp32" in note for note in run.backend.notes), run.backend.notes
+        masters = [p for p in run.model.parameters() if p.requires_grad]
+        assert masters and all(isinstance(p, DTensor) and p.dtype == torch.float32 and p.device.type == "cuda" for p in masters)
+        summary = train(run)
+        assert summary["eval_loss"] < summary["first_eval_loss"], summary
+        assert (tmp_path / "out" / "checkpoints" / "step-000000020" / "sharded").is_dir()
+        final = final_weights(run.cfg.output_dir)
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in final.values())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
