@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -119,6 +123,72 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def disk_snapshot(root: Path, folders: bool = False) -> dict[str, str]:
+    """Each file below `root` (path relative to it) with its SHA-256, and with folders=True each folder as "dir": two
+    equal snapshots mean nothing there was written, deleted or (with folders) created."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*")) if folders or p.is_file()}
+
+
+def wait_for_rows(output_dir: Path, n: int, running: Callable[[], bool], timeout_s: float = 120, poll_s: float = 0.05) -> None:
+    """Polls output_dir/metrics.jsonl until it holds `n` training rows; fails once `running()` is false or after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if len([r for r in metrics(output_dir) if "loss" in r]) >= n:
+                return
+        except (OSError, ValueError):  # no file yet, or a row half written
+            pass
+        assert running(), f"the run ended before {output_dir / 'metrics.jsonl'} held {n} training rows"
+        assert time.monotonic() < deadline, f"{output_dir / 'metrics.jsonl'} held fewer than {n} training rows after {timeout_s:g} s"
+        time.sleep(poll_s)
+
+
+def train_until_rows(config: Path, output_dir: Path, n: int, *overrides: str, timeout_s: float = 120,
+                     new_session: bool = False, merge_stderr: bool = False) -> subprocess.Popen:
+    """`launcher train config overrides` started on CPU with its output piped, returned once output_dir has `n` training
+    rows (for the test to signal); new_session: it leads its own process group, as a command typed in a terminal."""
+    proc = subprocess.Popen([PYTHON, "-m", "launcher", "train", str(config), *overrides], cwd=REPO, env=cpu_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
+                            start_new_session=new_session)
+    try:
+        wait_for_rows(output_dir, n, lambda: proc.poll() is None, timeout_s)
+    except AssertionError as error:
+        if proc.poll() is None and new_session:  # timed out: end it and its workers, so that its output can be read
+            os.killpg(proc.pid, signal.SIGKILL)
+        elif proc.poll() is None:
+            proc.kill()
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{error}\nexit {proc.returncode}\nstdout:\n{stdout[-3000:]}\nstderr:\n{(stderr or '')[-6000:]}") from None
+    return proc
+
+
+def reference_training(cfg, windows: list, max_grad_norm: float, inspect_gradients: Callable | None = None) -> torch.nn.Module:
+    """The launcher's training written out in plain PyTorch from the same initial weights: per window, one mean loss over
+    all its target tokens (token-weighted, whatever the micro-batches), global-norm clipping at max_grad_norm, AdamW and
+    the LR schedule; `inspect_gradients(step, model)` (step 1-based) sees each step's gradients before the clip."""
+    import torch.nn.functional as F
+
+    from launcher.build import build_bare_model
+    from launcher.data import IGNORE_INDEX
+    from launcher.optim import build_lr_schedule, build_optimizer
+
+    model, _ = build_bare_model(cfg)
+    optimizer = build_optimizer(model, cfg.train)
+    schedule = build_lr_schedule(optimizer, cfg.train, len(windows))
+    for step, window in enumerate(windows, start=1):
+        inputs = torch.cat([b.input_ids for b in window.micro_batches])
+        labels = torch.cat([b.labels for b in window.micro_batches])
+        F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX).backward()  # mean over all targets
+        if inspect_gradients is not None:
+            inspect_gradients(step, model)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    return model
 
 
 @pytest.fixture(autouse=True)

@@ -1,17 +1,11 @@
 """Bad input: one line naming the key or file and the fix, exit code 2, no traceback, nothing on disk changed."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, tiny_config, write_config
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+from conftest import disk_snapshot, run_cli, tiny_config, write_config
 
 
 CASES = {
@@ -112,7 +106,7 @@ def assert_refused(proc, tmp_path: Path, before: dict, expected: str) -> None:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("launcher: error: ") and expected in lines[0], lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert snapshot(tmp_path) == before
+    assert disk_snapshot(tmp_path, folders=True) == before
 
 
 def test_the_table_holds_at_least_40_bad_inputs():
@@ -125,7 +119,7 @@ def test_malformed_deepspeed_values_give_one_line_and_exit_2(tmp_path: Path, nam
     content, expected = DEEPSPEED_CASES[name]
     (tmp_path / "ds.json").write_text(json.dumps(content))
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, deepspeed=str(tmp_path / "ds.json")))
-    before = snapshot(tmp_path)
+    before = disk_snapshot(tmp_path, folders=True)
     assert_refused(run_cli("train", str(config)), tmp_path, before, f"{tmp_path / 'ds.json'}: {expected}")
 
 
@@ -133,7 +127,7 @@ def test_malformed_deepspeed_values_give_one_line_and_exit_2(tmp_path: Path, nam
 def test_config_files_that_do_not_parse_give_one_line_and_exit_2(tmp_path: Path, name: str):
     text, expected = YAML_CASES[name]
     (tmp_path / "c.yaml").write_text(text)
-    before = snapshot(tmp_path)
+    before = disk_snapshot(tmp_path, folders=True)
     assert_refused(run_cli("train", str(tmp_path / "c.yaml")), tmp_path, before, f"{tmp_path / 'c.yaml'}: {expected}")
 
 
@@ -141,7 +135,7 @@ def test_config_files_that_do_not_parse_give_one_line_and_exit_2(tmp_path: Path,
 def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, name: str):
     overrides, expected = CASES[name]
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
-    before = snapshot(tmp_path)
+    before = disk_snapshot(tmp_path, folders=True)
     assert_refused(run_cli("train", str(config), *overrides), tmp_path, before, expected)
 
 
@@ -166,11 +160,11 @@ def test_existing_output_dir_is_refused_and_kept(tmp_path: Path, folder: str, fl
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
     (tmp_path / folder).mkdir()
     (tmp_path / folder / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    before = snapshot(tmp_path)
+    before = disk_snapshot(tmp_path, folders=True)
     proc = run_cli("train", str(config), *flags)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "output_dir: " in proc.stderr and expected in proc.stderr
-    assert snapshot(tmp_path) == before
+    assert disk_snapshot(tmp_path, folders=True) == before
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path):
@@ -185,3 +179,27 @@ def test_bad_input_with_several_processes_fails_before_starting_them(tmp_path: P
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, launch={"nproc_per_node": 2}))
     proc = run_cli("train", str(config), "freeze=[nothing.here]")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "freeze: 'nothing.here'" in proc.stderr
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_every_problem_of_a_run_is_reported_at_once_before_any_process_starts(tmp_path: Path, nproc: int):
+    """Problems that different checks find (the hardware, the freeze patterns, a gradient name, output_dir, the
+    documents) come in one report from one validation pass: one line each, exit 2, nothing on disk changed."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "one document"}\n{"text": "another"}\n{"text": \n')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a run")
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, launch={"nproc_per_node": nproc}))
+    before = disk_snapshot(tmp_path, folders=True)
+    proc = run_cli("train", str(config), f"data.path={data}", "train.mixed_precision=fp16", "freeze=[blocks.7.*]",
+                   "--dump-grad", "blocks.0.qkv.weigth")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    expected = ["train.mixed_precision: fp16 needs a CUDA GPU", "freeze: 'blocks.7.*' matches no parameter",
+                "diagnostics.dump_grad: no parameter 'blocks.0.qkv.weigth'", "output_dir: ", "line 3 is not valid JSON"]
+    assert len(lines) == len(expected) and all(line.startswith("launcher: error: ") for line in lines), lines
+    for text in expected:
+        assert sum(text in line for line in lines) == 1, (text, lines)
+    assert "Traceback" not in proc.stderr and proc.stdout == ""  # refused before anything started
+    assert disk_snapshot(tmp_path, folders=True) == before

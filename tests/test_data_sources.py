@@ -9,10 +9,9 @@ import datasets
 import pytest
 import torch
 
-from conftest import final_weights, metrics, reset_accelerate, run_cli, tiny_config, write_config, write_documents
+from conftest import disk_snapshot, final_weights, metrics, reset_accelerate, run_cli, tiny_config, write_config, write_documents
 from launcher.config import DataConfig, load_config
 from launcher.data import load_documents, prepare_splits, target_counts
-from test_bad_input import snapshot
 
 
 def texts_of(path: Path) -> list[str]:
@@ -74,7 +73,7 @@ def train_in_process(config: dict, tmp_path: Path, out: str, *overrides: str) ->
 def test_every_source_trains_and_resumes_bitwise(sources, tmp_path: Path, offline, fresh_accelerate):
     """Straight 4 steps, and 2 steps then resumed to 4: the same weights bit for bit and the same losses; with an
     evaluation set, its loss is over exactly its target tokens. The save_to_disk folders are left as they were."""
-    before = snapshot(tmp_path)
+    before = disk_snapshot(tmp_path, folders=True)
     for name, (data, _, eval_texts) in sources.items():
         config = tiny_config(tmp_path, train={"lr_schedule": "constant", "max_steps": 4}, checkpoint={"every_steps": 2})
         config["data"] = {**data, "seq_len": 32, "pack": True}
@@ -94,7 +93,7 @@ def test_every_source_trains_and_resumes_bitwise(sources, tmp_path: Path, offlin
             assert evals[-1]["eval_tokens"] == int(target_counts(prepare_splits(cfg.data, cfg.seed)[1]).sum())
             n_ids = sum(len(t.encode()) + 1 for t in eval_texts)  # each text and its EOS, packed in rows of 33
             assert evals[-1]["eval_tokens"] == n_ids - -(-n_ids // 33)  # every id but each row's first is a target
-    after = snapshot(tmp_path)
+    after = disk_snapshot(tmp_path, folders=True)
     for folder in ("saved", "saved-dict", "shards", "named-dataset"):
         assert {k: v for k, v in after.items() if k.startswith(folder)} == {k: v for k, v in before.items() if k.startswith(folder)}
 
@@ -151,10 +150,10 @@ def test_bad_data_is_one_line_and_changes_nothing(tiny_hf, tmp_path: Path, name:
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
     overrides, expected = BAD_DATA[name]
     fill = lambda text: text.replace("{tmp}", str(tmp_path)).replace("{llama}", str(tiny_hf["llama"]))  # noqa: E731
-    before = snapshot(tmp_path)
+    before = disk_snapshot(tmp_path, folders=True)
     proc = run_cli("train", str(config), *map(fill, overrides))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("launcher: error: ") and fill(expected) in lines[0], lines[0]
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert snapshot(tmp_path) == before
+    assert disk_snapshot(tmp_path, folders=True) == before

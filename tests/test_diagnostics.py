@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import check, final_weights, metrics, run_cli, tiny_config, write_config
-from launcher.build import build_bare_model, build_run
+from conftest import check, final_weights, metrics, reference_training, run_cli, tiny_config, write_config
+from launcher.build import build_run
 from launcher.config import load_config
-from launcher.data import IGNORE_INDEX
-from launcher.diagnostics import EXIT_NONFINITE, layer_of
+from launcher.diagnostics import layer_of
+from launcher.exits import EXIT_NONFINITE
 from launcher.loop import train
-from launcher.optim import build_lr_schedule, build_optimizer
 
 PLANTED = "blocks.1.mlp_in.weight"
 
@@ -90,14 +88,11 @@ def test_gradient_statistics_and_layer_norms_equal_a_hand_written_loop(tmp_path:
     assert [line.split(" at step ")[1].split()[0] for line in printed] == ["2", "3"]
     assert printed[0].startswith(f"grad {name} [96x32] at step 2 (pre-clip): norm ")
 
-    model, _ = build_bare_model(run.cfg)
-    optimizer = build_optimizer(model, run.cfg.train)
-    schedule = build_lr_schedule(optimizer, run.cfg.train, run.total_steps)
     rows = metrics(run.cfg.output_dir)
-    for step, window in enumerate(windows, start=1):
-        inputs = torch.cat([b.input_ids for b in window.micro_batches])
-        labels = torch.cat([b.labels for b in window.micro_batches])
-        F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX).backward()
+    checked_steps = []
+
+    def check_pre_clip_gradients(step: int, model) -> None:
+        checked_steps.append(step)
         by_layer: dict[str, float] = {}
         for pname, param in model.named_parameters():
             if param.grad is not None:
@@ -115,10 +110,9 @@ def test_gradient_statistics_and_layer_norms_equal_a_hand_written_loop(tmp_path:
             assert stats["nonfinite"] == 0 and 0 <= stats["zero_fraction"] < 1
         else:
             assert dumped == []
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
+
+    reference_training(run.cfg, windows, max_grad_norm=0.3, inspect_gradients=check_pre_clip_gradients)
+    assert checked_steps == [1, 2, 3]
 
 
 def test_tensorboard_event_files_hold_the_metrics(tmp_path: Path):

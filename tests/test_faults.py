@@ -7,14 +7,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, check, cpu_env, final_weights, metrics, run_cli, tiny_config, write_config
+from conftest import check, final_weights, metrics, run_cli, tiny_config, train_until_rows, write_config
 from launcher.checkpoints import complete_checkpoints, verify_checkpoint
 
 EXIT_FAULT = 74
@@ -87,9 +86,7 @@ def test_a_vanished_output_dir_ends_the_run_without_recreating_it(tmp_path: Path
     config = write_config(tmp_path / "c.yaml", tiny_config(
         tmp_path, train={"max_steps": 100000, "log_every": 1}, checkpoint={"every_steps": 5}))
     out = tmp_path / "out"
-    proc = subprocess.Popen([PYTHON, "-m", "launcher", "train", str(config)], cwd=REPO, env=cpu_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_rows(proc, out, 2)
+    proc = train_until_rows(config, out, 2)
     shutil.rmtree(out)
     stdout, stderr = proc.communicate(timeout=120)
     proc.stdout, proc.stderr = stdout, stderr
@@ -98,27 +95,11 @@ def test_a_vanished_output_dir_ends_the_run_without_recreating_it(tmp_path: Path
     assert not out.exists()
 
 
-def wait_for_rows(proc, out: Path, n: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            rows = [r for r in metrics(out) if "loss" in r]
-        except (OSError, ValueError):
-            rows = []
-        if len(rows) >= n:
-            return
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
 def test_a_second_run_on_a_held_output_dir_is_refused_and_the_first_finishes_unharmed(tmp_path: Path):
     config = write_config(tmp_path / "c.yaml", tiny_config(
         tmp_path, train={"max_steps": 100000, "log_every": 1}, checkpoint={"every_steps": 1000}))
     out = tmp_path / "out"
-    first = subprocess.Popen([PYTHON, "-m", "launcher", "train", str(config)], cwd=REPO, env=cpu_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_rows(first, out, 3)
+    first = train_until_rows(config, out, 3)
     holder = json.loads((out / "run.lock").read_text())
     assert holder["host"] == socket.gethostname() and holder["pid"] == first.pid
     for flags in (["--overwrite"], ["resume=auto", "launch.nproc_per_node=2"]):

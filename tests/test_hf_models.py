@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import check, final_weights, hf_config, metrics, run_cli, tiny_config, write_config, write_documents
+from conftest import check, disk_snapshot, final_weights, hf_config, metrics, run_cli, tiny_config, write_config, write_documents
 from launcher.config import DataConfig, load_config
 from launcher.data import load_documents, prepare_splits, tokenize_into_blocks
 from launcher.tokenizer import HFTokenizer, load_tokenizer
@@ -377,8 +377,6 @@ CASES = [(name, 1) for name in BAD_MODEL_INPUT] + [
 def test_bad_model_and_data_input_is_one_line_and_changes_nothing(tiny_hf, tmp_path: Path, name: str, processes: int):
     """One line naming the key or file and the fix, exit 2, nothing on disk changed; with 2 processes it is found
     before they start."""
-    from test_bad_input import snapshot
-
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "weights.bin").write_bytes(b"\0")
     bigger_tokenizer(tiny_hf["llama"], tmp_path / "bigger")
@@ -397,10 +395,10 @@ def test_bad_model_and_data_input_is_one_line_and_changes_nothing(tiny_hf, tmp_p
         return text
 
     overrides, expected = BAD_MODEL_INPUT[name]
-    before = snapshot(tmp_path)
+    before = disk_snapshot(tmp_path, folders=True)
     proc = run_cli("train", str(config), *map(fill, overrides))
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("launcher: error: ") and fill(expected) in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert snapshot(tmp_path) == before
+    assert disk_snapshot(tmp_path, folders=True) == before

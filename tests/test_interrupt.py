@@ -11,26 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, check, cpu_env, metrics, run_cli, tiny_config, write_config
+from conftest import check, run_cli, tiny_config, train_until_rows, write_config
 from launcher.checkpoints import complete_checkpoints, verify_checkpoint
-
-
-def start(config: Path, nproc: int) -> subprocess.Popen:
-    """As from a terminal: the command leads its own process group, which Ctrl-C signals as a whole."""
-    return subprocess.Popen([PYTHON, "-m", "launcher", "train", str(config), f"launch.nproc_per_node={nproc}"], cwd=REPO,
-                            env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for_rows(proc: subprocess.Popen, out: Path, n: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if len([r for r in metrics(out) if "loss" in r]) >= n:
-                return
-        except (OSError, ValueError):
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -39,8 +21,8 @@ def test_ctrl_c_once_checkpoints_and_exits_75_and_twice_stops_at_once(tmp_path: 
         tmp_path, train={"max_steps": 100000, "log_every": 1}, checkpoint={"every_steps": 3}))
     out = tmp_path / "out"
 
-    once = start(config, nproc)
-    wait_for_rows(once, out, 4)
+    # as from a terminal: the command leads its own process group, which Ctrl-C signals as a whole
+    once = train_until_rows(config, out, 4, f"launch.nproc_per_node={nproc}", timeout_s=180, new_session=True)
     os.killpg(once.pid, signal.SIGINT)
     stdout, stderr = once.communicate(timeout=180)
     assert once.returncode == 75, stderr[-3000:]
@@ -51,10 +33,8 @@ def test_ctrl_c_once_checkpoints_and_exits_75_and_twice_stops_at_once(tmp_path: 
     verify_checkpoint(Path(marker["checkpoint"]))
     assert not (out / "run.lock").exists()
 
-    twice = subprocess.Popen(
-        [PYTHON, "-m", "launcher", "train", str(config), f"launch.nproc_per_node={nproc}", "resume=auto"], cwd=REPO,
-        env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for_rows(twice, out, marker["step"] + 3)
+    twice = train_until_rows(config, out, marker["step"] + 3, f"launch.nproc_per_node={nproc}", "resume=auto",
+                             timeout_s=180, new_session=True)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(twice.stderr), daemon=True)
     reader.start()

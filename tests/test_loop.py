@@ -8,12 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import final_weights, metrics, reset_accelerate, tiny_config, write_config
+from conftest import final_weights, metrics, reference_training, reset_accelerate, tiny_config, write_config
 from launcher.build import build_bare_model, build_run
 from launcher.config import load_config
-from launcher.data import IGNORE_INDEX
 from launcher.loop import evaluate, train
-from launcher.optim import build_lr_schedule, build_optimizer
 
 
 def make_run(tmp_path: Path, **sections):
@@ -30,20 +28,7 @@ def test_matches_a_hand_written_loop(tmp_path: Path, fresh_accelerate):
                                     "learning_rate": 3e-3},
                    freeze=["pos_embed.weight"])
     windows = [run.train_data.window(step) for step in range(run.total_steps)]
-    model, _ = build_bare_model(run.cfg)
-    optimizer = build_optimizer(model, run.cfg.train)
-    schedule = build_lr_schedule(optimizer, run.cfg.train, run.total_steps)
-    for window in windows:
-        rows = [b for b in window.micro_batches]
-        inputs = torch.cat([b.input_ids for b in rows])
-        labels = torch.cat([b.labels for b in rows])
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)  # mean over all targets
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
+    model = reference_training(run.cfg, windows, max_grad_norm=0.3)
 
     train(run)
     trained = final_weights(run.cfg.output_dir)

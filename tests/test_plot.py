@@ -1,6 +1,5 @@
 """`plot_run`: charts of a real run and of hand-written metrics (nan, null, repeated steps), and bad input."""
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -9,7 +8,7 @@ import matplotlib.image
 import pytest
 from matplotlib.figure import Figure
 
-from conftest import metrics, tiny_config, write_config
+from conftest import disk_snapshot, metrics, tiny_config, write_config
 from launcher.build import build_run
 from launcher.config import load_config
 from launcher.errors import UsageError
@@ -26,11 +25,6 @@ def assert_readable_png(path: Path, min_bytes: int = 10_000) -> None:
     assert len(data) > min_bytes, f"{path.name} is only {len(data)} bytes: an empty chart?"
     height, width, _ = matplotlib.image.imread(path).shape
     assert height > 300 and width > 500, f"{path.name} is {width}x{height}"
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def write_rows(path: Path, rows: list, tail: str = "") -> Path:
@@ -52,7 +46,7 @@ def test_a_real_run_is_plotted(tmp_path: Path, fresh_accelerate):
     rows = metrics(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6], "the test needs eval rows to draw"
-    before = snapshot(out)
+    before = disk_snapshot(out)
 
     written = plot_run(out)
 
@@ -61,7 +55,7 @@ def test_a_real_run_is_plotted(tmp_path: Path, fresh_accelerate):
     assert all(p.parent == out / "plots" for p in written)
     for path in written:
         assert_readable_png(path)
-    after = snapshot(out)
+    after = disk_snapshot(out)
     assert {k: v for k, v in after.items() if not k.startswith("plots/")} == before, "plot_run changed the run's files"
     assert sorted(k for k in after if k.startswith("plots/")) == sorted(f"plots/{p.name}" for p in written)
 

@@ -7,13 +7,13 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, check, cpu_env, final_weights, free_port, metrics, run_cli, tiny_config, write_config
+from conftest import (PYTHON, REPO, check, cpu_env, disk_snapshot, final_weights, free_port, metrics, run_cli, tiny_config,
+                      train_until_rows, write_config)
 
 EXIT_PREEMPTED = 75
 STEPS, ACCUMULATION = 10, 2
@@ -79,10 +79,6 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path: Path, name: 
         assert kept == ["step-000000009", "step-000000010"], kept  # keep_last 2: every 3 steps and at the end
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> tuple[Path, Path]:
     tmp_path = tmp_path_factory.mktemp("finished")
@@ -113,13 +109,13 @@ def test_a_checkpoint_that_cannot_be_resumed_is_refused_and_kept(tmp_path: Path,
     elif breakage == "no-state":
         (checkpoint / "trainer_state.json").unlink()
     resume = [] if any(o.startswith("resume=") for o in overrides) else [f"resume={checkpoint}"]
-    before, before_out = snapshot(tmp_path), snapshot(out)
+    before, before_out = disk_snapshot(tmp_path), disk_snapshot(out)
     # into a new output_dir: a non-empty one is refused for resuming another run's checkpoint (the resume contract)
     proc = run_cli("train", str(config), f"output_dir={tmp_path / 'elsewhere'}", *resume, *overrides)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("launcher: error: resume: ") and expected in lines[0], lines
-    assert snapshot(tmp_path) == before and snapshot(out) == before_out  # nothing deleted or rewritten
+    assert disk_snapshot(tmp_path) == before and disk_snapshot(out) == before_out  # nothing deleted or rewritten
 
 
 def test_resume_on_another_world_size_with_the_same_global_batch(tmp_path: Path):
@@ -141,12 +137,7 @@ def test_signal_to_a_plain_multi_process_run_checkpoints_and_exits_75(tmp_path: 
     which stop after a checkpoint; the command exits with 75, and resume=auto finishes the run."""
     config = resume_config(tmp_path, max_steps=100000, log_every=1)
     out = tmp_path / "out"
-    proc = subprocess.Popen([PYTHON, "-m", "launcher", "train", str(config), "launch.nproc_per_node=2"], cwd=REPO,
-                            env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").exists() or len([r for r in metrics(out) if "loss" in r]) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
+    proc = train_until_rows(config, out, 3, "launch.nproc_per_node=2", merge_stderr=True)
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, output[-3000:]

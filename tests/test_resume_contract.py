@@ -9,11 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check, final_weights, metrics, run_cli, tiny_config, write_config
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+from conftest import check, disk_snapshot, final_weights, metrics, run_cli, tiny_config, write_config
 
 
 def one_error_line(proc, code: int = 2) -> str:
@@ -43,18 +39,18 @@ def copy_run(out: Path, tmp_path: Path) -> Path:
 def test_a_finished_run_survives_resume_auto_byte_for_byte(tmp_path: Path, finished):
     config, out = finished
     out = copy_run(out, tmp_path)
-    before = snapshot(out)
+    before = disk_snapshot(out)
     for flags in ([], ["--overwrite"]):  # --overwrite does not delete a run that resume=auto continues
         proc = check(run_cli("train", str(config), f"output_dir={out}", "resume=auto", *flags))
         assert "holds this run, finished" in proc.stdout and "Traceback" not in proc.stderr
-        assert snapshot(out) == before
+        assert disk_snapshot(out) == before
     # without checkpoints, a finished run is reported too; asked to train further, it is refused (nothing to continue)
     shutil.rmtree(out / "checkpoints")
-    before = snapshot(out)
+    before = disk_snapshot(out)
     assert "finished" in check(run_cli("train", str(config), f"output_dir={out}", "resume=auto")).stdout
     line = one_error_line(run_cli("train", str(config), f"output_dir={out}", "resume=auto", "train.max_steps=6"))
     assert "holds a finished run without checkpoints" in line and "--overwrite" in line
-    assert snapshot(out) == before
+    assert disk_snapshot(out) == before
 
 
 def test_resume_auto_without_a_checkpoint_is_refused_like_any_non_empty_folder(tmp_path: Path):
@@ -63,10 +59,10 @@ def test_resume_auto_without_a_checkpoint_is_refused_like_any_non_empty_folder(t
     out.mkdir()
     (out / "notes.txt").write_text("a person's file\n")
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
-    before = snapshot(tmp_path)
+    before = disk_snapshot(tmp_path)
     line = one_error_line(run_cli("train", str(config), "resume=auto"))
     assert "holds no checkpoint to resume" in line and "--overwrite" in line
-    assert snapshot(tmp_path) == before
+    assert disk_snapshot(tmp_path) == before
     check(run_cli("train", str(config), "resume=auto", "--overwrite"))  # replaces the run's own files only
     assert (out / "notes.txt").read_text() == "a person's file\n"
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
@@ -75,7 +71,7 @@ def test_resume_auto_without_a_checkpoint_is_refused_like_any_non_empty_folder(t
 def test_a_changed_config_is_refused_with_every_difference(tmp_path: Path, finished):
     config, out = finished
     out = copy_run(out, tmp_path)
-    before = snapshot(out)
+    before = disk_snapshot(out)
     line = one_error_line(run_cli("train", str(config), f"output_dir={out}", "resume=auto", "train.max_steps=6",
                                   "train.learning_rate=0.005", "seed=2", "data.shuffle=false", "train.log_every=2"))
     assert f"the config differs from checkpoint '{out / 'checkpoints' / 'step-000000004'}'" in line
@@ -86,7 +82,7 @@ def test_a_changed_config_is_refused_with_every_difference(tmp_path: Path, finis
     # a checkpoint past the run's end is refused too
     line = one_error_line(run_cli("train", str(config), f"output_dir={out}", "resume=auto", "train.max_steps=3"))
     assert "is at step 4, past the end of this run" in line and "set train.max_steps to 4 or more" in line
-    assert snapshot(out) == before
+    assert disk_snapshot(out) == before
 
 
 def test_an_allowed_learning_rate_change_is_the_next_steps_learning_rate(tmp_path: Path, finished):
@@ -118,12 +114,12 @@ def test_resuming_an_older_checkpoint_starts_a_branch_that_keep_last_never_delet
     check(run_cli("train", str(config)))
     root = out / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-000000004", "step-000000005", "step-000000006"]
-    old_branch = {name: snapshot(root / name) for name in ("step-000000005", "step-000000006")}
+    old_branch = {name: disk_snapshot(root / name) for name in ("step-000000005", "step-000000006")}
 
     proc = check(run_cli("train", str(config), f"resume={root / 'step-000000004'}", "train.max_steps=8"))
     assert "a new branch from step-000000004" in proc.stdout
     assert sorted(p.name for p in root.iterdir()) == ["branch-1", "step-000000006", "step-000000007", "step-000000008"]
-    assert {name: snapshot(root / "branch-1" / name) for name in old_branch} == old_branch  # moved, never deleted
+    assert {name: disk_snapshot(root / "branch-1" / name) for name in old_branch} == old_branch  # moved, never deleted
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 9))
 
     proc = check(run_cli("train", str(config), "resume=auto", "train.max_steps=9"))
@@ -133,7 +129,7 @@ def test_resuming_an_older_checkpoint_starts_a_branch_that_keep_last_never_delet
     proc = check(run_cli("train", str(config), f"resume={root / 'branch-1' / 'step-000000006'}", "train.max_steps=7", "--overwrite"))
     assert "--overwrite ignored" in proc.stdout
     assert sorted(p.name for p in (root / "branch-2").iterdir()) == ["step-000000007", "step-000000008", "step-000000009"]
-    assert {name: snapshot(root / "branch-1" / name) for name in old_branch} == old_branch
+    assert {name: disk_snapshot(root / "branch-1" / name) for name in old_branch} == old_branch
 
 
 def test_a_torn_metrics_line_is_cut_back_on_resume(tmp_path: Path, finished):
@@ -154,7 +150,7 @@ def test_a_checkpoint_missing_a_ranks_rng_state_is_refused_and_kept(tmp_path: Pa
     newest = out / "checkpoints" / "step-000000004"
     assert json.loads((newest / "trainer_state.json").read_text())["files"]["random_states_1.pkl"] > 0
     (newest / "random_states_1.pkl").unlink()
-    before = snapshot(tmp_path)
+    before = disk_snapshot(tmp_path)
     line = one_error_line(run_cli("train", str(config), "resume=auto", "train.max_steps=6"))
     assert f"checkpoint '{newest}' is incomplete: rank 1's RNG state (random_states_1.pkl) is missing" in line
-    assert snapshot(tmp_path) == before
+    assert disk_snapshot(tmp_path) == before

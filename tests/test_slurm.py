@@ -5,7 +5,6 @@ job; a real preemption checkpoints within the grace time (even when the save tak
 agent timeout) and the job comes back; a plain scancel ends CANCELLED. Every restarted job ends with weights
 bitwise equal to those of an uninterrupted job."""
 
-import hashlib
 import json
 import os
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, PYTHON, cpu_env, final_weights, metrics, submit_job, tiny_config, write_config
+from conftest import REPO, PYTHON, cpu_env, disk_snapshot, final_weights, metrics, submit_job, tiny_config, wait_for_rows, write_config
 from slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the test SLURM cluster runs its daemons as root")
@@ -50,10 +49,7 @@ def log_of(tmp_path: Path, job: int) -> str:
 
 
 def wait_for_steps(cluster, job: int, out: Path, steps: int, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not (out / "metrics.jsonl").exists() or len([r for r in metrics(out) if "loss" in r]) < steps:
-        assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING")
-        time.sleep(0.2)
+    wait_for_rows(out, steps, lambda: cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), timeout_s, poll_s=0.2)
 
 
 def restarts(cluster, job: int) -> int:
@@ -138,12 +134,12 @@ def test_scancel_ends_cancelled_after_a_checkpoint(cluster, reference, tmp_path:
 
 def test_a_first_job_into_a_finished_run_is_refused(cluster, reference):
     tmp, config, straight = reference
-    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in straight.rglob("*") if p.is_file()}
+    before = disk_snapshot(straight)
     job = submit_job(cluster, tmp, config, straight)
     assert cluster.wait(job, 300) == "FAILED"
     log = log_of(tmp, job)
     assert f"launcher: error: output_dir: '{straight}' already exists and is not empty" in log, log[-3000:]
-    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in straight.rglob("*") if p.is_file()} == before
+    assert disk_snapshot(straight) == before
 
 
 def test_job_array_of_one_process_jobs_writes_one_folder_per_task(cluster, tmp_path: Path):
