@@ -32,8 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 def write_corpus(path: Path, size_mb: int) -> int:
     """Random documents of words from a fixed vocabulary, to `size_mb` MB; returns the bytes of text."""
     rng = np.random.default_rng(0)
-    words = np.array([w for w in open(Path(np.__file__).parent / "__init__.py").read().split() if w.isalpha()][:4000] +
-                     ["the", "of", "and", "to", "in", "a", "is", "that"] * 50)
+    words = np.array(
+        [w for w in open(Path(np.__file__).parent / "__init__.py").read().split() if w.isalpha()][:4000]
+        + ["the", "of", "and", "to", "in", "a", "is", "that"] * 50
+    )
     target, written = size_mb * 1_000_000, 0
     with path.open("w") as f:
         while written < target:
@@ -97,8 +99,17 @@ def child_tokenize(config: str) -> None:
     train, _ = prepare_splits(cfg.data, cfg.seed, load_tokenizer(cfg))
     done_s = time.perf_counter()
     tokens = int(np.asarray(train.select_columns(["length"])[:]["length"]).sum())
-    print(json.dumps({"load_s": loaded_s - started_s, "total_s": done_s - started_s, "rows": len(train), "tokens": tokens,
-                      "targets": int(target_counts(train).sum())}))
+    print(
+        json.dumps(
+            {
+                "load_s": loaded_s - started_s,
+                "total_s": done_s - started_s,
+                "rows": len(train),
+                "tokens": tokens,
+                "targets": int(target_counts(train).sum()),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -128,12 +139,17 @@ def main() -> None:
         train_tokenizer("llama").save_pretrained(tokenizer)
     cache = work / f"cache-{args.size_mb}mb-np{args.num_proc}"
     config = work / "bench.yaml"
-    config.write_text(yaml.safe_dump({
-        "output_dir": str(work / "run"), "tokenizer": str(tokenizer),
-        "model": {"n_layer": 2, "n_head": 2, "d_model": 64},
-        "data": {"path": str(corpus), "seq_len": 256, "pack": True, "eval_fraction": 0, "num_proc": args.num_proc, "cache_dir": str(cache)},
-        "train": {"micro_batch_size": 8, "max_steps": args.steps, "log_every": 1},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(work / "run"),
+                "tokenizer": str(tokenizer),
+                "model": {"n_layer": 2, "n_head": 2, "d_model": 64},
+                "data": {"path": str(corpus), "seq_len": 256, "pack": True, "eval_fraction": 0, "num_proc": args.num_proc, "cache_dir": str(cache)},
+                "train": {"micro_batch_size": 8, "max_steps": args.steps, "log_every": 1},
+            }
+        )
+    )
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache / "hf"), "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     text_mb = corpus.stat().st_size / 1e6
 
@@ -145,14 +161,22 @@ def main() -> None:
     tokenize_s = result["total_s"] - result["load_s"]
     print(f"corpus: {text_mb:.0f} MB of JSON lines, {result['tokens']:,} tokens in {result['rows']:,} rows of 257")
     print(f"load (JSON to Arrow, cold): {result['load_s']:.1f}s")
-    print(f"tokenize+pack, {args.num_proc} processes: {tokenize_s:.1f}s = {text_mb / tokenize_s:.1f} MB/s,"
-          f" {result['tokens'] / tokenize_s:,.0f} tokens/s")
+    print(
+        f"tokenize+pack, {args.num_proc} processes: {tokenize_s:.1f}s = {text_mb / tokenize_s:.1f} MB/s,"
+        f" {result['tokens'] / tokenize_s:,.0f} tokens/s"
+    )
     print(f"peak memory during tokenization (PSS of the process and its workers together): {memory.peak_tree / 2**20:,.0f} MiB")
 
     started_s = time.perf_counter()
     metrics = work / "run" / "metrics.jsonl"
-    run = subprocess.Popen([sys.executable, "-m", "launcher", "train", str(config), "--overwrite"], cwd=REPO, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "train", str(config), "--overwrite"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     memory = PeakMemory(run.pid)
     first_step_s = None
     while run.poll() is None and first_step_s is None:
@@ -164,8 +188,10 @@ def main() -> None:
     if run.returncode != 0:
         sys.exit(f"training failed:\n{err[-3000:]}")
     print(f"cache hit: process start to the first step {first_step_s:.1f}s (includes importing torch)")
-    print(f"peak memory during training ({args.steps} steps, PSS): {memory.peak_tree / 2**20:,.0f} MiB"
-          f" ({memory.peak_main_anon / 2**20:,.0f} MiB without memory-mapped file pages)")
+    print(
+        f"peak memory during training ({args.steps} steps, PSS): {memory.peak_tree / 2**20:,.0f} MiB"
+        f" ({memory.peak_main_anon / 2**20:,.0f} MiB without memory-mapped file pages)"
+    )
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
 
 

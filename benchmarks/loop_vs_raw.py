@@ -63,8 +63,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=7, help="raw/launcher pairs; the median of each side is reported")
     parser.add_argument("--micro-batch-size", type=int, help="samples per micro-step (default: the preset's)")
     parser.add_argument("--accumulation-steps", type=int, default=2, help="micro-steps per optimizer step")
-    parser.add_argument("--profile", action="store_true", help="after the timed rounds, profile one more round per side and"
-                        " print the top operators and the host-device syncs of each")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed rounds, profile one more round per side and print the top operators and the host-device syncs of each",
+    )
     parser.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s of the device for MFU (default: the table in launcher/flops.py)")
     parser.add_argument("--log-every", type=int, default=50, help="steps between loss reads (host-device syncs), both sides")
     args = parser.parse_args()
@@ -74,13 +77,23 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace, output_dir: Path, max_steps: int):
-    return load_config(REPO / "configs" / "default.yaml", PRESETS[args.preset] + [
-        f"output_dir={output_dir}", f"train.max_steps={max_steps}", "train.epochs=null",
-        f"train.mixed_precision='{args.mixed_precision}'", f"train.compile={str(args.compile).lower()}",
-        f"train.gradient_accumulation_steps={args.accumulation_steps}", "train.max_grad_norm=1.0", f"train.log_every={args.log_every}",
-        "data.eval_fraction=0",  # no held-out split, so no evaluation: the loop alone is timed
-    ] + ([f"train.micro_batch_size={args.micro_batch_size}"] if args.micro_batch_size else [])
-      + ([f"train.peak_tflops={args.peak_tflops}"] if args.peak_tflops else []))
+    return load_config(
+        REPO / "configs" / "default.yaml",
+        PRESETS[args.preset]
+        + [
+            f"output_dir={output_dir}",
+            f"train.max_steps={max_steps}",
+            "train.epochs=null",
+            f"train.mixed_precision='{args.mixed_precision}'",
+            f"train.compile={str(args.compile).lower()}",
+            f"train.gradient_accumulation_steps={args.accumulation_steps}",
+            "train.max_grad_norm=1.0",
+            f"train.log_every={args.log_every}",
+            "data.eval_fraction=0",  # no held-out split, so no evaluation: the loop alone is timed
+        ]
+        + ([f"train.micro_batch_size={args.micro_batch_size}"] if args.micro_batch_size else [])
+        + ([f"train.peak_tflops={args.peak_tflops}"] if args.peak_tflops else []),
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -151,8 +164,7 @@ class RawSide:
                 # autocast around the forward only, as Accelerate wraps model.forward; the loss in fp32
                 with torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext():
                     logits = self.forward(micro.input_ids)
-                loss_sum = F.cross_entropy(logits.float().flatten(0, 1), micro.labels.flatten(),
-                                           ignore_index=IGNORE_INDEX, reduction="sum")
+                loss_sum = F.cross_entropy(logits.float().flatten(0, 1), micro.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
                 # times the reciprocal, as the launcher's scale does: the gradients match it bit for bit
                 loss = loss_sum * (1.0 / global_target_tokens)
                 (scaler.scale(loss) if scaler else loss).backward()
@@ -204,9 +216,11 @@ def main() -> None:
     target_tokens = sum(tokens for _, tokens in batches)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({hardware}), torch {torch.__version__}")
-    print(f"preset {args.preset}: {cfg.model.n_layer} layers, {cfg.model.n_head} heads, d_model {cfg.model.d_model},"
-          f" seq_len {cfg.data.seq_len}; {plan.describe()}; mixed precision {args.mixed_precision},"
-          f" compile {args.compile}; {args.steps} steps x {args.rounds} rounds, log every {args.log_every}")
+    print(
+        f"preset {args.preset}: {cfg.model.n_layer} layers, {cfg.model.n_head} heads, d_model {cfg.model.d_model},"
+        f" seq_len {cfg.data.seq_len}; {plan.describe()}; mixed precision {args.mixed_precision},"
+        f" compile {args.compile}; {args.steps} steps x {args.rounds} rounds, log every {args.log_every}"
+    )
 
     raw = RawSide(args, batches, device)
     raw.round()  # warm-up: compilation, allocator, thread pools
@@ -222,15 +236,21 @@ def main() -> None:
     else:
         peak, peak_source = peak_tflops(device, matmul_dtype(raw.model, args.mixed_precision))
     mfu = (lambda seconds: target_tokens / seconds * per_token / (peak * 1e12)) if peak else None
-    print(f"model FLOPs {per_token / 1e6:,.1f} M per token (launcher.flops); peak: "
-          + (f"{peak:g} TFLOP/s ({peak_source})" if peak else f"none ({peak_source}; pass --peak-tflops for MFU)"))
-    print(f"\n{'side':<10} {'tokens/s':>10} {'min':>10} {'max':>10} {'s/step':>8} {'MFU':>7} {'MFU min..max':>14}"
-          f"   (median of {args.rounds} rounds; target tokens)")
+    print(
+        f"model FLOPs {per_token / 1e6:,.1f} M per token (launcher.flops); peak: "
+        + (f"{peak:g} TFLOP/s ({peak_source})" if peak else f"none ({peak_source}; pass --peak-tflops for MFU)")
+    )
+    print(
+        f"\n{'side':<10} {'tokens/s':>10} {'min':>10} {'max':>10} {'s/step':>8} {'MFU':>7} {'MFU min..max':>14}"
+        f"   (median of {args.rounds} rounds; target tokens)"
+    )
     for side, times in (("raw", raw_s), ("launcher", launcher_s)):
         median_s = statistics.median(times)
         spread = f"{100 * mfu(max(times)):.1f}..{100 * mfu(min(times)):.1f}%" if mfu else "-"
-        print(f"{side:<10} {target_tokens / median_s:>10,.0f} {target_tokens / max(times):>10,.0f} {target_tokens / min(times):>10,.0f}"
-              f" {median_s / args.steps:>8.4f} {f'{100 * mfu(median_s):.1f}%' if mfu else '-':>7} {spread:>14}")
+        print(
+            f"{side:<10} {target_tokens / median_s:>10,.0f} {target_tokens / max(times):>10,.0f} {target_tokens / min(times):>10,.0f}"
+            f" {median_s / args.steps:>8.4f} {f'{100 * mfu(median_s):.1f}%' if mfu else '-':>7} {spread:>14}"
+        )
         print(f"{'':<10} rounds: " + " ".join(f"{t:.3f}s" for t in times))
     ratios = sorted(raw / ours for raw, ours in zip(raw_s, launcher_s))  # > 1: the launcher was faster in that round
     print(f"launcher/raw = {statistics.median(raw_s) / statistics.median(launcher_s):.3f}x (ratio of the medians)")
@@ -241,8 +261,10 @@ def main() -> None:
         from torch._dynamo.utils import counters
 
         graphs = counters["stats"]["unique_graphs"]
-        print(f"torch.compile: {graphs} graph{'s' if graphs != 1 else ''} compiled for both sides together,"
-              f" {sum(counters['graph_break'].values())} graph breaks")
+        print(
+            f"torch.compile: {graphs} graph{'s' if graphs != 1 else ''} compiled for both sides together,"
+            f" {sum(counters['graph_break'].values())} graph breaks"
+        )
     if args.profile:
         for name, side in (("raw", raw), ("launcher", launcher)):
             profile_round(name, side, device)

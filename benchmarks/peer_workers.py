@@ -58,8 +58,9 @@ def adamw(model, lr: float) -> torch.optim.AdamW:
 
 def token_loss_sum(model, batch) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def run_reference(args, dataset: Rows) -> tuple[list[float], float, torch.nn.Module]:
@@ -86,8 +87,7 @@ def run_accelerate(args, dataset: Rows):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.accumulation, cpu=True,
-                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    accelerator = Accelerator(gradient_accumulation_steps=args.accumulation, cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     model = load_model(args.model)
     optimizer = adamw(model, args.lr)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch, shuffle=False)
@@ -161,12 +161,30 @@ def run_trainer(args, dataset: Rows, average_tokens_across_devices: bool):
             self.ends.append(time.perf_counter())
 
     training_args = TrainingArguments(
-        output_dir=str(Path(args.out) / "trainer"), per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=args.accumulation, max_steps=args.steps, learning_rate=args.lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
-        adam_epsilon=EPS, max_grad_norm=MAX_NORM, optim="adamw_torch", logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, ddp_backend="gloo", train_sampling_strategy="sequential", seed=0,
-        average_tokens_across_devices=average_tokens_across_devices, disable_tqdm=True, dataloader_pin_memory=False)
+        output_dir=str(Path(args.out) / "trainer"),
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.accumulation,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=BETAS[0],
+        adam_beta2=BETAS[1],
+        adam_epsilon=EPS,
+        max_grad_norm=MAX_NORM,
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo",
+        train_sampling_strategy="sequential",
+        seed=0,
+        average_tokens_across_devices=average_tokens_across_devices,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
     clock = StepClock()
     trainer = Trainer(model=load_model(args.model), args=training_args, train_dataset=dataset, callbacks=[clock])
     trainer.train()
@@ -190,9 +208,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     dataset = Rows(Path(args.rows))
-    run = {"reference": run_reference, "accelerate": run_accelerate, "fabric": run_fabric,
-           "trainer": lambda a, d: run_trainer(a, d, True),
-           "trainer-per-rank-tokens": lambda a, d: run_trainer(a, d, False)}[args.framework]
+    run = {
+        "reference": run_reference,
+        "accelerate": run_accelerate,
+        "fabric": run_fabric,
+        "trainer": lambda a, d: run_trainer(a, d, True),
+        "trainer-per-rank-tokens": lambda a, d: run_trainer(a, d, False),
+    }[args.framework]
     losses, tokens_per_s, model = run(args, dataset)
     if int(os.environ.get("RANK", 0)) == 0:
         from safetensors.torch import save_file

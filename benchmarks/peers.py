@@ -43,8 +43,7 @@ FRAMEWORKS = {  # name: (how it is run, what it is)
     "accelerate": ("accelerate", "Accelerate loop as documented: accelerator.accumulate, mean loss per micro-batch"),
     "fabric": ("fabric", "Lightning Fabric: no_backward_sync, mean loss per micro-batch / accumulation"),
 }
-PEER_MODULES = {"trainer": "transformers", "trainer-per-rank-tokens": "transformers", "accelerate": "accelerate",
-                "fabric": "lightning_fabric"}
+PEER_MODULES = {"trainer": "transformers", "trainer-per-rank-tokens": "transformers", "accelerate": "accelerate", "fabric": "lightning_fabric"}
 # Float noise in the weights scales with the LR: AdamW divides each gradient entry by its own running magnitude,
 # so an entry whose contributions nearly cancel (its sum then mostly rounding) still moves by up to ~LR. At 3e-4 (a
 # usual fine-tuning LR) the exact runs stay below 1e-5; the peers' systematic differences scale with the LR too.
@@ -53,8 +52,9 @@ WORLD_SIZE, LR, SEQ_LEN = 2, 3e-4, 64
 
 def cpu_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.update(
+        ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"
+    )
     return env
 
 
@@ -67,8 +67,18 @@ def free_port() -> int:
 
 
 def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE), "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD_SIZE),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]
 
 
 def make_documents(path: Path, n_docs: int, seed: int = 0) -> Path:
@@ -81,7 +91,7 @@ def make_documents(path: Path, n_docs: int, seed: int = 0) -> Path:
         for _ in range(n_docs):
             n_words = int(rng.choice([rng.integers(2, 6), rng.integers(6, 20), rng.integers(20, 40)]))
             start = int(rng.integers(0, len(text) - n_words))
-            f.write(json.dumps({"text": " ".join(text[start:start + n_words])}) + "\n")
+            f.write(json.dumps({"text": " ".join(text[start : start + n_words])}) + "\n")
     return path
 
 
@@ -96,8 +106,15 @@ def make_prompt_completions(path: Path, n_samples: int, seed: int = 1) -> Path:
         for _ in range(n_samples):
             n_prompt, n_completion = int(rng.integers(2, 30)), int(rng.choice([rng.integers(1, 4), rng.integers(4, 16)]))
             start = int(rng.integers(0, len(text) - n_prompt - n_completion))
-            f.write(json.dumps({"prompt": " ".join(text[start:start + n_prompt]) + "\n",
-                                "completion": " ".join(text[start + n_prompt:start + n_prompt + n_completion])}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": " ".join(text[start : start + n_prompt]) + "\n",
+                        "completion": " ".join(text[start + n_prompt : start + n_prompt + n_completion]),
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -109,10 +126,21 @@ DATA_KINDS = {  # name: (the file's maker, the launcher's data settings)
 
 def launcher_config(model: Path, docs: Path, steps: int, data: dict) -> dict:
     return {
-        "seed": 0, "model": {"pretrained": str(model)},
+        "seed": 0,
+        "model": {"pretrained": str(model)},
         "data": {"path": str(docs), "seq_len": SEQ_LEN, "pack": False, "eval_fraction": 0.0, "shuffle": False, **data},
-        "train": {"max_steps": steps, "learning_rate": LR, "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
-                  "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "max_grad_norm": 1.0, "log_every": 1},
+        "train": {
+            "max_steps": steps,
+            "learning_rate": LR,
+            "lr_schedule": "constant",
+            "warmup_steps": 0,
+            "weight_decay": 0.0,
+            "adam_beta1": 0.9,
+            "adam_beta2": 0.95,
+            "adam_eps": 1e-8,
+            "max_grad_norm": 1.0,
+            "log_every": 1,
+        },
         "eval": {"at_start": False},
     }
 
@@ -136,13 +164,20 @@ def the_rows(config_path: Path, n_rows: int, out: Path) -> Path:
     return out
 
 
-def run_framework(name: str, work: Path, config_path: Path, rows: Path, model: Path, micro: int, accumulation: int,
-                  steps: int) -> dict:
+def run_framework(name: str, work: Path, config_path: Path, rows: Path, model: Path, micro: int, accumulation: int, steps: int) -> dict:
     """One run; returns its losses, tokens/s and weights file, or why it could not run."""
     out = work / f"{name}-acc{accumulation}-{os.urandom(3).hex()}"
     if name == "launcher":
-        cmd = torchrun("-m", "launcher", "train", str(config_path), f"output_dir={out}", f"train.max_steps={steps}",
-                       f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={accumulation}")
+        cmd = torchrun(
+            "-m",
+            "launcher",
+            "train",
+            str(config_path),
+            f"output_dir={out}",
+            f"train.max_steps={steps}",
+            f"train.micro_batch_size={micro}",
+            f"train.gradient_accumulation_steps={accumulation}",
+        )
     else:
         module = PEER_MODULES.get(name)
         if module is not None:
@@ -150,9 +185,23 @@ def run_framework(name: str, work: Path, config_path: Path, rows: Path, model: P
                 __import__(module)
             except ImportError:
                 return {"error": f"{module} is not installed (pip install -e '.[peers]')"}
-        worker = [str(REPO / "benchmarks" / "peer_workers.py"), name, str(rows), str(model), str(out),
-                  "--micro-batch", str(micro), "--accumulation", str(accumulation), "--steps", str(steps), "--lr", str(LR),
-                  "--world-size", str(WORLD_SIZE)]
+        worker = [
+            str(REPO / "benchmarks" / "peer_workers.py"),
+            name,
+            str(rows),
+            str(model),
+            str(out),
+            "--micro-batch",
+            str(micro),
+            "--accumulation",
+            str(accumulation),
+            "--steps",
+            str(steps),
+            "--lr",
+            str(LR),
+            "--world-size",
+            str(WORLD_SIZE),
+        ]
         cmd = [sys.executable, *worker] if name == "reference" else torchrun(*worker)
     proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -163,8 +212,11 @@ def run_framework(name: str, work: Path, config_path: Path, rows: Path, model: P
         rows = [r for r in rows if "loss" in r]
         timed = rows[1:]  # the first step is warm-up, as for the peers
         tokens = sum(r["tokens_per_s"] * r["s_per_step"] for r in timed)
-        result = {"losses": [r["loss"] for r in rows], "tokens_per_s": tokens / sum(r["s_per_step"] for r in timed),
-                  "weights": str(out / "final" / "model.safetensors")}
+        result = {
+            "losses": [r["loss"] for r in rows],
+            "tokens_per_s": tokens / sum(r["s_per_step"] for r in timed),
+            "weights": str(out / "final" / "model.safetensors"),
+        }
     else:
         result = json.loads((out / "result.json").read_text())
         result["weights"] = str(out / "weights.safetensors")
@@ -177,9 +229,11 @@ def compare(result: dict, reference: dict) -> dict:
     if "error" in result:
         return {"error": result["error"]}
     weights, ref = load_file(result["weights"]), load_file(reference["weights"])
-    return {"max_loss_diff": max(abs(a - b) for a, b in zip(result["losses"], reference["losses"])),
-            "max_weight_diff": max(float((weights[k] - ref[k]).abs().max()) for k in ref),
-            "steps": len(result["losses"])}
+    return {
+        "max_loss_diff": max(abs(a - b) for a, b in zip(result["losses"], reference["losses"])),
+        "max_weight_diff": max(float((weights[k] - ref[k]).abs().max()) for k in ref),
+        "steps": len(result["losses"]),
+    }
 
 
 def exactness(work, config_path, rows, model, names, accumulations, global_batch, steps) -> dict:
@@ -201,17 +255,24 @@ def speed(work, config_path, rows, model, names, accumulation, global_batch, ste
     micro = global_batch // (WORLD_SIZE * accumulation)
     per_round = []
     for i in range(rounds):
-        rates = {name: run_framework(name, work, config_path, rows, model, micro, accumulation, steps).get("tokens_per_s")
-                 for name in names}
+        rates = {name: run_framework(name, work, config_path, rows, model, micro, accumulation, steps).get("tokens_per_s") for name in names}
         per_round.append(rates)
         print(f"  round {i + 1}: " + ", ".join(f"{n} {r:,.0f}" if r else f"{n} n/a" for n, r in rates.items()), flush=True)
     table = {}
     for name in names:
         ratios = [r[name] / r["launcher"] for r in per_round if r.get(name) and r.get("launcher")]
         rates = [r[name] for r in per_round if r.get(name)]
-        table[name] = ({"tokens_per_s": statistics.median(rates), "ratio_median": statistics.median(ratios),
-                        "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": len(ratios)}
-                       if ratios else {"error": "did not run"})
+        table[name] = (
+            {
+                "tokens_per_s": statistics.median(rates),
+                "ratio_median": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "rounds": len(ratios),
+            }
+            if ratios
+            else {"error": "did not run"}
+        )
     return table
 
 
@@ -221,15 +282,23 @@ def print_tables(results: dict) -> None:
         print(f"\nexactness against the reference (one process, one big batch, exact token mean), {kind} data, same global batch:")
         print(f"{'framework':<26}" + "".join(f"{'acc ' + a + ': loss':>16}{'weights':>11}" for a in accumulations))
         for name, row in table.items():
-            cells = [f"{'n/a':>16}{'n/a':>11}" if "error" in row[a] else f"{row[a]['max_loss_diff']:>16.1e}{row[a]['max_weight_diff']:>11.1e}"
-                     for a in accumulations]
+            cells = [
+                f"{'n/a':>16}{'n/a':>11}" if "error" in row[a] else f"{row[a]['max_loss_diff']:>16.1e}{row[a]['max_weight_diff']:>11.1e}"
+                for a in accumulations
+            ]
             print(f"{name:<26}" + "".join(cells) + (f"   ({row[accumulations[0]]['error']})" if "error" in row[accumulations[0]] else ""))
     if "speed" in results:
         print(f"\nspeed at accumulation {results['speed_accumulation']}, padded data, relative to the launcher (median of alternating rounds):")
         for name, row in results["speed"].items():
-            print(f"{name:<26}" + (f"  n/a ({row['error']})" if "error" in row else
-                                   f"{row['ratio_median']:>7.3f}x  ({row['ratio_min']:.3f}-{row['ratio_max']:.3f}, "
-                                   f"{row['tokens_per_s']:,.0f} tokens/s, {row['rounds']} rounds)"))
+            print(
+                f"{name:<26}"
+                + (
+                    f"  n/a ({row['error']})"
+                    if "error" in row
+                    else f"{row['ratio_median']:>7.3f}x  ({row['ratio_min']:.3f}-{row['ratio_max']:.3f}, "
+                    f"{row['tokens_per_s']:,.0f} tokens/s, {row['rounds']} rounds)"
+                )
+            )
 
 
 def chart(results: dict, path: Path) -> None:
@@ -291,8 +360,13 @@ def main(argv: list[str] | None = None) -> int:
         model = make_tiny_model(work / "tiny-llama", "llama")
         import yaml
 
-        results = {"accumulations": args.accumulation, "global_batch": args.global_batch, "steps": args.steps,
-                   "settings": {n: FRAMEWORKS[n][1] for n in names}, "exactness": {}}
+        results = {
+            "accumulations": args.accumulation,
+            "global_batch": args.global_batch,
+            "steps": args.steps,
+            "settings": {n: FRAMEWORKS[n][1] for n in names},
+            "exactness": {},
+        }
         print(f"{args.steps} steps of {args.global_batch} samples (seq_len {SEQ_LEN}, padded), 2 gloo ranks, fp32, lr {LR}")
         for kind in args.data:
             make, data = DATA_KINDS[kind]
@@ -301,14 +375,12 @@ def main(argv: list[str] | None = None) -> int:
             config_path.write_text(yaml.safe_dump(launcher_config(model, source, args.steps, data)))
             rows = the_rows(config_path, args.global_batch * args.steps, work / f"rows-{kind}.npz")
             print(f"{kind} data:")
-            results["exactness"][kind] = exactness(work, config_path, rows, model, names, args.accumulation,
-                                                   args.global_batch, args.steps)
+            results["exactness"][kind] = exactness(work, config_path, rows, model, names, args.accumulation, args.global_batch, args.steps)
         if not args.no_speed:
             make, data = DATA_KINDS["padded"]
             config_path, rows = work / "launcher-padded.yaml", work / "rows-padded.npz"
             print("speed (padded data):")
-            results["speed"] = speed(work, config_path, rows, model, names, args.speed_accumulation, args.global_batch,
-                                     args.steps, args.rounds)
+            results["speed"] = speed(work, config_path, rows, model, names, args.speed_accumulation, args.global_batch, args.steps, args.rounds)
             results["speed_accumulation"], results["rounds"] = args.speed_accumulation, args.rounds
         print_tables(results)
         (args.out / "peers.json").write_text(json.dumps(results, indent=1) + "\n")

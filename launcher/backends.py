@@ -46,7 +46,9 @@ def diagnostics_problems(kind: str, cfg: DiagnosticsConfig) -> list[str]:
     if cfg.nonfinite == "skip":
         problems.append("diagnostics.nonfinite: skip is not available under DeepSpeed (the engine steps inside backward); use stop")
     if cfg.grad_norms_every is not None:
-        problems.append("diagnostics.grad_norms_every: per-layer gradient norms need DDP or FSDP2 (DeepSpeed partitions the gradients); set it to null")
+        problems.append(
+            "diagnostics.grad_norms_every: per-layer gradient norms need DDP or FSDP2 (DeepSpeed partitions the gradients); set it to null"
+        )
     if cfg.dump_grad:
         problems.append("diagnostics.dump_grad: needs DDP or FSDP2 (DeepSpeed partitions the gradients); set it to [] or run with --debug")
     return problems
@@ -151,8 +153,7 @@ class Backend:
     def resume_problem(self, path: Path, state) -> str | None:
         """Why this backend cannot resume the checkpoint `state` (its trainer state), or None."""
         if self.family != backend_family(state.backend):
-            return (f"resume: '{path}' was written by {state.backend}, this run uses {self.name};"
-                    f" resume it with the backend that wrote it")
+            return f"resume: '{path}' was written by {state.backend}, this run uses {self.name}; resume it with the backend that wrote it"
         return None
 
     def load_state(self, folder: Path) -> None:
@@ -218,8 +219,10 @@ class DeepSpeedBackend(Backend):
 
     def resume_problem(self, path: Path, state) -> str | None:
         if state.world_size != self.acc.num_processes:
-            return (f"resume: '{path}' holds DeepSpeed shards of {state.world_size} ranks, this run has {self.acc.num_processes};"
-                    f" resume it with {state.world_size} processes")
+            return (
+                f"resume: '{path}' holds DeepSpeed shards of {state.world_size} ranks, this run has {self.acc.num_processes};"
+                f" resume it with {state.world_size} processes"
+            )
         return super().resume_problem(path, state)
 
 
@@ -268,11 +271,13 @@ class Fsdp2Backend(Backend):
             fully_shard(block, reshard_after_forward=self.cfg.reshard_after_forward, **options)
         # the root's parameters are all-gathered at the first forward and needed again at the end: keep them
         fully_shard(model, reshard_after_forward=False, **options)
-        self.notes = (f"FSDP2: fully_shard on {len(blocks)} {kinds} block(s) and the root over {self.acc.num_processes} rank(s);"
-                      f" reshard_after_forward {str(self.cfg.reshard_after_forward).lower()},"
-                      f" gradients reduce-scattered {'every micro-step' if self.cfg.sync_every_micro_step else 'once per optimizer step'}"
-                      + ("; compute in bf16, reduction in fp32" if policy.param_dtype == torch.bfloat16 else "")
-                      + ("; shards offloaded to the CPU" if self.cfg.cpu_offload else ""),)
+        self.notes = (
+            f"FSDP2: fully_shard on {len(blocks)} {kinds} block(s) and the root over {self.acc.num_processes} rank(s);"
+            f" reshard_after_forward {str(self.cfg.reshard_after_forward).lower()},"
+            f" gradients reduce-scattered {'every micro-step' if self.cfg.sync_every_micro_step else 'once per optimizer step'}"
+            + ("; compute in bf16, reduction in fp32" if policy.param_dtype == torch.bfloat16 else "")
+            + ("; shards offloaded to the CPU" if self.cfg.cpu_offload else ""),
+        )
         return model
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):

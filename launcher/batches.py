@@ -74,4 +74,3 @@ def rank_micro_batches(window: np.ndarray, rank: int, plan: BatchPlan) -> list[n
     mine = window[rank :: plan.world_size]
     mb = plan.micro_batch_size
     return [mine[k * mb : (k + 1) * mb] for k in range(plan.gradient_accumulation_steps)]
-

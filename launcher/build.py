@@ -63,8 +63,7 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def build_bare_model(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer | None = None, weights: bool = True
-                     ) -> tuple[nn.Module, set[str]]:
+def build_bare_model(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer | None = None, weights: bool = True) -> tuple[nn.Module, set[str]]:
     """The model with LoRA and the freeze patterns applied, on CPU, identical on every rank and world size.
 
     `weights=False` (under the meta device: names and shapes for inspect, plan and the pre-flight) reads no
@@ -94,8 +93,7 @@ def batch_plan(cfg: Config, processes: int) -> BatchPlan:
     simulated = cfg.launch.simulate_world_size
     if simulated and processes > 1:
         raise UsageError(f"launch.simulate_world_size runs one process, but {processes} were launched; start one process (launch.nproc_per_node: 1)")
-    return BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, simulated or processes,
-                     ranks_per_process=simulated or 1)
+    return BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, simulated or processes, ranks_per_process=simulated or 1)
 
 
 def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, checked: Checked | None = None) -> Run:
@@ -113,8 +111,9 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, 
     # a factory's model was built for real by the validation (its code may not run on the meta device): it is the
     # run's. Freezing precedes wrapping: DDP, FSDP2 and the optimizer see only trainable parameters.
     model = checked.model if cfg.model.factory is not None else build_bare_model(cfg, tokenizer)[0]
-    accelerator = make_accelerator(cfg.train, cfg.deepspeed, plan.micro_steps_per_process, cfg.distributed.timeout_s, cfg.output_dir,
-                                   needs_process_group=cfg.fsdp is not None)
+    accelerator = make_accelerator(
+        cfg.train, cfg.deepspeed, plan.micro_steps_per_process, cfg.distributed.timeout_s, cfg.output_dir, needs_process_group=cfg.fsdp is not None
+    )
     backend = make_backend(accelerator, cfg)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     start = agree_on_start(accelerator, cfg, start)
@@ -154,17 +153,32 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, 
         f" {train_data.steps_per_epoch} steps per epoch, {total_steps} steps;"
         f" {len(eval_blocks) if eval_blocks is not None else 0} held-out samples"
     )
-    accelerator.print(f"{world_size} process(es), {torch.get_num_threads()} CPU thread(s) each"
-                      f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    accelerator.print(
+        f"{world_size} process(es), {torch.get_num_threads()} CPU thread(s) each (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+    )
     for line in backend.notes:
         accelerator.print(line)
     if state:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     for line in start.notes + ([f"changed since the checkpoint: {', '.join(start.changes)}"] if start.changes else []):
         accelerator.print(line)
-    return Run(cfg, accelerator, model, optimizer, lr_schedule, train_data, eval_data, tokenizer, plan, total_steps,
-               start_step=state.step if state else 0, skipped_steps=state.skipped_steps if state else 0,
-               nonfinite_steps=state.nonfinite_steps if state else 0, lock=lock, backend=backend)
+    return Run(
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        lr_schedule,
+        train_data,
+        eval_data,
+        tokenizer,
+        plan,
+        total_steps,
+        start_step=state.step if state else 0,
+        skipped_steps=state.skipped_steps if state else 0,
+        nonfinite_steps=state.nonfinite_steps if state else 0,
+        lock=lock,
+        backend=backend,
+    )
 
 
 def agree_on_start(accelerator: Accelerator, cfg: Config, start: Start) -> Start:
@@ -196,8 +210,10 @@ def agree_on_start(accelerator: Accelerator, cfg: Config, start: Start) -> Start
     if accelerator.is_main_process and probe is not None:
         Path(probe).unlink(missing_ok=True)
     if missing is not None:
-        raise UsageError(f"output_dir: '{cfg.output_dir}' is not the same folder on every node: rank {missing} (on {hosts[missing]})"
-                         f" does not see rank 0's files there (a node-local disk?); put output_dir on a file system shared by all nodes")
+        raise UsageError(
+            f"output_dir: '{cfg.output_dir}' is not the same folder on every node: rank {missing} (on {hosts[missing]})"
+            f" does not see rank 0's files there (a node-local disk?); put output_dir on a file system shared by all nodes"
+        )
     return start
 
 
@@ -295,6 +311,7 @@ def main_first(accelerator: Accelerator, work):
 @dataclass
 class Checked:
     """What the validation pass built on its way: the run reuses it instead of loading or computing it again."""
+
     tokenizer: ByteTokenizer | HFTokenizer
     plan: BatchPlan
     deepspeed: dict | None  # the resolved DeepSpeed config ("auto" filled), if DeepSpeed runs
@@ -356,7 +373,9 @@ def check_options(cfg: Config, uses_deepspeed: bool) -> None:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise UsageError("train.tensorboard: the tensorboard package is not installed; pip install -e '.[tensorboard]' or set it to false") from None
+            raise UsageError(
+                "train.tensorboard: the tensorboard package is not installed; pip install -e '.[tensorboard]' or set it to false"
+            ) from None
 
 
 def _prepare_data_main_first(cfg: Config, accelerator: Accelerator, tokenizer: ByteTokenizer | HFTokenizer):
@@ -377,6 +396,8 @@ def prepare_data(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer, report=Non
         for key, folder in cache_dirs(cfg):
             folder = folder.absolute()
             if err.errno in FAULTS and (where is None or where == folder or folder in where.parents):
-                raise RunFault(f"preparing the data: {FAULTS[err.errno]} writing '{where or folder}' ({free_text(existing_parent(folder))});"
-                               f" free space or make it writable, or set {key} to another folder") from None
+                raise RunFault(
+                    f"preparing the data: {FAULTS[err.errno]} writing '{where or folder}' ({free_text(existing_parent(folder))});"
+                    f" free space or make it writable, or set {key} to another folder"
+                ) from None
         raise

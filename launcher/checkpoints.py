@@ -89,11 +89,15 @@ def verify_checkpoint(path: Path) -> TrainerState:
         found = path / name
         if not found.is_file():
             what = f"rank {name[14:-4]}'s RNG state" if name.startswith("random_states_") else name
-            raise UsageError(f"resume: checkpoint '{path}' is incomplete: {what} ({name}) is missing; resume from another checkpoint"
-                             f" (resume=PATH) or restore the file")
+            raise UsageError(
+                f"resume: checkpoint '{path}' is incomplete: {what} ({name}) is missing; resume from another checkpoint"
+                f" (resume=PATH) or restore the file"
+            )
         if size is not None and found.stat().st_size != size:
-            raise UsageError(f"resume: checkpoint '{path}' cannot be loaded: {name} has {found.stat().st_size} bytes, {size} were"
-                             f" written; resume from another checkpoint (resume=PATH)")
+            raise UsageError(
+                f"resume: checkpoint '{path}' cannot be loaded: {name} has {found.stat().st_size} bytes, {size} were"
+                f" written; resume from another checkpoint (resume=PATH)"
+            )
     return state
 
 
@@ -123,8 +127,16 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(acc: Accelerator, backend, output_dir: Path, state: TrainerState, config_yaml: str, keep_last: int | None,
-                    storage_fault=lambda err: None, pending: BaseException | None = None) -> Path:
+def save_checkpoint(
+    acc: Accelerator,
+    backend,
+    output_dir: Path,
+    state: TrainerState,
+    config_yaml: str,
+    keep_last: int | None,
+    storage_fault=lambda err: None,
+    pending: BaseException | None = None,
+) -> Path:
     """Every rank calls this at the same optimizer-step boundary; returns the complete checkpoint.
 
     `config_yaml` is the run's resolved config, kept beside the state it produced. When a write fails on
@@ -161,6 +173,7 @@ def save_checkpoint(acc: Accelerator, backend, output_dir: Path, state: TrainerS
         if partial.exists():  # left by a save that was killed
             shutil.rmtree(partial)
         partial.mkdir()
+
     stage(start if acc.is_main_process or pending is not None else lambda: None)
     stage(lambda: backend.save_state(partial))  # every rank's files (its RNG states, its shards)
 
@@ -175,6 +188,7 @@ def save_checkpoint(acc: Accelerator, backend, output_dir: Path, state: TrainerS
         _fsync_tree(root)
         for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last else []:
             shutil.rmtree(old)
+
     stage(commit if acc.is_main_process else lambda: None)
     return final
 

@@ -21,15 +21,27 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=100")
     train.add_argument("--overwrite", action="store_true", help="replace the run in an existing non-empty output_dir")
     debugging = train.add_argument_group("debugging (each flag is a config key, recorded in config.yaml)")
-    debugging.add_argument("--debug", action="store_true",
-                           help="one process, --debug-steps steps, deterministic, checked after every step, a summary; into OUTPUT_DIR-debug")
+    debugging.add_argument(
+        "--debug",
+        action="store_true",
+        help="one process, --debug-steps steps, deterministic, checked after every step, a summary; into OUTPUT_DIR-debug",
+    )
     debugging.add_argument("--debug-steps", type=int, default=10, metavar="N", help="steps of a --debug run (default 10)")
     debugging.add_argument("--detect-anomaly", action="store_true", help="diagnostics.detect_anomaly: name the backward op that made a nan (slow)")
     debugging.add_argument("--overfit-batches", type=int, metavar="N", help="train.overfit_batches: train on the first N steps' batches only")
-    debugging.add_argument("--simulate-world-size", type=int, metavar="N",
-                           help="launch.simulate_world_size: one process reproduces an N-process run's global batch and updates")
-    debugging.add_argument("--dump-grad", action="append", default=[], metavar="NAME",
-                           help="diagnostics.dump_grad: print this parameter's gradient statistics (repeatable)")
+    debugging.add_argument(
+        "--simulate-world-size",
+        type=int,
+        metavar="N",
+        help="launch.simulate_world_size: one process reproduces an N-process run's global batch and updates",
+    )
+    debugging.add_argument(
+        "--dump-grad",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="diagnostics.dump_grad: print this parameter's gradient statistics (repeatable)",
+    )
     debugging.add_argument("--dump-grad-steps", metavar="S1,S2,...", help="diagnostics.dump_grad_steps: at these steps (default: every log step)")
     inspect = commands.add_parser("inspect", help="list every parameter, its shape and whether it trains (no training)")
     inspect.add_argument("config", help="YAML config file")
@@ -40,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     plan.add_argument("--gpus-per-node", type=int, help="processes per node (default: launch.nproc_per_node)")
     plan.add_argument("--deepspeed", help="a DeepSpeed JSON (the same as deepspeed=JSON)")
-    plan.add_argument("--compare-backends", action="store_true",
-                      help="per-rank bytes of parameters, gradients and optimizer state under DDP, ZeRO-1/2/3 and FSDP2")
+    plan.add_argument(
+        "--compare-backends", action="store_true", help="per-rank bytes of parameters, gradients and optimizer state under DDP, ZeRO-1/2/3 and FSDP2"
+    )
     plan.add_argument("--time-limit", help="the SLURM time limit, HH:MM:SS")
     plan.add_argument("--step-time-s", type=float, help="estimated seconds per optimizer step")
     plan.add_argument("--cpus-per-task", type=int, help="CPUs per node for the sbatch line (default: --exclusive, whole nodes)")
@@ -124,8 +137,9 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
         # the job's arguments are the same on every restart: deleting then would delete this job's own checkpoints
         overwrite = False
         if env_rank_is_main():
-            print(f"--overwrite not applied: this is restart {restart_count()} of SLURM job {os.environ['SLURM_JOB_ID']},"
-                  f" which continues its own run")
+            print(
+                f"--overwrite not applied: this is restart {restart_count()} of SLURM job {os.environ['SLURM_JOB_ID']}, which continues its own run"
+            )
     if args.debug:
         from launcher.debug import start_debug_run
 
@@ -183,8 +197,10 @@ def env_rank_is_main() -> bool:
 
 
 def report_finished(cfg) -> int:
-    print(f"output_dir '{cfg.output_dir}' holds this run, finished (final/model.safetensors); nothing to do."
-          f" Raise train.max_steps to train on from its last checkpoint, or set output_dir=NEW_DIR")
+    print(
+        f"output_dir '{cfg.output_dir}' holds this run, finished (final/model.safetensors); nothing to do."
+        f" Raise train.max_steps to train on from its last checkpoint, or set output_dir=NEW_DIR"
+    )
     return EXIT_OK
 
 
@@ -225,9 +241,14 @@ def run_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.nodes < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1) or (args.cpus_per_task is not None and args.cpus_per_task < 1):
         raise UsageError("--nodes, --gpus-per-node and --cpus-per-task must be 1 or more")
-    alloc = Allocation(args.nodes, args.gpus_per_node or processes_to_start(cfg.launch),
-                       parse_duration(args.time_limit) if args.time_limit else None, args.step_time_s,
-                       cpus_per_task=args.cpus_per_task, mem=args.mem)
+    alloc = Allocation(
+        args.nodes,
+        args.gpus_per_node or processes_to_start(cfg.launch),
+        parse_duration(args.time_limit) if args.time_limit else None,
+        args.step_time_s,
+        cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+    )
     print(plan_text(cfg, args.config, overrides, alloc, compare_backends=args.compare_backends))
     return 0
 
@@ -267,11 +288,15 @@ def report(summary: dict, cfg) -> None:
     if summary["preempted"]:
         checkpoint = summary["checkpoint"]
         if summary["requeue"]:
-            print(f"preempted: stopped after step {summary['steps']}; checkpoint {checkpoint}; requeue asked for"
-                  f" (inside a SLURM job; elsewhere run again with resume=auto to continue)")
+            print(
+                f"preempted: stopped after step {summary['steps']}; checkpoint {checkpoint}; requeue asked for"
+                f" (inside a SLURM job; elsewhere run again with resume=auto to continue)"
+            )
         else:
-            print(f"stopped after step {summary['steps']} (SIGTERM or Ctrl-C); checkpoint {checkpoint}; no requeue asked for;"
-                  f" run again with resume=auto to continue")
+            print(
+                f"stopped after step {summary['steps']} (SIGTERM or Ctrl-C); checkpoint {checkpoint}; no requeue asked for;"
+                f" run again with resume=auto to continue"
+            )
         return
     if summary["eval_loss"] is not None:
         start = f" (at step 0: {summary['first_eval_loss']:.4f})" if summary["first_eval_loss"] is not None else ""
@@ -283,6 +308,11 @@ def report(summary: dict, cfg) -> None:
     if summary["nonfinite"]:
         print(f"stopped at step {summary['steps']}: inf/nan loss or gradient (report on stderr and in {cfg.output_dir}/nonfinite.json)")
         return
-    final = ("final/ (the LoRA adapter" + (", merged/ the merged model)" if cfg.export.merge_lora else ")") if cfg.lora is not None
-             else "final/ (a Hugging Face model folder)" if cfg.model.is_hf else "final/model.safetensors")
+    final = (
+        "final/ (the LoRA adapter" + (", merged/ the merged model)" if cfg.export.merge_lora else ")")
+        if cfg.lora is not None
+        else "final/ (a Hugging Face model folder)"
+        if cfg.model.is_hf
+        else "final/model.safetensors"
+    )
     print(f"outputs: {cfg.output_dir}/ (config.yaml, metrics.jsonl, {final})")

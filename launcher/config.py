@@ -66,9 +66,15 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast precision; fp16 adds a loss scaler")
     compile: bool = Field(False, description="torch.compile the model")
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics rows (each costs one host-device sync)")
-    peak_tflops: float | None = Field(None, gt=0, description="peak dense TFLOP/s of one device, for the mfu metric; null: from a table of known GPUs (none on CPU)")
-    tensorboard: bool = Field(False, description="also write the metrics as TensorBoard event files to output_dir/tensorboard (the tensorboard extra)")
-    overfit_batches: int | None = Field(None, ge=1, description="train on the first N optimizer steps' batches over and over (the can-it-learn check); null: all data")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="peak dense TFLOP/s of one device, for the mfu metric; null: from a table of known GPUs (none on CPU)"
+    )
+    tensorboard: bool = Field(
+        False, description="also write the metrics as TensorBoard event files to output_dir/tensorboard (the tensorboard extra)"
+    )
+    overfit_batches: int | None = Field(
+        None, ge=1, description="train on the first N optimizer steps' batches over and over (the can-it-learn check); null: all data"
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -85,23 +91,35 @@ class EvalConfig(Section):
 
 class DataConfig(Section):
     path: Path | None = Field(
-        None, description="a .txt/.jsonl/.json/.csv/.parquet file, a folder of such files or a glob, or a save_to_disk folder; null: the built-in corpus")
-    name: str | None = Field(None, min_length=1, description="instead of path: a dataset for datasets.load_dataset (a hub name, or a local folder of data files)")
+        None,
+        description="a .txt/.jsonl/.json/.csv/.parquet file, a folder of such files or a glob, or a save_to_disk folder; null: the built-in corpus",
+    )
+    name: str | None = Field(
+        None, min_length=1, description="instead of path: a dataset for datasets.load_dataset (a hub name, or a local folder of data files)"
+    )
     config: str | None = Field(None, min_length=1, description="the configuration of data.name (load_dataset's second argument)")
     split: str = Field("train", min_length=1, description="the split to train on, for data.name and a DatasetDict save_to_disk folder")
     eval_path: Path | None = Field(None, description="a separate evaluation set, in any form data.path takes; replaces the held-out fraction")
-    eval_split: str | None = Field(None, min_length=1, description="a split of data.name (or of a DatasetDict folder) to evaluate on; replaces the held-out fraction")
+    eval_split: str | None = Field(
+        None, min_length=1, description="a split of data.name (or of a DatasetDict folder) to evaluate on; replaces the held-out fraction"
+    )
     format: Literal["text", "prompt_completion", "chat"] = Field(
-        "text", description="text: every token is a target; prompt_completion: only the completion; chat: only assistant turns (data.train_on)")
+        "text", description="text: every token is a target; prompt_completion: only the completion; chat: only assistant turns (data.train_on)"
+    )
     text_field: str = Field("text", min_length=1, description="column holding the text (format text)")
     prompt_field: str = Field("prompt", min_length=1, description="column holding the prompt (format prompt_completion)")
     completion_field: str = Field("completion", min_length=1, description="column holding the completion (format prompt_completion)")
     messages_field: str = Field("messages", min_length=1, description="column holding the conversation, a list of {role, content} (format chat)")
     chat_template: str | None = Field(
-        None, min_length=1, description="format chat: null: the tokenizer's own template (the byte-level tokenizer: the default); 'default': the launcher's; or a .jinja file")
+        None,
+        min_length=1,
+        description="format chat: null: the tokenizer's own template (the byte-level tokenizer: the default); 'default': the launcher's; or a .jinja file",
+    )
     train_on: Literal["assistant", "all"] = Field("assistant", description="format chat: the loss counts assistant turns only, or every token")
     too_long: Literal["truncate", "drop"] = Field(
-        "truncate", description="prompt_completion and chat samples longer than seq_len + 1 tokens: cut the end off, or drop the sample (both counted)")
+        "truncate",
+        description="prompt_completion and chat samples longer than seq_len + 1 tokens: cut the end off, or drop the sample (both counted)",
+    )
     seq_len: int = Field(128, ge=2, description="tokens per training sequence")
     pack: bool = Field(True, description="several documents (samples) per row; false: one padded row per document chunk (sample)")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="fraction of documents held out for evaluation; 0 disables evaluation")
@@ -160,9 +178,11 @@ def folder_or_hub_id(value: str | None, what: str, needs: str | None = None) -> 
 
 class ModelConfig(Section):
     pretrained: str | None = Field(
-        None, min_length=1, description="a Hugging Face model folder (or a hub id, where a hub is reachable): AutoModelForCausalLM with its weights")
+        None, min_length=1, description="a Hugging Face model folder (or a hub id, where a hub is reachable): AutoModelForCausalLM with its weights"
+    )
     hf_config: Path | dict[str, Any] | None = Field(
-        None, description="a Hugging Face architecture trained from scratch: a folder with config.json, or a mapping with model_type")
+        None, description="a Hugging Face architecture trained from scratch: a folder with config.json, or a mapping with model_type"
+    )
     factory: str | None = Field(None, description="'module:callable' building your own model; null: the built-in GPT")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for model.factory")
     n_layer: int = Field(4, ge=1, description="built-in GPT: transformer blocks")
@@ -170,9 +190,13 @@ class ModelConfig(Section):
     d_model: int = Field(128, ge=1, description="built-in GPT: width of the residual stream")
     dropout: float = Field(0.0, ge=0, lt=1, description="built-in GPT: dropout probability (0 keeps the forward deterministic)")
     dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="dtype of the trained weights: fp32 master weights (mixed precision from train.mixed_precision), or bf16 for pure 16-bit training")
+        "fp32",
+        description="dtype of the trained weights: fp32 master weights (mixed precision from train.mixed_precision), or bf16 for pure 16-bit training",
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward (less memory, about a third more compute)")
-    resize_embeddings: bool = Field(False, description="grow the embedding (and output) rows to the tokenizer's size when it has more ids than the model")
+    resize_embeddings: bool = Field(
+        False, description="grow the embedding (and output) rows to the tokenizer's size when it has more ids than the model"
+    )
 
     @field_validator("factory")
     @classmethod
@@ -192,7 +216,9 @@ class ModelConfig(Section):
         if isinstance(value, dict) and not isinstance(value.get("model_type"), str):
             raise ValueError("an inline mapping needs model_type (e.g. llama, gpt2, qwen2), as in a config.json")
         if isinstance(value, Path) and not (value / "config.json").is_file():
-            raise ValueError(f"'{value}' is not a folder with a config.json; point it at a Hugging Face model folder or give a mapping with model_type")
+            raise ValueError(
+                f"'{value}' is not a folder with a config.json; point it at a Hugging Face model folder or give a mapping with model_type"
+            )
         return value
 
     @property
@@ -222,7 +248,8 @@ class LoraConfig(Section):
     alpha: float = Field(16, gt=0, description="the update is scaled by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="module names (the last part, e.g. [q_proj, v_proj]) that get adapters, or all-linear")
+        "all-linear", description="module names (the last part, e.g. [q_proj, v_proj]) that get adapters, or all-linear"
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -240,26 +267,44 @@ class ExportConfig(Section):
 
 class DiagnosticsConfig(Section):
     nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="on an inf/nan loss or gradient: stop (exit 3, checkpoints before it kept) or skip the step (one host-device sync per step)"
+        "stop",
+        description="on an inf/nan loss or gradient: stop (exit 3, checkpoints before it kept) or skip the step (one host-device sync per step)",
     )
-    grad_norms_every: int | None = Field(None, ge=1, description="log pre-clip gradient norms per layer to metrics.jsonl every N optimizer steps; null: never")
-    dump_grad: list[str] = Field(default_factory=list, description="parameter names whose gradient statistics are printed and logged (DDP or one process)")
-    dump_grad_steps: list[PositiveInt] = Field(default_factory=list, description="optimizer steps (1-based) at which dump_grad prints; empty: every train.log_every steps")
-    detect_anomaly: bool = Field(False, description="torch.autograd anomaly detection: the backward op that made a nan, with its forward trace (slow)")
+    grad_norms_every: int | None = Field(
+        None, ge=1, description="log pre-clip gradient norms per layer to metrics.jsonl every N optimizer steps; null: never"
+    )
+    dump_grad: list[str] = Field(
+        default_factory=list, description="parameter names whose gradient statistics are printed and logged (DDP or one process)"
+    )
+    dump_grad_steps: list[PositiveInt] = Field(
+        default_factory=list, description="optimizer steps (1-based) at which dump_grad prints; empty: every train.log_every steps"
+    )
+    detect_anomaly: bool = Field(
+        False, description="torch.autograd anomaly detection: the backward op that made a nan, with its forward trace (slow)"
+    )
 
 
 class FsdpConfig(Section):
     reshard_after_forward: bool = Field(
-        True, description="free each block's gathered parameters after its forward (gathered again for the backward): less memory, one more all-gather per block")
+        True,
+        description="free each block's gathered parameters after its forward (gathered again for the backward): less memory, one more all-gather per block",
+    )
     sync_every_micro_step: bool = Field(
-        False, description="reduce-scatter after every micro-step instead of the window's last (the same numbers; k x the communication, sharded instead of full accumulated gradients in memory)")
-    cpu_offload: bool = Field(False, description="keep the parameter shards, their gradients and the optimizer state in CPU memory (the optimizer steps on the CPU)")
+        False,
+        description="reduce-scatter after every micro-step instead of the window's last (the same numbers; k x the communication, sharded instead of full accumulated gradients in memory)",
+    )
+    cpu_offload: bool = Field(
+        False, description="keep the parameter shards, their gradients and the optimizer state in CPU memory (the optimizer steps on the CPU)"
+    )
 
 
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="optimizer steps between checkpoints (and one at the end); null: only on preemption")
     every_minutes: float | None = Field(
-        None, gt=0, description="also checkpoint at the first step boundary this many minutes after the last one (agreed by all ranks); null: 30 inside a SLURM job, else off")
+        None,
+        gt=0,
+        description="also checkpoint at the first step boundary this many minutes after the last one (agreed by all ranks); null: 30 inside a SLURM job, else off",
+    )
     keep_last: int | None = Field(None, ge=1, description="keep the newest N checkpoints; null: keep all")
 
 
@@ -280,7 +325,9 @@ class LaunchConfig(Section):
 
 
 class DistributedConfig(Section):
-    timeout_s: float = Field(600, gt=0, description="seconds a collective may wait before the run fails with a timeout (DDP and DeepSpeed; a hung rank, GPU or node)")
+    timeout_s: float = Field(
+        600, gt=0, description="seconds a collective may wait before the run fails with a timeout (DDP and DeepSpeed; a hung rank, GPU or node)"
+    )
 
 
 SEED_MAX = 2**31 - 1  # numpy seeds take 32 bits, and each rank adds its rank to the seed
@@ -294,17 +341,26 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: str | None = Field(
-        None, min_length=1, description="a Hugging Face tokenizer folder (AutoTokenizer); null: model.pretrained's folder, else the built-in byte-level tokenizer")
+        None,
+        min_length=1,
+        description="a Hugging Face tokenizer folder (AutoTokenizer); null: model.pretrained's folder, else the built-in byte-level tokenizer",
+    )
     lora: LoraConfig | None = Field(None, description="train LoRA adapters (peft) instead of the full model; Hugging Face models only")
     export: ExportConfig = Field(default_factory=ExportConfig)
     freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze: globs on dotted names, 're:' for a regex")
     deepspeed: Path | None = Field(None, description="DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) to train with DeepSpeed; null: DDP")
-    fsdp: FsdpConfig | None = Field(None, description="train with FSDP2 (fully_shard per transformer block), with these options; {} for the defaults; null: DDP")
+    fsdp: FsdpConfig | None = Field(
+        None, description="train with FSDP2 (fully_shard per transformer block), with these options; {} for the defaults; null: DDP"
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
-    resume: str | None = Field(None, min_length=1, description="'auto': the newest complete checkpoint in output_dir (none: start fresh); or a checkpoint folder")
+    resume: str | None = Field(
+        None, min_length=1, description="'auto': the newest complete checkpoint in output_dir (none: start fresh); or a checkpoint folder"
+    )
     resume_allow_changes: list[str] = Field(
-        default_factory=list, description="keys (or sections) whose values may differ from the resumed checkpoint's, e.g. [train.learning_rate]; the new values take effect")
+        default_factory=list,
+        description="keys (or sections) whose values may differ from the resumed checkpoint's, e.g. [train.learning_rate]; the new values take effect",
+    )
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
@@ -342,7 +398,9 @@ class Config(Section):
             if self.train.compile:
                 raise ValueError("train.compile: not available with fsdp; set train.compile to false")
         if self.model.dtype == "bf16" and self.deepspeed is not None:
-            raise ValueError("model.dtype: bf16 is pure 16-bit training; DeepSpeed keeps its own fp32 master weights: use train.mixed_precision: bf16 and model.dtype: fp32")
+            raise ValueError(
+                "model.dtype: bf16 is pure 16-bit training; DeepSpeed keeps its own fp32 master weights: use train.mixed_precision: bf16 and model.dtype: fp32"
+            )
         return self
 
     @property
@@ -503,8 +561,11 @@ def _section_at(loc: list[str]) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(part)
         # an optional section (lora, fsdp) is `Section | None`
-        kinds = [a for a in (getattr(field, "annotation", None), *typing.get_args(getattr(field, "annotation", None)))
-                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        kinds = [
+            a
+            for a in (getattr(field, "annotation", None), *typing.get_args(getattr(field, "annotation", None)))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not kinds:
             return None
         model = kinds[0]

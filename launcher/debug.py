@@ -24,7 +24,9 @@ DEBUG_MARKER = "debug.json"  # marks a debug run's output_dir, which the next de
 def debug_config(cfg: Config, steps: int, processes: int) -> Config:
     """The config of a debug run of `cfg`: one process, `steps` steps, two eval batches, its own output_dir."""
     if processes > 1:
-        raise UsageError("--debug runs one process; start it as a plain command (launcher train CONFIG --debug), not under torchrun or accelerate launch")
+        raise UsageError(
+            "--debug runs one process; start it as a plain command (launcher train CONFIG --debug), not under torchrun or accelerate launch"
+        )
     if steps < 1:
         raise UsageError(f"--debug-steps must be 1 or more (got {steps})")
     cfg = cfg.model_copy(deep=True)
@@ -78,14 +80,19 @@ def summary_text(run, result: dict, before: dict[str, torch.Tensor], anomaly: bo
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
     layers = [r for r in rows if "grad_norm_by_layer" in r]
-    lines = ["", "debug summary",
-             f"  {result['steps']} steps on one process ({run.accelerator.device}); {run.plan.describe()}",
-             f"  deterministic algorithms on; anomaly detection {'on' if anomaly else 'off (--detect-anomaly)'}"]
+    lines = [
+        "",
+        "debug summary",
+        f"  {result['steps']} steps on one process ({run.accelerator.device}); {run.plan.describe()}",
+        f"  deterministic algorithms on; anomaly detection {'on' if anomaly else 'off (--detect-anomaly)'}",
+    ]
     if steps:
         lines.append(f"  training loss {_num(steps[0]['loss'])} (step {steps[0]['step']}) -> {_num(steps[-1]['loss'])} (step {steps[-1]['step']})")
     if len(evals) >= 2:
-        lines.append(f"  eval loss {_num(evals[0]['eval_loss'])} (step {evals[0]['step']}) -> {_num(evals[-1]['eval_loss'])}"
-                     f" (step {evals[-1]['step']}) on {evals[-1]['eval_tokens']:,} held-out tokens")
+        lines.append(
+            f"  eval loss {_num(evals[0]['eval_loss'])} (step {evals[0]['step']}) -> {_num(evals[-1]['eval_loss'])}"
+            f" (step {evals[-1]['step']}) on {evals[-1]['eval_tokens']:,} held-out tokens"
+        )
     norms = [float(r["grad_norm"]) for r in steps if r.get("grad_norm") is not None]
     if norms:
         max_norm = cfg.train.max_grad_norm
@@ -94,21 +101,25 @@ def summary_text(run, result: dict, before: dict[str, torch.Tensor], anomaly: bo
     if result["nonfinite"]:
         lines.append(f"  NON-FINITE loss or gradient at step {result['steps']}: see the report above")
     else:
-        lines.append(f"  every loss and gradient finite, checked after each of {result['steps']} steps"
-                     + (f" ({result['nonfinite_steps']} dropped: diagnostics.nonfinite skip)" if result["nonfinite_steps"] else ""))
+        lines.append(
+            f"  every loss and gradient finite, checked after each of {result['steps']} steps"
+            + (f" ({result['nonfinite_steps']} dropped: diagnostics.nonfinite skip)" if result["nonfinite_steps"] else "")
+        )
     lines += _parameter_changes(model, before)
     if layers:
         last = layers[-1]["grad_norm_by_layer"]
         silent = [name for name, v in last.items() if v == 0]
-        lines.append(f"  gradient norm by layer at step {layers[-1]['step']}: "
-                     + ", ".join(f"{name} {_num(v, '.3g')}" for name, v in last.items()))
+        lines.append(f"  gradient norm by layer at step {layers[-1]['step']}: " + ", ".join(f"{name} {_num(v, '.3g')}" for name, v in last.items()))
         if silent:
             lines.append(f"  WARNING: no gradient reached {', '.join(silent)}")
     if steps:
         s_per_step = sum(r["s_per_step"] for r in steps) / len(steps)
         mfu = [r["mfu"] for r in steps if "mfu" in r]
-        lines.append(f"  {s_per_step:.3f} s/step, {sum(r['tokens_per_s'] for r in steps) / len(steps):,.0f} target tokens/s"
-                     + (f", mfu {100 * sum(mfu) / len(mfu):.1f}%" if mfu else "") + " (with the per-step checks of debug mode)")
+        lines.append(
+            f"  {s_per_step:.3f} s/step, {sum(r['tokens_per_s'] for r in steps) / len(steps):,.0f} target tokens/s"
+            + (f", mfu {100 * sum(mfu) / len(mfu):.1f}%" if mfu else "")
+            + " (with the per-step checks of debug mode)"
+        )
     peaks = [r["max_memory_allocated_gb"] for r in steps if "max_memory_allocated_gb" in r]
     if peaks:  # each row holds its interval's peak (the loop resets it)
         lines.append(f"  peak GPU memory {max(peaks):.2f} GiB")
@@ -127,8 +138,10 @@ def _parameter_changes(model: torch.nn.Module, before: dict[str, torch.Tensor]) 
         else:
             n_frozen += 1
             frozen_moved += [name] if not same else []
-    lines = [f"  parameters: {n_trainable} trainable ({n_trainable - len(trained_same)} changed),"
-             f" {n_frozen} frozen ({n_frozen - len(frozen_moved)} unchanged)"]
+    lines = [
+        f"  parameters: {n_trainable} trainable ({n_trainable - len(trained_same)} changed),"
+        f" {n_frozen} frozen ({n_frozen - len(frozen_moved)} unchanged)"
+    ]
     if trained_same:
         lines.append(f"  WARNING: trainable but unchanged (no gradient, or learning rate 0): {', '.join(trained_same)}")
     if frozen_moved:

@@ -66,8 +66,7 @@ def check_values(config: dict, source: Path) -> list[str]:
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and leaf in node and node[leaf] is not None and not isinstance(node[leaf], dict):
-            problems.append(f"{source}: {key} must be a JSON object (got {json.dumps(node[leaf])});"
-                            f" write it as configs/deepspeed/zero2.json does")
+            problems.append(f"{source}: {key} must be a JSON object (got {json.dumps(node[leaf])}); write it as configs/deepspeed/zero2.json does")
     if problems:
         return problems
     try:
@@ -85,8 +84,10 @@ def check_values(config: dict, source: Path) -> list[str]:
         except ValidationError as err:
             for e in err.errors():
                 where = ".".join([key, *(str(p) for p in e["loc"])])
-                problems.append(f"{source}: {where}: {e['msg'].lower()} (got {json.dumps(e.get('input'), default=str)});"
-                                f" fix the value (DeepSpeed's config reference lists each key)")
+                problems.append(
+                    f"{source}: {where}: {e['msg'].lower()} (got {json.dumps(e.get('input'), default=str)});"
+                    f" fix the value (DeepSpeed's config reference lists each key)"
+                )
         except (TypeError, ValueError) as err:
             problems.append(f"{source}: {key}: {err}; fix the value (DeepSpeed's config reference lists each key)")
     return problems
@@ -101,9 +102,7 @@ def resolve(config: dict, train: TrainConfig, world_size: int, source: Path) -> 
     problems = []
     for section in ("optimizer", "scheduler"):
         if section in config:
-            problems.append(
-                f"{source}: remove '{section}': the launcher builds AdamW and the LR schedule from train.* and gives them to DeepSpeed"
-            )
+            problems.append(f"{source}: remove '{section}': the launcher builds AdamW and the LR schedule from train.* and gives them to DeepSpeed")
     if train.grad_norm_type != 2.0:
         problems.append(f"train.grad_norm_type: DeepSpeed clips by the 2-norm only (got {train.grad_norm_type}); set it to 2.0")
     for key, (value, launcher_key) in owned_values(train, world_size).items():
@@ -114,8 +113,7 @@ def resolve(config: dict, train: TrainConfig, world_size: int, source: Path) -> 
         current = node.get(leaf, "auto")
         if current != "auto" and not _same(current, value):
             problems.append(
-                f"{source}: {key} is {json.dumps(current)} but {launcher_key} gives {json.dumps(value)};"
-                f" set {key} to \"auto\" (or make them agree)"
+                f'{source}: {key} is {json.dumps(current)} but {launcher_key} gives {json.dumps(value)}; set {key} to "auto" (or make them agree)'
             )
         node[leaf] = value
     if problems:

@@ -58,8 +58,9 @@ class NonFiniteWatch:
     overflow skip and is not flagged; a non-finite loss is.
     """
 
-    def __init__(self, names: list[str], rank: int, device: torch.device, fp16: bool,
-                 local_norms: list[torch.Tensor] | None, no_local_norms: str = ""):
+    def __init__(
+        self, names: list[str], rank: int, device: torch.device, fp16: bool, local_norms: list[torch.Tensor] | None, no_local_norms: str = ""
+    ):
         self.names, self.rank, self.fp16 = names, rank, fp16
         self.first_step = torch.full((), -1, dtype=torch.long, device=device)
         self.first_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -102,20 +103,22 @@ class NonFiniteWatch:
 
     def _report(self, acc, step, loss, local_vec, global_vec, mine: bool, policy: str) -> list[str]:
         have_names = self.current is not None and self.current[4]
-        info = {"rank": self.rank, "flagged": mine, "loss": loss.item(),
-                "local": self._offenders(local_vec) if have_names and (self.local_norms is not None or acc.num_processes == 1) else None,
-                "global": self._offenders(global_vec) if have_names else None}
+        info = {
+            "rank": self.rank,
+            "flagged": mine,
+            "loss": loss.item(),
+            "local": self._offenders(local_vec) if have_names and (self.local_norms is not None or acc.num_processes == 1) else None,
+            "global": self._offenders(global_vec) if have_names else None,
+        }
         ranks = gather_object([info]) if acc.num_processes > 1 else [info]
-        return report_lines(step, ranks, len(self.names), policy, several=acc.num_processes > 1, fp16=self.fp16,
-                            no_local_norms=self.no_local_norms)
+        return report_lines(step, ranks, len(self.names), policy, several=acc.num_processes > 1, fp16=self.fp16, no_local_norms=self.no_local_norms)
 
     def _offenders(self, norms: torch.Tensor) -> list[tuple[str, float]]:
         values = norms.tolist()
         return [(name, v) for name, v in zip(self.names, values) if not math.isfinite(v)]
 
 
-def report_lines(step: int, ranks: list[dict], n_params: int, policy: str, several: bool, fp16: bool,
-                 no_local_norms: str = "") -> list[str]:
+def report_lines(step: int, ranks: list[dict], n_params: int, policy: str, several: bool, fp16: bool, no_local_norms: str = "") -> list[str]:
     action = {"stop": "stopping (diagnostics.nonfinite: stop)", "skip": "step skipped (diagnostics.nonfinite: skip)"}[policy]
     lines = [f"non-finite loss or gradient at step {step}; {action}"]
     after = None
@@ -170,18 +173,28 @@ def gradient_stats(grad: torch.Tensor) -> dict[str, float]:
     """Statistics of one synced, pre-clip gradient (one host-device sync)."""
     g = grad.detach().float()
     finite = torch.isfinite(g)
-    values = torch.stack([
-        torch.linalg.vector_norm(g), g.mean(), g.std() if g.numel() > 1 else g.new_zeros(()), g.min(), g.max(),
-        g.abs().max(), (g == 0).float().mean(), (~finite).sum().float(),
-    ]).tolist()
+    values = torch.stack(
+        [
+            torch.linalg.vector_norm(g),
+            g.mean(),
+            g.std() if g.numel() > 1 else g.new_zeros(()),
+            g.min(),
+            g.max(),
+            g.abs().max(),
+            (g == 0).float().mean(),
+            (~finite).sum().float(),
+        ]
+    ).tolist()
     return dict(zip(("norm", "mean", "std", "min", "max", "abs_max", "zero_fraction", "nonfinite"), values))
 
 
 def format_stats(name: str, shape: torch.Size, step: int, stats: dict[str, float]) -> str:
     dims = "x".join(str(d) for d in shape)
-    return (f"grad {name} [{dims}] at step {step} (pre-clip): norm {stats['norm']:.4e}  mean {stats['mean']:.3e}"
-            f"  std {stats['std']:.3e}  min {stats['min']:.3e}  max {stats['max']:.3e}  |max| {stats['abs_max']:.3e}"
-            f"  zeros {100 * stats['zero_fraction']:.1f}%  non-finite {int(stats['nonfinite'])}")
+    return (
+        f"grad {name} [{dims}] at step {step} (pre-clip): norm {stats['norm']:.4e}  mean {stats['mean']:.3e}"
+        f"  std {stats['std']:.3e}  min {stats['min']:.3e}  max {stats['max']:.3e}  |max| {stats['abs_max']:.3e}"
+        f"  zeros {100 * stats['zero_fraction']:.1f}%  non-finite {int(stats['nonfinite'])}"
+    )
 
 
 def is_dump_step(cfg: DiagnosticsConfig, step: int, log_every: int) -> bool:

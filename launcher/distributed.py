@@ -44,9 +44,7 @@ def deepspeed_json(configured: Path | None) -> Path | None:
             )
         from_accelerate = Path(named)
     if configured and from_accelerate and configured.resolve() != from_accelerate.resolve():
-        raise UsageError(
-            f"deepspeed: the config names '{configured}' but the accelerate config names '{from_accelerate}'; keep one of them"
-        )
+        raise UsageError(f"deepspeed: the config names '{configured}' but the accelerate config names '{from_accelerate}'; keep one of them")
     return configured or from_accelerate
 
 
@@ -56,14 +54,18 @@ def fsdp_from_accelerate(configured: FsdpConfig | None, deepspeed: Path | None) 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return configured
     if os.environ.get("FSDP_VERSION", "1") != "2":
-        raise UsageError("accelerate config: FSDP version 1 is not supported; set fsdp_config.fsdp_version: 2 (as configs/accelerate/fsdp2.yaml does)")
+        raise UsageError(
+            "accelerate config: FSDP version 1 is not supported; set fsdp_config.fsdp_version: 2 (as configs/accelerate/fsdp2.yaml does)"
+        )
     if deepspeed is not None:
         raise UsageError("deepspeed: the config names a DeepSpeed JSON but the accelerate config selects FSDP; keep one of them")
     os.environ.pop("ACCELERATE_USE_FSDP")
     if configured is not None:
         return configured
-    return FsdpConfig(reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false",
-                      cpu_offload=os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true")
+    return FsdpConfig(
+        reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false",
+        cpu_offload=os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true",
+    )
 
 
 def env_rank() -> int:
@@ -133,16 +135,22 @@ def report_stop(output_dir: Path, step: int, requeue: bool) -> None:
         try:
             Path(stop_file).write_text(json.dumps({"job": job, "step": step, "requeue": requeue, "output_dir": str(output_dir)}) + "\n")
         except OSError as err:
-            print(f"launcher: warning: could not tell the job script about the stop ({STOP_FILE}={stop_file}: {err.strerror});"
-                  f" requeue job {job} by hand to continue", file=sys.stderr)
+            print(
+                f"launcher: warning: could not tell the job script about the stop ({STOP_FILE}={stop_file}: {err.strerror});"
+                f" requeue job {job} by hand to continue",
+                file=sys.stderr,
+            )
         return
     if not requeue:
         return
     try:
         subprocess.run(["scontrol", "requeue", job], check=False)
     except FileNotFoundError:
-        print(f"launcher: warning: no scontrol here (a container?): job {job} is not requeued;"
-              f" submit through slurm/train.sbatch, which requeues from the batch shell", file=sys.stderr)
+        print(
+            f"launcher: warning: no scontrol here (a container?): job {job} is not requeued;"
+            f" submit through slurm/train.sbatch, which requeues from the batch shell",
+            file=sys.stderr,
+        )
 
 
 def processes_to_start(cfg: LaunchConfig) -> int:
@@ -277,8 +285,14 @@ def resolved_deepspeed_config(configured: Path | None, cfg: TrainConfig, world_s
     return deepspeed_config.resolve(deepspeed_config.read_deepspeed_json(json_path), cfg, world_size, json_path)
 
 
-def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_steps_per_process: int | None = None,
-                     timeout_s: float = 600, output_dir: Path | None = None, needs_process_group: bool = False) -> Accelerator:
+def make_accelerator(
+    cfg: TrainConfig,
+    deepspeed: Path | None = None,
+    micro_steps_per_process: int | None = None,
+    timeout_s: float = 600,
+    output_dir: Path | None = None,
+    needs_process_group: bool = False,
+) -> Accelerator:
     """The Accelerator, which joins the process group when launched with several processes.
 
     Accumulation (the micro-steps each process makes per optimizer step) is declared here so that
@@ -320,8 +334,7 @@ def make_accelerator(cfg: TrainConfig, deepspeed: Path | None = None, micro_step
     )
     if needs_process_group and not torch.distributed.is_initialized():
         # one process under FSDP2: its sharding (a mesh of one rank) and Distributed Checkpoint need a process group
-        torch.distributed.init_process_group(handler.backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
-                                             timeout=handler.timeout)
+        torch.distributed.init_process_group(handler.backend, store=torch.distributed.HashStore(), rank=0, world_size=1, timeout=handler.timeout)
     return accelerator
 
 

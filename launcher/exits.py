@@ -38,8 +38,9 @@ def end_run(summary: dict, output_dir: Path, is_main_process: bool, release_lock
     code = EXIT_PREEMPTED if summary["preempted"] else EXIT_NONFINITE if summary["nonfinite"] else EXIT_OK
     try:
         if is_main_process and code == EXIT_PREEMPTED:
-            _write_marker(output_dir / PREEMPTED_MARKER, {"step": summary["steps"], "checkpoint": str(summary["checkpoint"]),
-                                                          "requeue": summary["requeue"]})
+            _write_marker(
+                output_dir / PREEMPTED_MARKER, {"step": summary["steps"], "checkpoint": str(summary["checkpoint"]), "requeue": summary["requeue"]}
+            )
         if is_main_process and code == EXIT_NONFINITE:
             _write_marker(output_dir / NONFINITE_MARKER, {"report": summary["nonfinite"]})
             for line in summary["nonfinite"]:

@@ -49,9 +49,17 @@ PEAK_TFLOPS = {
 }
 # torch.cuda.get_device_name() -> table row, first match wins ("NVIDIA H100 80GB HBM3" is the SXM card)
 DEVICE_NAMES = [
-    (r"\bGH200\b", "H200"), (r"\bH200 NVL\b", "H200 NVL"), (r"\bH200\b", "H200"),
-    (r"\bH100 NVL\b", "H100 NVL"), (r"\bH100 PCIe\b", "H100 PCIe"), (r"\bH100\b", "H100 SXM"),
-    (r"\bA100\b", "A100"), (r"\bL40S\b", "L40S"), (r"\bL4\b", "L4"), (r"\bA10\b", "A10"), (r"\bB200\b", "B200"),
+    (r"\bGH200\b", "H200"),
+    (r"\bH200 NVL\b", "H200 NVL"),
+    (r"\bH200\b", "H200"),
+    (r"\bH100 NVL\b", "H100 NVL"),
+    (r"\bH100 PCIe\b", "H100 PCIe"),
+    (r"\bH100\b", "H100 SXM"),
+    (r"\bA100\b", "A100"),
+    (r"\bL40S\b", "L40S"),
+    (r"\bL4\b", "L4"),
+    (r"\bA10\b", "A10"),
+    (r"\bB200\b", "B200"),
 ]
 
 
@@ -77,10 +85,8 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float | None:
     position = {id(p): i for i, (_, p) in enumerate(named)}
     # a layer may list its parameters in another order than it uses them (Llama lists its norms last and
     # applies them first): a trainable parameter inside a layer makes gradients flow from just before that layer
-    before_layer = {id(p): min(position[id(q)] for q in layer.parameters()) - 0.5
-                    for layer in layers or [] for p in layer.parameters()}
-    first_trainable = min((before_layer.get(id(p), i) for i, (_, p) in enumerate(named) if p.requires_grad),
-                          default=len(named))
+    before_layer = {id(p): min(position[id(q)] for q in layer.parameters()) - 0.5 for layer in layers or [] for p in layer.parameters()}
+    first_trainable = min((before_layer.get(id(p), i) for i, (_, p) in enumerate(named) if p.requires_grad), default=len(named))
     lookup_only, tied_head = _embedding_use(model)
     total = 0.0
     for i, (_, p) in enumerate(named):
@@ -154,13 +160,16 @@ def peak_tflops(device: torch.device, dtype: str) -> tuple[float | None, str]:
     return PEAK_TFLOPS[row][dtype], f"{name} ({row}), dense {dtype}"
 
 
-def make_mfu(model: nn.Module, seq_len: int, device: torch.device, mixed_precision: str, configured_tflops: float | None,
-             processes: int) -> tuple[Mfu | None, str]:
+def make_mfu(
+    model: nn.Module, seq_len: int, device: torch.device, mixed_precision: str, configured_tflops: float | None, processes: int
+) -> tuple[Mfu | None, str]:
     """The MFU meter of a run, and one line saying how mfu is computed or why it is not logged."""
     per_token = flops_per_token(model, seq_len)
     if per_token is None:
-        return None, ("mfu: not logged: the model's layer count and attention width are unknown (neither the"
-                      " built-in GPT nor a module with a Hugging Face config, or a mixture of experts)")
+        return None, (
+            "mfu: not logged: the model's layer count and attention width are unknown (neither the"
+            " built-in GPT nor a module with a Hugging Face config, or a mixture of experts)"
+        )
     dtype = matmul_dtype(model, mixed_precision)
     if configured_tflops is not None:
         tflops, source = configured_tflops, "train.peak_tflops"
@@ -168,12 +177,14 @@ def make_mfu(model: nn.Module, seq_len: int, device: torch.device, mixed_precisi
         tflops, source = peak_tflops(device, dtype)
         if tflops is None:
             return None, f"mfu: not logged: {source}; set train.peak_tflops (the device's dense peak in TFLOP/s)"
-    line = (f"mfu: {_si(per_token)}FLOP per token (6N + attention at seq_len {seq_len}) over"
-            f" {tflops:g} TFLOP/s per device ({source}) x {processes} process{'es' if processes > 1 else ''}")
+    line = (
+        f"mfu: {_si(per_token)}FLOP per token (6N + attention at seq_len {seq_len}) over"
+        f" {tflops:g} TFLOP/s per device ({source}) x {processes} process{'es' if processes > 1 else ''}"
+    )
     return Mfu(per_token, tflops * 1e12 * processes), line
 
 
 def _si(value: float) -> str:
     """6.24e8 -> '624 M': the number with an SI prefix, for a unit to follow."""
     exponent = min(max(int(math.log10(value)) // 3, 0), 4) if value > 0 else 0
-    return f"{value / 1000 ** exponent:.4g} {('', 'k', 'M', 'G', 'T')[exponent]}"
+    return f"{value / 1000**exponent:.4g} {('', 'k', 'M', 'G', 'T')[exponent]}"

@@ -32,8 +32,13 @@ def _start_time(pid: int) -> str | None:
 
 def _me() -> dict:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start_time": _start_time(pid),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "host": socket.gethostname(),
+        "pid": pid,
+        "start_time": _start_time(pid),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def read_holder(output_dir: Path) -> dict | None:
@@ -76,8 +81,10 @@ def check_not_held(output_dir: Path) -> None:
     if state == "alive":
         raise UsageError(f"output_dir: '{output_dir}' is in use by {describe(holder)}; wait for it to end, or set output_dir=NEW_DIR")
     if state == "unknown":
-        raise UsageError(f"output_dir: '{output_dir}' is locked by {describe(holder)}, which cannot be checked from this host;"
-                         f" if that run has ended, delete {output_dir / LOCK_FILE}")
+        raise UsageError(
+            f"output_dir: '{output_dir}' is locked by {describe(holder)}, which cannot be checked from this host;"
+            f" if that run has ended, delete {output_dir / LOCK_FILE}"
+        )
 
 
 class OutputLock:

@@ -17,6 +17,7 @@ import errno
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +44,16 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     # models then attend within a sample only)
     output = model(batch.input_ids) if batch.position_ids is None else model(batch.input_ids, position_ids=batch.position_ids)
     logits = logits_of(output)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    return F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def zero_loss_backward(run: Run) -> None:
     """One backward of a loss of 0 (no target token), communicated once like a step's last micro-step; it changes no
     weight, gradient, optimizer state or RNG stream (the backend's before_first_step may ask for it)."""
     acc, width = run.accelerator, run.cfg.data.seq_len
-    empty = Batch(torch.zeros(1, width, dtype=torch.long, device=acc.device),
-                  torch.full((1, width), IGNORE_INDEX, dtype=torch.long, device=acc.device))
+    empty = Batch(
+        torch.zeros(1, width, dtype=torch.long, device=acc.device), torch.full((1, width), IGNORE_INDEX, dtype=torch.long, device=acc.device)
+    )
     devices = [acc.device] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         acc.sync_gradients = True
@@ -69,8 +69,9 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     """
     acc, model, optimizer, cfg, backend = run.accelerator, run.model, run.optimizer, run.cfg, run.backend
     tensorboard = cfg.output_dir / "tensorboard" if cfg.train.tensorboard else None
-    mfu, mfu_line = make_mfu(acc.unwrap_model(model), cfg.data.seq_len, acc.device, cfg.train.mixed_precision,
-                             cfg.train.peak_tflops, acc.num_processes)
+    mfu, mfu_line = make_mfu(
+        acc.unwrap_model(model), cfg.data.seq_len, acc.device, cfg.train.mixed_precision, cfg.train.peak_tflops, acc.num_processes
+    )
     acc.print(mfu_line)  # before the progress bar starts drawing
     metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps, run.start_step, tensorboard)
     names, params = map(list, zip(*[(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]))
@@ -83,8 +84,9 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
 
     model.train()
     backend.before_first_step(lambda: zero_loss_backward(run))  # DDP: settles its gradient buckets
-    watch = NonFiniteWatch(names, acc.process_index, acc.device, cfg.train.mixed_precision == "fp16",
-                           backend.local_gradient_norms(params), backend.no_local_norms)
+    watch = NonFiniteWatch(
+        names, acc.process_index, acc.device, cfg.train.mixed_precision == "fp16", backend.local_gradient_norms(params), backend.no_local_norms
+    )
     optimizer.zero_grad(set_to_none=True)
     steps_done, skipped_steps, nonfinite_steps = run.start_step, run.skipped_steps, run.nonfinite_steps
     interval, preempted, requeue, nonfinite = Interval(acc.device, mfu), False, False, None
@@ -125,13 +127,23 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         metrics.advance()
 
         if is_log_step:  # the only host-device syncs of a training step, once per log interval
-            metrics.write({"step": steps_done, "epoch": step // run.train_data.steps_per_epoch, **interval.flush(acc),
-                           "lr": lr, "grad_norm": float(norms.total), "skipped_steps": skipped_steps,
-                           "nonfinite_steps": nonfinite_steps})
+            metrics.write(
+                {
+                    "step": steps_done,
+                    "epoch": step // run.train_data.steps_per_epoch,
+                    **interval.flush(acc),
+                    "lr": lr,
+                    "grad_norm": float(norms.total),
+                    "skipped_steps": skipped_steps,
+                    "nonfinite_steps": nonfinite_steps,
+                }
+            )
         due = checkpoint_due(cfg.checkpoint, steps_done, run.total_steps)
         # one small CPU collective per step: a signal on any rank, rank 0's clock, a failed metrics write on the main process
         time_due = clock.due() and acc.is_main_process
-        agreed = preemption.agreed(metrics.fault is not None, time_due) if preemption else Agreement(False, False, metrics.fault is not None, time_due)
+        agreed = (
+            preemption.agreed(metrics.fault is not None, time_due) if preemption else Agreement(False, False, metrics.fault is not None, time_due)
+        )
         preempted, requeue, faulted, due = agreed.stop, agreed.requeue, agreed.fault, due or agreed.time_due
         if faulted:  # a full disk, a vanished output_dir: stop with the newest complete checkpoint as it is
             raise write_fault(run, metrics.fault, "metrics.jsonl")
@@ -141,16 +153,23 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         if run.eval_data is not None and cfg.eval.every_steps and steps_done % cfg.eval.every_steps == 0:
             last_eval = log_eval(run, metrics, steps_done)
         if preempted or due:
-            state = TrainerState(steps_done, steps_done // run.train_data.steps_per_epoch, skipped_steps,
-                                 run.plan.global_batch_size, run.plan.processes, backend.name, nonfinite_steps)
-            checkpoint = save_checkpoint(acc, backend, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last,
-                                         lambda err, step=steps_done: storage_fault(err, cfg.output_dir, f"checkpoint of step {step}"), metrics.fault)
+            checkpoint = save_run_checkpoint(run, steps_done, skipped_steps, nonfinite_steps, metrics.fault)
             clock.saved()
         if preempted:
             break
 
-    summary = {"steps": steps_done, "skipped_steps": skipped_steps, "nonfinite_steps": nonfinite_steps, "nonfinite": nonfinite,
-               "preempted": preempted, "requeue": requeue, "checkpoint": checkpoint, "weights": None, "first_eval_loss": first_eval and first_eval[1], "eval_loss": None}
+    summary = {
+        "steps": steps_done,
+        "skipped_steps": skipped_steps,
+        "nonfinite_steps": nonfinite_steps,
+        "nonfinite": nonfinite,
+        "preempted": preempted,
+        "requeue": requeue,
+        "checkpoint": checkpoint,
+        "weights": None,
+        "first_eval_loss": first_eval and first_eval[1],
+        "eval_loss": None,
+    }
     if not preempted and nonfinite is None:
         if run.eval_data is not None and run.total_steps > 0 and (last_eval is None or last_eval[0] != run.total_steps):
             last_eval = log_eval(run, metrics, run.total_steps)
@@ -225,8 +244,11 @@ class Interval:
     def flush(self, acc) -> dict:
         loss_sum = acc.reduce(self.loss_sum, reduction="sum").item()  # one collective and one sync per interval
         elapsed_s = time.perf_counter() - self.started_s
-        row = {"loss": loss_sum / self.loss_tokens if self.loss_tokens else math.nan,
-               "tokens_per_s": self.target_tokens / elapsed_s, "s_per_step": elapsed_s / self.steps}
+        row = {
+            "loss": loss_sum / self.loss_tokens if self.loss_tokens else math.nan,
+            "tokens_per_s": self.target_tokens / elapsed_s,
+            "s_per_step": elapsed_s / self.steps,
+        }
         if self.mfu is not None:
             row["mfu"] = self.mfu.of(row["tokens_per_s"])
         row.update(peak_memory_gb(self.device))  # this process's GPU; nothing on CPU
@@ -247,6 +269,26 @@ def evaluate(run: Run) -> float:
         return run.accelerator.reduce(loss_sum, reduction="sum").item() / run.eval_data.target_tokens
     finally:
         model.train(was_training)
+
+
+def save_run_checkpoint(run: Run, steps_done: int, skipped_steps: int, nonfinite_steps: int, pending: BaseException | None) -> Path:
+    """Every rank, at a step boundary: the checkpoint of the state after `steps_done` steps (atomic; a failed write on
+    any rank ends every rank with the fault, `pending` one of this step's that already failed); returns its folder."""
+    cfg, plan = run.cfg, run.plan
+    state = TrainerState(
+        steps_done,
+        steps_done // run.train_data.steps_per_epoch,
+        skipped_steps,
+        plan.global_batch_size,
+        plan.processes,
+        run.backend.name,
+        nonfinite_steps,
+    )
+
+    def fault(err: BaseException):
+        return storage_fault(err, cfg.output_dir, f"checkpoint of step {steps_done}")
+
+    return save_checkpoint(run.accelerator, run.backend, cfg.output_dir, state, to_yaml(cfg), cfg.checkpoint.keep_last, fault, pending)
 
 
 def log_eval(run: Run, metrics: MetricsLog, step: int) -> tuple[int, float]:

@@ -22,8 +22,16 @@ from tqdm.auto import tqdm
 class MetricsLog:
     """Appends one JSON object per line (and, with `tensorboard_dir`, TensorBoard scalars); a no-op off the main process."""
 
-    def __init__(self, path: Path, is_main_process: bool, total_steps: int, start_step: int = 0,
-                 tensorboard_dir: Path | None = None, out: TextIO | None = None, err: TextIO | None = None):
+    def __init__(
+        self,
+        path: Path,
+        is_main_process: bool,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard_dir: Path | None = None,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+    ):
         self.total_steps = total_steps
         self.path = path
         self.fault: OSError | None = None  # a failed write (full disk, output_dir gone): the loop stops every rank on it
@@ -66,8 +74,13 @@ class MetricsLog:
         step = f"step {row['step']}/{self.total_steps}"
         if "eval_loss" in row:
             return f"{step} | eval_loss {_fmt(row['eval_loss'], '.4f')} on {row['eval_tokens']:,} tokens"
-        parts = [step, f"loss {_fmt(row['loss'], '.4f')}", f"lr {row['lr']:.3e}", f"grad_norm {_fmt(row['grad_norm'], '.4g')}",
-                 f"{row['tokens_per_s']:,.0f} tokens/s"]
+        parts = [
+            step,
+            f"loss {_fmt(row['loss'], '.4f')}",
+            f"lr {row['lr']:.3e}",
+            f"grad_norm {_fmt(row['grad_norm'], '.4g')}",
+            f"{row['tokens_per_s']:,.0f} tokens/s",
+        ]
         if "mfu" in row:
             parts.append(f"mfu {100 * row['mfu']:.1f}%")
         if "max_memory_allocated_gb" in row:
@@ -98,8 +111,10 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
     """
     if device.type != "cuda":
         return {}
-    row = {"max_memory_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-           "max_memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+    row = {
+        "max_memory_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        "max_memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30,
+    }
     torch.cuda.reset_peak_memory_stats(device)
     return row
 

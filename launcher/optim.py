@@ -23,14 +23,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, cpu_adam: bool = False) 
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            return DeepSpeedCPUAdam([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                    eps=cfg.adam_eps, adamw_mode=True)
+            return DeepSpeedCPUAdam(
+                [g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, adamw_mode=True
+            )
         except Exception as err:  # noqa: BLE001 - its C++ extension is built on first use (a compiler, ninja, headers)
             import sys
 
             reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
-            print(f"launcher: warning: DeepSpeed's CPU Adam cannot be built here ({reason}); the offloaded optimizer"
-                  f" runs torch's AdamW on the CPU instead (the same update, several times slower)", file=sys.stderr)
+            print(
+                f"launcher: warning: DeepSpeed's CPU Adam cannot be built here ({reason}); the offloaded optimizer"
+                f" runs torch's AdamW on the CPU instead (the same update, several times slower)",
+                file=sys.stderr,
+            )
     # foreach=True: one fused kernel launch per group instead of one per tensor, on CPU and GPU
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
@@ -67,7 +71,11 @@ def apply_hyperparameters(schedule: torch.optim.lr_scheduler.LambdaLR, cfg: Trai
     schedule.base_lrs = [cfg.learning_rate for _ in schedule.optimizer.param_groups]
     for group in schedule.optimizer.param_groups:
         decays = group.get("decays", group["weight_decay"] != 0.0)  # checkpoints from before the tag
-        group.update(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, initial_lr=cfg.learning_rate,
-                     weight_decay=cfg.weight_decay if decays else 0.0,
-                     lr=cfg.learning_rate * lr_factor(schedule.last_epoch, total_steps, cfg))
+        group.update(
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            initial_lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay if decays else 0.0,
+            lr=cfg.learning_rate * lr_factor(schedule.last_epoch, total_steps, cfg),
+        )
     schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]

@@ -81,8 +81,14 @@ def _replace(path: Path, text: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
-FAULTS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "the file system is read-only",
-          errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EIO: "an I/O error"}
+FAULTS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "an I/O error",
+}
 
 
 def storage_fault(err: BaseException, folder: Path, what: str, name: str = "output_dir") -> RunFault | None:
@@ -146,8 +152,10 @@ def check_storage(output_dir: Path, checkpoint_bytes: int, cache_dirs: list[tupl
             raise RunFault(f"{what}: '{folder}' cannot be written ({why} at '{where}'); make it writable or set {what} to another folder")
     where = existing_parent(output_dir)
     if free_bytes(where) < checkpoint_bytes:
-        raise RunFault(f"output_dir: a checkpoint of this run needs about {_size(checkpoint_bytes)} and '{where}' has"
-                       f" {free_text(where)}; free space there or set output_dir to another file system")
+        raise RunFault(
+            f"output_dir: a checkpoint of this run needs about {_size(checkpoint_bytes)} and '{where}' has"
+            f" {free_text(where)}; free space there or set output_dir to another file system"
+        )
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: Path) -> Path:

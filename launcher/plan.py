@@ -54,8 +54,7 @@ def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Alloca
     ]
     lines += memory_lines(cfg, ds_config, model, world_size, compare_backends) + [""]
     if ds_config is not None:
-        lines += [f"DeepSpeed config ({cfg.deepspeed or 'from the accelerate config'}), every \"auto\" filled:",
-                  json.dumps(ds_config, indent=2), ""]
+        lines += [f'DeepSpeed config ({cfg.deepspeed or "from the accelerate config"}), every "auto" filled:', json.dumps(ds_config, indent=2), ""]
     lines += checkpoint_cadence(cfg, total_steps, alloc)
     lines += ["", "commands:", *command_lines(config_path, overrides, alloc)]
     return "\n".join(lines)
@@ -72,14 +71,17 @@ def memory_lines(cfg: Config, ds_config: dict | None, model, world_size: int, co
     if chosen not in table:  # ZeRO-0: DeepSpeed without sharding
         chosen = "DDP"
     rows = table if compare_backends else {chosen: table[chosen]}
-    lines = [f"memory per rank (world size {world_size}; activations and communication buffers not counted; ZeRO rows estimated):",
-             f"  {'backend':<8} {'parameters':>12} {'gradients':>12} {'optimizer':>12} {'total':>12}"]
+    lines = [
+        f"memory per rank (world size {world_size}; activations and communication buffers not counted; ZeRO rows estimated):",
+        f"  {'backend':<8} {'parameters':>12} {'gradients':>12} {'optimizer':>12} {'total':>12}",
+    ]
     for name, (params, grads, optimizer) in rows.items():
         mark = "  <- this run" if compare_backends and name == chosen else ""
         lines.append(f"  {name:<8} {_size(params):>12} {_size(grads):>12} {_size(optimizer):>12} {_size(params + grads + optimizer):>12}{mark}")
     if "FSDP2" in rows and not (cfg.fsdp is not None and cfg.fsdp.sync_every_micro_step):
-        lines.append(f"  FSDP2 with accumulation also holds the full gradients ({_size(table['DDP'][1])}) during a window, unless"
-                     f" fsdp.sync_every_micro_step")
+        lines.append(
+            f"  FSDP2 with accumulation also holds the full gradients ({_size(table['DDP'][1])}) during a window, unless fsdp.sync_every_micro_step"
+        )
     if not compare_backends:
         lines.append("  (--compare-backends: DDP, ZeRO-1/2/3 and FSDP2 side by side)")
     return lines
@@ -88,21 +90,30 @@ def memory_lines(cfg: Config, ds_config: dict | None, model, world_size: int, co
 def checkpoint_cadence(cfg: Config, total_steps: int, alloc: Allocation) -> list[str]:
     every = cfg.checkpoint.every_steps
     minutes = cfg.checkpoint.every_minutes
-    lines = [f"checkpoints: every {every} steps and at the end" if every else "checkpoints: on a stop signal (checkpoint.every_steps is null)",
-             f"  and every {minutes:g} min of training" if minutes else "  and every 30 min of training inside a SLURM job (checkpoint.every_minutes is null)"]
+    lines = [
+        f"checkpoints: every {every} steps and at the end" if every else "checkpoints: on a stop signal (checkpoint.every_steps is null)",
+        f"  and every {minutes:g} min of training"
+        if minutes
+        else "  and every 30 min of training inside a SLURM job (checkpoint.every_minutes is null)",
+    ]
     if alloc.step_s is None:
         return lines + ["  (give --step-time-s to see the cadence in time)"]
-    lines.append(f"  at {alloc.step_s:g} s/step: the run takes {total_steps * alloc.step_s / 3600:.2f} h"
-                 + (f", a checkpoint every {every * alloc.step_s / 60:.1f} min" if every else ""))
+    lines.append(
+        f"  at {alloc.step_s:g} s/step: the run takes {total_steps * alloc.step_s / 3600:.2f} h"
+        + (f", a checkpoint every {every * alloc.step_s / 60:.1f} min" if every else "")
+    )
     if alloc.time_limit_s is not None:
         steps_per_job = int(max(0.0, alloc.time_limit_s - alloc.signal_margin_s) / alloc.step_s)
         jobs = -(-total_steps // max(1, steps_per_job))
-        lines.append(f"  a {alloc.time_limit_s / 3600:.2f} h allocation (USR1 {alloc.signal_margin_s:.0f} s before its end)"
-                     f" runs about {steps_per_job} steps: " + ("the run fits in one" if jobs == 1 else
-                     f"{jobs} jobs, each requeued automatically after its preemption checkpoint"))
+        lines.append(
+            f"  a {alloc.time_limit_s / 3600:.2f} h allocation (USR1 {alloc.signal_margin_s:.0f} s before its end)"
+            f" runs about {steps_per_job} steps: "
+            + ("the run fits in one" if jobs == 1 else f"{jobs} jobs, each requeued automatically after its preemption checkpoint")
+        )
         if every and every > steps_per_job:
-            lines.append(f"  warning: checkpoint.every_steps={every} is longer than one allocation; only the preemption"
-                         f" checkpoint will save progress")
+            lines.append(
+                f"  warning: checkpoint.every_steps={every} is longer than one allocation; only the preemption checkpoint will save progress"
+            )
     return lines
 
 
@@ -110,19 +121,24 @@ def command_lines(config_path: str, overrides: list[str], alloc: Allocation) -> 
     args = " ".join(shlex.quote(a) for a in [config_path, *overrides])
     world = alloc.nodes * alloc.processes_per_node
     if alloc.nodes == 1:
-        accelerate = (f"  accelerate launch --multi_gpu --num_processes {world} -m launcher train {args}" if world > 1
-                      else f"  launcher train {args}")
+        accelerate = f"  accelerate launch --multi_gpu --num_processes {world} -m launcher train {args}" if world > 1 else f"  launcher train {args}"
     else:
-        accelerate = (f"  accelerate launch --multi_gpu --num_machines {alloc.nodes} --num_processes {world}"
-                      f" --machine_rank $NODE_RANK --main_process_ip $HEAD_ADDR --main_process_port 29500"
-                      f" -m launcher train {args}   # on every node")
+        accelerate = (
+            f"  accelerate launch --multi_gpu --num_machines {alloc.nodes} --num_processes {world}"
+            f" --machine_rank $NODE_RANK --main_process_ip $HEAD_ADDR --main_process_port 29500"
+            f" -m launcher train {args}   # on every node"
+        )
     time = f" --time={_hms(alloc.time_limit_s)}" if alloc.time_limit_s else ""
     cpus = f"--cpus-per-task={alloc.cpus_per_task}" if alloc.cpus_per_task else "--exclusive"
     mem = f"--mem={alloc.mem or 0}"
-    sbatch = (f"  sbatch --nodes={alloc.nodes} --ntasks-per-node=1 --gpus-per-node={alloc.processes_per_node} {cpus} {mem}{time}"
-              f" slurm/train.sbatch {args}")
-    threads = (f"{alloc.cpus_per_task} CPUs / {alloc.processes_per_node} processes = {max(1, alloc.cpus_per_task // alloc.processes_per_node)}"
-               if alloc.cpus_per_task else f"the node's CPUs / {alloc.processes_per_node} processes")
+    sbatch = (
+        f"  sbatch --nodes={alloc.nodes} --ntasks-per-node=1 --gpus-per-node={alloc.processes_per_node} {cpus} {mem}{time} slurm/train.sbatch {args}"
+    )
+    threads = (
+        f"{alloc.cpus_per_task} CPUs / {alloc.processes_per_node} processes = {max(1, alloc.cpus_per_task // alloc.processes_per_node)}"
+        if alloc.cpus_per_task
+        else f"the node's CPUs / {alloc.processes_per_node} processes"
+    )
     return [accelerate, sbatch, f"  (each process: OMP_NUM_THREADS = {threads}; --exclusive --mem=0 takes whole nodes)"]
 
 

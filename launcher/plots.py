@@ -140,8 +140,7 @@ def read_run(output_dir: Path) -> RunMetrics:
         raise UsageError(f"'{path}' has no training rows yet; plot again after the first train.log_every steps")
     ordered = {kind: [rows[step] for step in sorted(rows)] for kind, rows in by_kind.items()}
     max_grad_norm, clipping_known, grad_norm_type = read_clipping(output_dir / "config.yaml")
-    return RunMetrics(path, ordered["loss"], ordered["eval_loss"], ordered["grad_norm_by_layer"],
-                      max_grad_norm, clipping_known, grad_norm_type)
+    return RunMetrics(path, ordered["loss"], ordered["eval_loss"], ordered["grad_norm_by_layer"], max_grad_norm, clipping_known, grad_norm_type)
 
 
 def read_clipping(path: Path) -> tuple[float | None, bool, float]:
@@ -177,6 +176,7 @@ def _number(value, path: Path, line_no: int, key: str) -> float:
 
 # ---- one function per chart, each drawing on a given Axes so the overview reuses them ----
 
+
 def draw_loss(ax: Axes, run: RunMetrics, compact: bool = False) -> None:
     train = run.series(run.train_rows, "loss")
     held_out = run.series(run.eval_rows, "eval_loss")
@@ -201,8 +201,9 @@ def draw_grad_norm(ax: Axes, run: RunMetrics, compact: bool = False) -> None:
     norm = run.series(run.train_rows, "grad_norm")
     ax.plot(norm.steps, norm.values, color="C3", marker=few_points_marker(norm), label="gradient norm before clipping")
     if run.max_grad_norm is not None:
-        ax.axhline(run.max_grad_norm, color="black", linestyle="--", linewidth=1.2,
-                   label=f"clip threshold (train.max_grad_norm = {run.max_grad_norm:g})")
+        ax.axhline(
+            run.max_grad_norm, color="black", linestyle="--", linewidth=1.2, label=f"clip threshold (train.max_grad_norm = {run.max_grad_norm:g})"
+        )
         n_clipped = sum(value > run.max_grad_norm for value in norm.values)
         clipping = f" ({n_clipped} of {len(norm.values)} logged steps clipped)"
     elif run.clipping_known:
@@ -212,12 +213,14 @@ def draw_grad_norm(ax: Axes, run: RunMetrics, compact: bool = False) -> None:
     log_scale_if_wide(ax, norm.values + ([run.max_grad_norm] if run.max_grad_norm else []))
     mark_steps(ax, norm.nonfinite_steps, "non-finite norm (not drawn)", marker="x", color="red")
     # counters of the whole run so far: a marker where one went up since the previous logged row
-    mark_steps(ax, run.increases("skipped_steps"), "optimizer step skipped (skipped_steps went up)", marker="v", color="purple",
-               height=0.90)
-    mark_steps(ax, run.increases("nonfinite_steps"), "non-finite step (nonfinite_steps went up)", marker="v", color="orange",
-               height=0.84)
-    finish(ax, "Gradient norm before clipping" + clipping + drawn_note(norm.nonfinite_steps),
-           f"total gradient norm ({norm_name(run.grad_norm_type)})", compact)
+    mark_steps(ax, run.increases("skipped_steps"), "optimizer step skipped (skipped_steps went up)", marker="v", color="purple", height=0.90)
+    mark_steps(ax, run.increases("nonfinite_steps"), "non-finite step (nonfinite_steps went up)", marker="v", color="orange", height=0.84)
+    finish(
+        ax,
+        "Gradient norm before clipping" + clipping + drawn_note(norm.nonfinite_steps),
+        f"total gradient norm ({norm_name(run.grad_norm_type)})",
+        compact,
+    )
 
 
 def draw_throughput(ax: Axes, run: RunMetrics, compact: bool = False) -> None:
@@ -233,8 +236,7 @@ def draw_throughput(ax: Axes, run: RunMetrics, compact: bool = False) -> None:
         medians.append(f"median {statistics.median(tokens.values):,.0f} tokens/s")
     if step_time.values:
         medians.append(f"{statistics.median(step_time.values):.3g} s/step")
-    finish(ax, "Throughput" + (f" ({', '.join(medians)})" if medians else ""),
-           "target tokens/s (all ranks)", compact, legend=False)
+    finish(ax, "Throughput" + (f" ({', '.join(medians)})" if medians else ""), "target tokens/s (all ranks)", compact, legend=False)
 
 
 def draw_mfu(ax: Axes, run: RunMetrics, compact: bool = False) -> None:
@@ -250,11 +252,16 @@ def draw_memory(ax: Axes, run: RunMetrics, compact: bool = False) -> None:
     allocated = run.series(run.train_rows, "max_memory_allocated_gb")
     reserved = run.series(run.train_rows, "max_memory_reserved_gb")
     ax.plot(allocated.steps, allocated.values, color="C6", marker=few_points_marker(allocated), label="peak allocated (tensors)")
-    ax.plot(reserved.steps, reserved.values, color="C7", linestyle="--", marker=few_points_marker(reserved),
-            label="peak reserved (the caching allocator's pool)")
+    ax.plot(
+        reserved.steps,
+        reserved.values,
+        color="C7",
+        linestyle="--",
+        marker=few_points_marker(reserved),
+        label="peak reserved (the caching allocator's pool)",
+    )
     ax.set_ylim(0, 1.1 * max(allocated.values + reserved.values))
-    finish(ax, f"Peak GPU memory per log interval, main process (max {max(allocated.values + reserved.values):.2f} GiB)",
-           "GiB", compact)
+    finish(ax, f"Peak GPU memory per log interval, main process (max {max(allocated.values + reserved.values):.2f} GiB)", "GiB", compact)
 
 
 def layer_chart(run: RunMetrics) -> Figure:
@@ -264,8 +271,7 @@ def layer_chart(run: RunMetrics) -> Figure:
     flat = [(line_no, {**row["grad_norm_by_layer"], "step": row["step"]}) for line_no, row in run.layer_rows]
     colors = colormaps["viridis"].resampled(max(len(names), 2))
     legend_columns = math.ceil(len(names) / 24)
-    figure = Figure(figsize=(CHART_SIZE_IN[0] + (2.2 * legend_columns if len(names) > 8 else 0), CHART_SIZE_IN[1]),
-                    layout="constrained")
+    figure = Figure(figsize=(CHART_SIZE_IN[0] + (2.2 * legend_columns if len(names) > 8 else 0), CHART_SIZE_IN[1]), layout="constrained")
     ax = figure.add_subplot()
     drawn, nonfinite = [], []
     for i, name in enumerate(names):
@@ -275,8 +281,13 @@ def layer_chart(run: RunMetrics) -> Figure:
         nonfinite += norm.nonfinite_steps
     log_scale_if_wide(ax, drawn)
     mark_steps(ax, sorted(set(nonfinite)), "non-finite norm (not drawn)", marker="x", color="red")
-    finish(ax, "Gradient norm by layer, before clipping" + drawn_note(nonfinite),
-           f"gradient norm ({norm_name(run.grad_norm_type)})", compact=False, legend=False)
+    finish(
+        ax,
+        "Gradient norm by layer, before clipping" + drawn_note(nonfinite),
+        f"gradient norm ({norm_name(run.grad_norm_type)})",
+        compact=False,
+        legend=False,
+    )
     if len(names) > 8:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", ncols=legend_columns, frameon=False)
     else:

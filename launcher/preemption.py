@@ -37,13 +37,16 @@ def requeue_signal() -> signal.Signals:
     name = name if name.startswith("SIG") else "SIG" + name
     found = getattr(signal, name, None)
     if not isinstance(found, signal.Signals) or found in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGSTOP):
-        raise UsageError(f"{REQUEUE_SIGNAL_VARIABLE}: '{os.environ[REQUEUE_SIGNAL_VARIABLE]}' cannot be the requeue signal;"
-                         f" name another signal, such as USR1 or USR2")
+        raise UsageError(
+            f"{REQUEUE_SIGNAL_VARIABLE}: '{os.environ[REQUEUE_SIGNAL_VARIABLE]}' cannot be the requeue signal;"
+            f" name another signal, such as USR1 or USR2"
+        )
     return found
 
 
 class Agreement(NamedTuple):
     """What every rank agreed on at a step boundary."""
+
     stop: bool  # some rank was signalled: checkpoint and stop
     requeue: bool  # ... with the requeue signal only (no SIGTERM or Ctrl-C anywhere)
     fault: bool  # the main process met a write fault

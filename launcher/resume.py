@@ -26,10 +26,27 @@ from launcher.outputs import check_output_dir, holds_files
 
 # changing these does not change what a step computes (the global batch is checked on its own: its split
 # into micro-batch x accumulation x world size may change)
-FREE_KEYS = ("output_dir", "resume", "resume_allow_changes", "launch", "distributed", "eval", "checkpoint", "diagnostics", "train.log_every",
-             "train.tensorboard", "train.compile", "train.max_steps", "train.epochs", "train.micro_batch_size",
-             "train.gradient_accumulation_steps", "data.cache_dir", "fsdp.reshard_after_forward", "fsdp.sync_every_micro_step",
-             "fsdp.cpu_offload")
+FREE_KEYS = (
+    "output_dir",
+    "resume",
+    "resume_allow_changes",
+    "launch",
+    "distributed",
+    "eval",
+    "checkpoint",
+    "diagnostics",
+    "train.log_every",
+    "train.tensorboard",
+    "train.compile",
+    "train.max_steps",
+    "train.epochs",
+    "train.micro_batch_size",
+    "train.gradient_accumulation_steps",
+    "data.cache_dir",
+    "fsdp.reshard_after_forward",
+    "fsdp.sync_every_micro_step",
+    "fsdp.cpu_offload",
+)
 BOUNDS = ("train.max_steps", "train.epochs")
 PATH_KEYS = ("data.path", "deepspeed")
 
@@ -72,11 +89,15 @@ def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
         checkpoint = resume_path("auto", out)
         if checkpoint is None:  # nothing of this launcher to continue: like any other folder
             if (out / "final" / "model.safetensors").is_file() and not overwrite:
-                raise UsageError(f"output_dir: '{out}' holds a finished run without checkpoints, so resume=auto has nothing to continue;"
-                                 f" set output_dir=NEW_DIR, or pass --overwrite to train it again from scratch")
+                raise UsageError(
+                    f"output_dir: '{out}' holds a finished run without checkpoints, so resume=auto has nothing to continue;"
+                    f" set output_dir=NEW_DIR, or pass --overwrite to train it again from scratch"
+                )
             if holds_files(out) and not overwrite:
-                raise UsageError(f"output_dir: '{out}' is not empty and holds no checkpoint to resume (resume=auto);"
-                                 f" pass --overwrite to replace its run, or set output_dir=NEW_DIR")
+                raise UsageError(
+                    f"output_dir: '{out}' is not empty and holds no checkpoint to resume (resume=auto);"
+                    f" pass --overwrite to replace its run, or set output_dir=NEW_DIR"
+                )
             return Start(clear=overwrite and holds_files(out))
     else:
         checkpoint = resume_path(cfg.resume, out)
@@ -89,8 +110,10 @@ def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
     start.changes = check_config(cfg, checkpoint)
     newer = [p.name for p in complete_checkpoints(out) if p.name > checkpoint.name] if not start.clear else []
     if newer:
-        start.notes.append(f"a new branch from {checkpoint.name}: the newer checkpoints ({', '.join(newer)}) move to"
-                           f" {checkpoint_root(out)}/branch-N/, kept and no longer resumed by resume=auto")
+        start.notes.append(
+            f"a new branch from {checkpoint.name}: the newer checkpoints ({', '.join(newer)}) move to"
+            f" {checkpoint_root(out)}/branch-N/, kept and no longer resumed by resume=auto"
+        )
     return start
 
 
@@ -121,12 +144,13 @@ def check_config(cfg: Config, checkpoint: Path) -> list[str]:
     blocked = refused(differences, cfg.resume_allow_changes)
     if blocked:
         keys = ",".join(d.key for d in blocked)
-        raise UsageError(f"resume: the config differs from checkpoint '{checkpoint}' in what it trains: "
-                         + "; ".join(str(d) for d in blocked)
-                         + f"; restore the checkpoint's values, or allow the change with resume_allow_changes=[{keys}]")
+        raise UsageError(
+            f"resume: the config differs from checkpoint '{checkpoint}' in what it trains: "
+            + "; ".join(str(d) for d in blocked)
+            + f"; restore the checkpoint's values, or allow the change with resume_allow_changes=[{keys}]"
+        )
     quiet = ("output_dir", "resume", "resume_allow_changes")
-    return [str(d) + (" (resume_allow_changes)" if not _matches(d.key, FREE_KEYS) else "")
-            for d in differences if not _matches(d.key, quiet)]
+    return [str(d) + (" (resume_allow_changes)" if not _matches(d.key, FREE_KEYS) else "") for d in differences if not _matches(d.key, quiet)]
 
 
 def config_differences(old: dict | None, cfg: Config) -> list[Difference]:
@@ -152,9 +176,11 @@ def check_end(start: Start, total_steps: int, cfg: Config) -> None:
     """Once the run's length is known: a checkpoint past its end is refused (the run would train nothing and
     write final weights of another length)."""
     if start.state is not None and start.state.step > total_steps:
-        raise UsageError(f"resume: checkpoint '{start.checkpoint}' is at step {start.state.step}, past the end of this run"
-                         f" (step {total_steps}: train.max_steps {cfg.train.max_steps}, train.epochs {cfg.train.epochs});"
-                         f" set train.max_steps to {start.state.step} or more")
+        raise UsageError(
+            f"resume: checkpoint '{start.checkpoint}' is at step {start.state.step}, past the end of this run"
+            f" (step {total_steps}: train.max_steps {cfg.train.max_steps}, train.epochs {cfg.train.epochs});"
+            f" set train.max_steps to {start.state.step} or more"
+        )
 
 
 def _matches(key: str, prefixes) -> bool:

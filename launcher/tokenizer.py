@@ -65,8 +65,10 @@ class HFTokenizer:
     def __init__(self, tokenizer, source: str):
         self.tokenizer, self.source = tokenizer, source
         if tokenizer.eos_token_id is None:
-            raise UsageError(f"tokenizer: '{source}' has no EOS token, so documents cannot be separated; give it an eos_token"
-                             " in tokenizer_config.json or use another tokenizer")
+            raise UsageError(
+                f"tokenizer: '{source}' has no EOS token, so documents cannot be separated; give it an eos_token"
+                " in tokenizer_config.json or use another tokenizer"
+            )
         self.eos_id = tokenizer.eos_token_id
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         bare = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -133,9 +135,9 @@ def load_tokenizer(cfg: Config) -> ByteTokenizer | HFTokenizer:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ... for a folder it cannot read
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{key}: cannot load a tokenizer from '{source}' ({reason}); point it at a folder with"
-                         " tokenizer.json (or set tokenizer: to one)") from None
+        raise UsageError(
+            f"{key}: cannot load a tokenizer from '{source}' ({reason}); point it at a folder with tokenizer.json (or set tokenizer: to one)"
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"{key}: '{source}' has only a slow (Python) tokenizer; add a tokenizer.json (fast tokenizer)")
     return HFTokenizer(tokenizer, source)
-

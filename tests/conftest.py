@@ -47,28 +47,80 @@ def run_cli(*args: str, nproc: int = 1, timeout: float = 300, launcher: str | No
     if launcher == "plain":
         cmd = [PYTHON, "-m", "launcher", *args]
     elif launcher == "torchrun":
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "launcher", *args]
+        cmd = [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "launcher",
+            *args,
+        ]
     else:
-        cmd = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--main_process_port", str(free_port()), "-m", "launcher", *args]
+        cmd = [
+            PYTHON,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(nproc),
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "launcher",
+            *args,
+        ]
     return subprocess.run(cmd, cwd=REPO, env=gpu_env() if gpu else cpu_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def run_worker(script: str, *args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """A test worker from tests/workers under torchrun with `nproc` gloo processes."""
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(REPO / "tests" / "workers" / script), *args]
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "workers" / script),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout)
 
 
-def submit_job(cluster, tmp_path: Path, config: Path, out: Path, *overrides: str, script: str = "train.sbatch",
-               nodes: int = 1, sbatch_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> int:
+def submit_job(
+    cluster,
+    tmp_path: Path,
+    config: Path,
+    out: Path,
+    *overrides: str,
+    script: str = "train.sbatch",
+    nodes: int = 1,
+    sbatch_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> int:
     """sbatch one of the real slurm/ scripts on a test cluster, in CPU mode with 2 gloo processes per node;
     its log goes to tmp_path/slurm-JOBID.out. `env`: more environment for the job (tests/ is on its PYTHONPATH)."""
-    return cluster.sbatch(f"--nodes={nodes}", f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}", *sbatch_args,
-                          str(REPO / "slurm" / script), str(config), f"output_dir={out}", *overrides,
-                          cwd=tmp_path, env=cpu_env(PYTHON=PYTHON, NPROC_PER_NODE="2", PYTHONPATH=str(REPO / "tests"), **(env or {})))
+    return cluster.sbatch(
+        f"--nodes={nodes}",
+        f"--output={tmp_path}/slurm-%j.out",
+        f"--chdir={REPO}",
+        *sbatch_args,
+        str(REPO / "slurm" / script),
+        str(config),
+        f"output_dir={out}",
+        *overrides,
+        cwd=tmp_path,
+        env=cpu_env(PYTHON=PYTHON, NPROC_PER_NODE="2", PYTHONPATH=str(REPO / "tests"), **(env or {})),
+    )
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -103,8 +155,7 @@ def tiny_config(tmp_path: Path, **sections) -> dict:
         "output_dir": str(tmp_path / "out"),
         "model": {"n_layer": 2, "n_head": 2, "d_model": 32},
         "data": {"path": str(write_documents(tmp_path / "docs.jsonl", 40)), "seq_len": 32, "pack": False, "eval_fraction": 0.1},
-        "train": {"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 4, "learning_rate": 1e-2,
-                  "warmup_steps": 1, "log_every": 1},
+        "train": {"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 4, "learning_rate": 1e-2, "warmup_steps": 1, "log_every": 1},
         "eval": {"at_start": False},
     }
     for name, values in sections.items():
@@ -128,8 +179,11 @@ def metrics(output_dir: Path) -> list[dict]:
 def disk_snapshot(root: Path, folders: bool = False) -> dict[str, str]:
     """Each file below `root` (path relative to it) with its SHA-256, and with folders=True each folder as "dir": two
     equal snapshots mean nothing there was written, deleted or (with folders) created."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*")) if folders or p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+        if folders or p.is_file()
+    }
 
 
 def wait_for_rows(output_dir: Path, n: int, running: Callable[[], bool], timeout_s: float = 120, poll_s: float = 0.05) -> None:
@@ -146,13 +200,20 @@ def wait_for_rows(output_dir: Path, n: int, running: Callable[[], bool], timeout
         time.sleep(poll_s)
 
 
-def train_until_rows(config: Path, output_dir: Path, n: int, *overrides: str, timeout_s: float = 120,
-                     new_session: bool = False, merge_stderr: bool = False) -> subprocess.Popen:
+def train_until_rows(
+    config: Path, output_dir: Path, n: int, *overrides: str, timeout_s: float = 120, new_session: bool = False, merge_stderr: bool = False
+) -> subprocess.Popen:
     """`launcher train config overrides` started on CPU with its output piped, returned once output_dir has `n` training
     rows (for the test to signal); new_session: it leads its own process group, as a command typed in a terminal."""
-    proc = subprocess.Popen([PYTHON, "-m", "launcher", "train", str(config), *overrides], cwd=REPO, env=cpu_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
-                            start_new_session=new_session)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "launcher", "train", str(config), *overrides],
+        cwd=REPO,
+        env=cpu_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
+    )
     try:
         wait_for_rows(output_dir, n, lambda: proc.poll() is None, timeout_s)
     except AssertionError as error:
@@ -232,7 +293,38 @@ def fresh_accelerate():
     reset_accelerate()
 
 
+# scripts/test runs the suite on 2 pytest-xdist workers (--dist loadgroup): every test module is one group, so its
+# module fixtures (a shared DDP reference, a SLURM cluster) are made once, on one worker; the two SLURM modules are
+# one group, so one cluster runs at a time. The longest groups start first (by the durations of a serial run),
+# so that the workers end together.
+GROUP_OF_MODULE = {"test_slurm": "slurm", "test_multinode": "slurm"}
+LONGEST_FIRST = [
+    "slurm",
+    "test_fsdp",
+    "test_deepspeed",
+    "test_hf_models",
+    "test_resume_contract",
+    "test_resume",
+    "test_bad_input",
+    "test_faults",
+    "test_diagnostics",
+    "test_data_sources",
+    "test_checkpoint_crash",
+    "test_ddp",
+]
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # two workers share the cores: one thread each, as every launched process has (cpu_env)
+
+
 def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        module = Path(str(item.fspath)).stem
+        return GROUP_OF_MODULE.get(module, module)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: the order inside a module is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: fp16 loss scaling and bf16/compile on CUDA are GPU-only paths; run on a GPU machine")
@@ -241,11 +333,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-                   " + message['content'] + '<|eot_id|>' }}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="session")
@@ -256,8 +352,10 @@ def chat_tokenizers(tiny_hf, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("chat-tokenizers")
     folders = {}
-    for name, arch, template, specials in (("chatml", "llama", CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"]),
-                                           ("llama3", "gpt2", LLAMA3_TEMPLATE, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])):
+    for name, arch, template, specials in (
+        ("chatml", "llama", CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"]),
+        ("llama3", "gpt2", LLAMA3_TEMPLATE, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    ):
         tokenizer = AutoTokenizer.from_pretrained(tiny_hf[arch])
         tokenizer.add_special_tokens({"additional_special_tokens": specials})
         tokenizer.chat_template = template

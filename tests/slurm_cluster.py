@@ -116,8 +116,9 @@ PartitionName=high Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMo
 
     def sbatch(self, *args: str, cwd: Path, env: dict[str, str]) -> int:
         """Submit; the job gets `env` (sbatch exports the submitting environment)."""
-        out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env={**env, "SLURM_CONF": str(self.conf)},
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["sbatch", "--parsable", *args], cwd=cwd, env={**env, "SLURM_CONF": str(self.conf)}, capture_output=True, text=True, check=True
+        )
         return int(out.stdout.strip().split(";")[0])
 
     def job_state(self, job_id: int) -> str:
@@ -204,14 +205,18 @@ class TwoNodeCluster(SlurmCluster):
         return f"{self.host}({self.subnet}.1)"
 
     def _node_lines(self) -> str:
-        return "\n".join(f"NodeName={name} NodeAddr={address} NodeHostname={name} CPUs=2 RealMemory=2000 State=UNKNOWN"
-                         for name, address in self.addresses.items())
+        return "\n".join(
+            f"NodeName={name} NodeAddr={address} NodeHostname={name} CPUs=2 RealMemory=2000 State=UNKNOWN" for name, address in self.addresses.items()
+        )
 
     def _start_nodes(self) -> None:
         for name in self.names:
             inner = f"hostname {name}; mount --bind {self.root / 'hosts'} /etc/hosts; exec slurmd -f {self.conf} -N {name}"
-            subprocess.run(["nsenter", f"--net=/run/netns/{name}", "unshare", "--uts", "--mount", "--propagation", "private",
-                            "bash", "-c", inner], check=True, env=self.env)
+            subprocess.run(
+                ["nsenter", f"--net=/run/netns/{name}", "unshare", "--uts", "--mount", "--propagation", "private", "bash", "-c", inner],
+                check=True,
+                env=self.env,
+            )
 
     def stop(self) -> None:
         super().stop()

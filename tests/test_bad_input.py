@@ -7,7 +7,6 @@ import pytest
 
 from conftest import disk_snapshot, run_cli, tiny_config, write_config
 
-
 CASES = {
     # name: (overrides, expected text in the one line)
     "unknown key": (["train.learning_rat=0.1"], "unknown key 'train.learning_rat'; did you mean 'train.learning_rate'?"),
@@ -23,20 +22,29 @@ CASES = {
     "freeze everything": (["freeze=['*']"], "freeze: the patterns freeze all"),
     "bad override": (["max_steps"], "override 'max_steps' is not of the form dotted.key=value"),
     "missing text field": (["data.text_field=body"], "data.text_field: "),
-    "dump-grad unknown": (["--dump-grad", "blocks.0.qkv.weigth"],
-                          "diagnostics.dump_grad: no parameter 'blocks.0.qkv.weigth'; closest names: blocks.0.qkv.weight"),
+    "dump-grad unknown": (
+        ["--dump-grad", "blocks.0.qkv.weigth"],
+        "diagnostics.dump_grad: no parameter 'blocks.0.qkv.weigth'; closest names: blocks.0.qkv.weight",
+    ),
     "dump-grad frozen": (["freeze=[pos_embed.*]", "--dump-grad", "pos_embed.weight"], "'pos_embed.weight' is frozen"),
     "bad nonfinite policy": (["diagnostics.nonfinite=ignore"], "set diagnostics.nonfinite to one of 'stop' or 'skip'"),
-    "skip under DeepSpeed": (["deepspeed=configs/deepspeed/zero2.json", "diagnostics.nonfinite=skip"],
-                             "diagnostics.nonfinite: skip is not available under DeepSpeed"),
+    "skip under DeepSpeed": (
+        ["deepspeed=configs/deepspeed/zero2.json", "diagnostics.nonfinite=skip"],
+        "diagnostics.nonfinite: skip is not available under DeepSpeed",
+    ),
     "simulate < 1": (["--simulate-world-size", "0"], "set launch.simulate_world_size to 1 or more"),
-    "simulate with processes": (["launch.simulate_world_size=2", "launch.nproc_per_node=2"],
-                                "launch.simulate_world_size runs one process; set launch.nproc_per_node to 1"),
+    "simulate with processes": (
+        ["launch.simulate_world_size=2", "launch.nproc_per_node=2"],
+        "launch.simulate_world_size runs one process; set launch.nproc_per_node to 1",
+    ),
     "overfit < 1": (["--overfit-batches", "0"], "set train.overfit_batches to 1 or more"),
     "debug steps < 1": (["--debug", "--debug-steps", "0"], "--debug-steps must be 1 or more"),
     "bad override after a flag": (["--debug", "max_steps"], "override 'max_steps' is not of the form dotted.key=value"),
     # numbers that cannot train
-    "infinite learning rate": (["train.learning_rate=.inf"], "train.learning_rate: input should be a finite number (got inf); set train.learning_rate to a finite number"),
+    "infinite learning rate": (
+        ["train.learning_rate=.inf"],
+        "train.learning_rate: input should be a finite number (got inf); set train.learning_rate to a finite number",
+    ),
     "nan learning rate": (["train.learning_rate=.nan"], "train.learning_rate"),
     "infinite weight decay": (["train.weight_decay=.inf"], "set train.weight_decay to a finite number"),
     "infinite max_grad_norm": (["train.max_grad_norm=.inf"], "set train.max_grad_norm to a finite number"),
@@ -79,21 +87,31 @@ DEEPSPEED_CASES = {
     "stage out of range": ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage"),
     "zero section is a list": ({"zero_optimization": []}, "zero_optimization must be a JSON object (got [])"),
     "fp16 is a boolean": ({"fp16": True}, "fp16 must be a JSON object (got true)"),
-    "offload to the gpu": ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}},
-                           "zero_optimization.offload_optimizer.device: input should be 'none', 'cpu' or 'nvme'"),
-    "offload is a string": ({"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}},
-                            "zero_optimization.offload_optimizer must be a JSON object"),
-    "bucket size is a word": ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}},
-                              "zero_optimization.reduce_bucket_size: input should be a valid integer"),
-    "flag is not a boolean": ({"zero_optimization": {"stage": 2, "overlap_comm": "maybe"}},
-                              "zero_optimization.overlap_comm: input should be a valid boolean"),
-    "micro-batch is a word": ({"train_micro_batch_size_per_gpu": "eight"}, "train_micro_batch_size_per_gpu is \"eight\""),
+    "offload to the gpu": (
+        {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}},
+        "zero_optimization.offload_optimizer.device: input should be 'none', 'cpu' or 'nvme'",
+    ),
+    "offload is a string": (
+        {"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}},
+        "zero_optimization.offload_optimizer must be a JSON object",
+    ),
+    "bucket size is a word": (
+        {"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}},
+        "zero_optimization.reduce_bucket_size: input should be a valid integer",
+    ),
+    "flag is not a boolean": (
+        {"zero_optimization": {"stage": 2, "overlap_comm": "maybe"}},
+        "zero_optimization.overlap_comm: input should be a valid boolean",
+    ),
+    "micro-batch is a word": ({"train_micro_batch_size_per_gpu": "eight"}, 'train_micro_batch_size_per_gpu is "eight"'),
 }
 
 # config files that do not parse into a config
 YAML_CASES = {
-    "duplicated key": ("train:\n  max_steps: 3\n  learning_rate: 0.1\n  max_steps: 5\n",
-                       "key 'max_steps' is given twice (lines 2 and 4); keep one of them"),
+    "duplicated key": (
+        "train:\n  max_steps: 3\n  learning_rate: 0.1\n  max_steps: 5\n",
+        "key 'max_steps' is given twice (lines 2 and 4); keep one of them",
+    ),
     "duplicated section": ("train:\n  max_steps: 3\ntrain:\n  max_steps: 5\n", "key 'train' is given twice (lines 1 and 3)"),
     "top level is a list": ("- train\n- model\n", "the top level must be a mapping of keys, got list"),
     "tab indentation": ("train:\n\tmax_steps: 3\n", "not valid YAML at line 2"),
@@ -152,10 +170,13 @@ def test_missing_config_file(tmp_path: Path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "nope.yaml' not found" in proc.stderr
 
 
-@pytest.mark.parametrize("folder, flags, expected", [
-    ("out", [], "--overwrite"),
-    ("out-debug", ["--debug"], "holds something other than a debug run"),  # debug mode replaces only a debug run
-])
+@pytest.mark.parametrize(
+    "folder, flags, expected",
+    [
+        ("out", [], "--overwrite"),
+        ("out-debug", ["--debug"], "holds something other than a debug run"),  # debug mode replaces only a debug run
+    ],
+)
 def test_existing_output_dir_is_refused_and_kept(tmp_path: Path, folder: str, flags: list[str], expected: str):
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
     (tmp_path / folder).mkdir()
@@ -192,12 +213,18 @@ def test_every_problem_of_a_run_is_reported_at_once_before_any_process_starts(tm
     (out / "notes.txt").write_text("not a run")
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, launch={"nproc_per_node": nproc}))
     before = disk_snapshot(tmp_path, folders=True)
-    proc = run_cli("train", str(config), f"data.path={data}", "train.mixed_precision=fp16", "freeze=[blocks.7.*]",
-                   "--dump-grad", "blocks.0.qkv.weigth")
+    proc = run_cli(
+        "train", str(config), f"data.path={data}", "train.mixed_precision=fp16", "freeze=[blocks.7.*]", "--dump-grad", "blocks.0.qkv.weigth"
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
-    expected = ["train.mixed_precision: fp16 needs a CUDA GPU", "freeze: 'blocks.7.*' matches no parameter",
-                "diagnostics.dump_grad: no parameter 'blocks.0.qkv.weigth'", "output_dir: ", "line 3 is not valid JSON"]
+    expected = [
+        "train.mixed_precision: fp16 needs a CUDA GPU",
+        "freeze: 'blocks.7.*' matches no parameter",
+        "diagnostics.dump_grad: no parameter 'blocks.0.qkv.weigth'",
+        "output_dir: ",
+        "line 3 is not valid JSON",
+    ]
     assert len(lines) == len(expected) and all(line.startswith("launcher: error: ") for line in lines), lines
     for text in expected:
         assert sum(text in line for line in lines) == 1, (text, lines)

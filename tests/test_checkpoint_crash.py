@@ -8,10 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import PYTHON, REPO, cpu_env, reset_accelerate, tiny_config, write_config
 from launcher.build import build_run
 from launcher.checkpoints import complete_checkpoints
 from launcher.config import load_config
+
+from conftest import PYTHON, REPO, cpu_env, reset_accelerate, tiny_config, write_config
 
 KILLS = 20
 
@@ -19,15 +20,28 @@ KILLS = 20
 def test_sigkill_during_checkpoint_writes_leaves_a_loadable_latest(tmp_path: Path, fresh_accelerate):
     out = tmp_path / "out"
     # 3.2M parameters: a checkpoint (weights and AdamW state, ~40 MB, fsynced) takes long enough to be hit
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, model={"n_layer": 4, "n_head": 4, "d_model": 256}, data={"eval_fraction": 0},
-        train={"max_steps": 100000, "micro_batch_size": 4, "log_every": 1000},
-        checkpoint={"every_steps": 1, "keep_last": 2}, resume="auto"))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(
+            tmp_path,
+            model={"n_layer": 4, "n_head": 4, "d_model": 256},
+            data={"eval_fraction": 0},
+            train={"max_steps": 100000, "micro_batch_size": 4, "log_every": 1000},
+            checkpoint={"every_steps": 1, "keep_last": 2},
+            resume="auto",
+        ),
+    )
     rng = random.Random(0)
     loaded_steps, kills_mid_write = [], 0
     for attempt in range(KILLS):
-        proc = subprocess.Popen([PYTHON, "-m", "launcher", "train", str(config)], cwd=REPO, env=cpu_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "launcher", "train", str(config)],
+            cwd=REPO,
+            env=cpu_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             before = len(complete_checkpoints(out)) and complete_checkpoints(out)[-1].name
             deadline = time.monotonic() + 120

@@ -7,18 +7,20 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from conftest import metrics, tiny_config, write_config
 from launcher.build import build_run
 from launcher.config import load_config
 from launcher.loop import train
+
+from conftest import metrics, tiny_config, write_config
 
 
 def test_compiled_bf16_run_has_no_graph_break_and_no_recompilation(tmp_path: Path, fresh_accelerate):
     """bf16, so that Accelerate's autocast and fp32-output wrappers around the forward are inside the compiled
     region too. The tiny corpus has 25 steps per epoch; 30 steps cross into the second epoch, whose last
     window is partial in the first (short micro-batches are padded to the same shape)."""
-    config = tiny_config(tmp_path, train={"compile": True, "mixed_precision": "bf16", "max_steps": 30, "log_every": 5},
-                         eval={"every_steps": 10, "at_start": True})
+    config = tiny_config(
+        tmp_path, train={"compile": True, "mixed_precision": "bf16", "max_steps": 30, "log_every": 5}, eval={"every_steps": 10, "at_start": True}
+    )
     run = build_run(load_config(write_config(tmp_path / "c.yaml", config)), overwrite=True)
     assert run.train_data.steps_per_epoch < 30
     torch._dynamo.reset()

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from launcher.config import Config, load_config, to_yaml
+
+from conftest import REPO
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))  # launcher configs; configs/accelerate holds accelerate's own
 ACCELERATE = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
@@ -25,8 +26,10 @@ def test_shipped_config_loads_and_says_how_to_run_it(path: Path, tmp_path: Path,
 
 
 def test_overrides_are_parsed_as_yaml_values(tmp_path: Path):
-    config = load_config(REPO / "configs" / "default.yaml", [
-        "train.max_steps=7", "train.max_grad_norm=null", "train.grad_norm_type=inf", "freeze=[a.*, 're:b']", "model.dropout=0.1"])
+    config = load_config(
+        REPO / "configs" / "default.yaml",
+        ["train.max_steps=7", "train.max_grad_norm=null", "train.grad_norm_type=inf", "freeze=[a.*, 're:b']", "model.dropout=0.1"],
+    )
     assert config.train.max_steps == 7 and config.train.max_grad_norm is None
     assert config.train.grad_norm_type == float("inf")
     assert config.freeze == ["a.*", "re:b"] and config.model.dropout == 0.1

@@ -11,17 +11,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import check, final_weights, metrics, run_cli, tiny_config, write_config
 from launcher.config import DataConfig, load_config
-from launcher.data import IGNORE_INDEX, DEFAULT_CHAT_TEMPLATE, RowStore, rows_to_batch, tokenize_into_blocks
+from launcher.data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, RowStore, rows_to_batch, tokenize_into_blocks
 from launcher.tokenizer import ByteTokenizer, HFTokenizer
+
+from conftest import check, final_weights, metrics, run_cli, tiny_config, write_config
 
 EOS = "<|endoftext|>"  # the byte-level tokenizer's EOS, as chat templates write it
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
-     {"role": "user", "content": "Café?"}, {"role": "assistant", "content": "Oui, un café."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+        {"role": "user", "content": "Café?"},
+        {"role": "assistant", "content": "Oui, un café."},
+    ],
 ]
 PAIRS = [("Q: 2+2?", " A: 4"), ("Translate 'chat':", " cat, in French.")]
 
@@ -33,8 +39,10 @@ def rows_of(records: list[dict], tokenizer, **data) -> list[tuple[list[int], lis
     store = RowStore(blocks)
     batch = rows_to_batch(store.rows(np.arange(len(store))), len(store), store.width, pin=False)
     assert batch.position_ids is None
-    return [(row[:n].tolist(), ids[:n - 1].tolist())  # input_ids lack the last id: add it back from the store
-            for row, ids, n in zip(store.rows(np.arange(len(store)))["input_ids"], batch.labels, store.lengths)]
+    return [
+        (row[:n].tolist(), ids[: n - 1].tolist())  # input_ids lack the last id: add it back from the store
+        for row, ids, n in zip(store.rows(np.arange(len(store)))["input_ids"], batch.labels, store.lengths)
+    ]
 
 
 def hand_built(encode, pieces: list[tuple[str, bool | tuple[str, bool]]], decode=None) -> tuple[list[int], list[int]]:
@@ -70,11 +78,21 @@ def chat_pieces(style: str, messages: list[dict], bos: str = "") -> list[tuple[s
         if style == "default":  # <|role|>\ncontent, then EOS (assistant) or \n
             pieces += [(f"<|{m['role']}|>\n", False), (m["content"], is_assistant), (EOS if is_assistant else "\n", is_assistant)]
         elif style == "chatml":  # <|im_start|>role\ncontent<|im_end|>\n
-            pieces += [("<|im_start|>", False), (f"{m['role']}\n", False), (m["content"], is_assistant),
-                       ("<|im_end|>", is_assistant), ("\n", is_assistant)]
+            pieces += [
+                ("<|im_start|>", False),
+                (f"{m['role']}\n", False),
+                (m["content"], is_assistant),
+                ("<|im_end|>", is_assistant),
+                ("\n", is_assistant),
+            ]
         else:  # llama3: <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
-            pieces += [("<|start_header_id|>", False), (m["role"], False), ("<|end_header_id|>", False),
-                       ("\n\n" + m["content"], ("\n\n", is_assistant)), ("<|eot_id|>", is_assistant)]
+            pieces += [
+                ("<|start_header_id|>", False),
+                (m["role"], False),
+                ("<|end_header_id|>", False),
+                ("\n\n" + m["content"], ("\n\n", is_assistant)),
+                ("<|eot_id|>", is_assistant),
+            ]
     return [(text, counted) for text, counted in pieces if text]
 
 
@@ -126,8 +144,9 @@ def test_too_long_samples_are_truncated_or_dropped_and_counted():
     # 16 ids per row: 5 + 2 + EOS fits; 5 + 10 + EOS fits exactly; 5 + 40 + EOS is cut to 16 (11 targets left);
     # 30 + 1 + EOS is cut inside the prompt: no target left, dropped
     assert blocks[:]["n_targets"].tolist() == [3, 11, 11]
-    assert lines == ["data: training: of 4 samples, 1 truncated to seq_len + 1 tokens, 1 dropped with no target token left"
-                     .replace("training", "data")]
+    assert lines == [
+        "data: training: of 4 samples, 1 truncated to seq_len + 1 tokens, 1 dropped with no target token left".replace("training", "data")
+    ]
     lines.clear()
     cfg = DataConfig(seq_len=15, pack=False, format="prompt_completion", too_long="drop")
     blocks = tokenize_into_blocks(datasets.Dataset.from_list(records), 15, False, ByteTokenizer(), cfg, report=lines.append)
@@ -171,8 +190,9 @@ def test_a_packed_row_has_the_loss_of_its_samples_one_by_one(tiny_hf):
         assert int(packed_store.target_counts.sum()) == int(single_store.target_counts.sum()) == int((packed.labels != IGNORE_INDEX).sum())
         with torch.no_grad():
             together = token_loss_sum(model, packed)
-            alone = sum(token_loss_sum(model, rows_to_batch(single_store.rows(np.array([i])), 1, single_store.width, False))
-                        for i in range(len(single_store)))
+            alone = sum(
+                token_loss_sum(model, rows_to_batch(single_store.rows(np.array([i])), 1, single_store.width, False)) for i in range(len(single_store))
+            )
             assert abs(together.item() - alone.item()) <= 1e-5 * alone.item(), (name, together, alone)
             # without the restarts the samples would see each other: the test can tell the difference
             crossing = F.cross_entropy(logits(model(packed.input_ids)).flatten(0, 1), packed.labels.flatten(), reduction="sum")
@@ -191,8 +211,10 @@ def chat_records(n: int) -> list[dict]:
     """Conversations whose assistant turns range from 1 to ~60 characters, some with two assistant turns."""
     rows = []
     for i in range(n):
-        messages = [{"role": "user", "content": f"Tell me about item {i}, please, in some detail."},
-                    {"role": "assistant", "content": "ok" if i % 3 == 0 else f"Item {i} is " + "very " * (i % 11) + "good."}]
+        messages = [
+            {"role": "user", "content": f"Tell me about item {i}, please, in some detail."},
+            {"role": "assistant", "content": "ok" if i % 3 == 0 else f"Item {i} is " + "very " * (i % 11) + "good."},
+        ]
         if i % 4 == 1:
             messages += [{"role": "user", "content": "More?"}, {"role": "assistant", "content": "No."}]
         rows.append({"messages": messages})
@@ -219,14 +241,25 @@ def test_chat_training_is_exact_however_the_batch_is_split(tmp_path: Path):
     records = chat_records(18)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = tiny_config(tmp_path, data={"path": str(data), "format": "chat", "seq_len": 128, "pack": False, "eval_fraction": 0,
-                                         "shuffle": False}, train={"max_steps": 6, "max_grad_norm": 0.5})
+    config = tiny_config(
+        tmp_path,
+        data={"path": str(data), "format": "chat", "seq_len": 128, "pack": False, "eval_fraction": 0, "shuffle": False},
+        train={"max_steps": 6, "max_grad_norm": 0.5},
+    )
     path = write_config(tmp_path / "c.yaml", config)
     runs = {}
     for name, (nproc, micro, accumulation) in {"2 ranks x 2": (2, 1, 2), "1 rank x 4": (1, 1, 4), "1 rank x 1 big batch": (1, 4, 1)}.items():
         out = tmp_path / re.sub(r"\W+", "_", name)
-        check(run_cli("train", str(path), f"output_dir={out}", f"train.micro_batch_size={micro}",
-                      f"train.gradient_accumulation_steps={accumulation}", nproc=nproc))
+        check(
+            run_cli(
+                "train",
+                str(path),
+                f"output_dir={out}",
+                f"train.micro_batch_size={micro}",
+                f"train.gradient_accumulation_steps={accumulation}",
+                nproc=nproc,
+            )
+        )
         runs[name] = ([r for r in metrics(out) if "loss" in r], final_weights(out))
     reference_rows, reference_weights = runs["1 rank x 1 big batch"]
     assert len(reference_rows) == 6 and max(r["grad_norm"] for r in reference_rows) > 0.5

@@ -9,9 +9,10 @@ import datasets
 import pytest
 import torch
 
-from conftest import disk_snapshot, final_weights, metrics, reset_accelerate, run_cli, tiny_config, write_config, write_documents
 from launcher.config import DataConfig, load_config
 from launcher.data import load_documents, prepare_splits, target_counts
+
+from conftest import disk_snapshot, final_weights, metrics, reset_accelerate, run_cli, tiny_config, write_config, write_documents
 
 
 def texts_of(path: Path) -> list[str]:
@@ -25,8 +26,9 @@ def sources(tmp_path: Path) -> dict:
     held = write_documents(tmp_path / "held.jsonl", 6, seed=5)
     train_texts, eval_texts = texts_of(docs), texts_of(held)
     datasets.Dataset.from_dict({"text": train_texts, "id": list(range(30))}).save_to_disk(str(tmp_path / "saved"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train_texts}),
-                          "validation": datasets.Dataset.from_dict({"text": eval_texts})}).save_to_disk(str(tmp_path / "saved-dict"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": train_texts}), "validation": datasets.Dataset.from_dict({"text": eval_texts})}
+    ).save_to_disk(str(tmp_path / "saved-dict"))
     (tmp_path / "shards").mkdir()
     for k in range(3):  # part-0 .. part-2: the glob and the folder read them in name order
         (tmp_path / "shards" / f"part-{k}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train_texts[k * 10 : (k + 1) * 10]))
@@ -37,8 +39,7 @@ def sources(tmp_path: Path) -> dict:
     no_eval = {"eval_fraction": 0}
     return {
         "save_to_disk Dataset": ({"path": str(tmp_path / "saved"), **no_eval}, train_texts, None),
-        "save_to_disk DatasetDict": ({"path": str(tmp_path / "saved-dict"), "split": "train", "eval_split": "validation"},
-                                     train_texts, eval_texts),
+        "save_to_disk DatasetDict": ({"path": str(tmp_path / "saved-dict"), "split": "train", "eval_split": "validation"}, train_texts, eval_texts),
         "glob": ({"path": str(tmp_path / "shards" / "part-*.jsonl"), **no_eval}, train_texts, None),
         "folder of files": ({"path": str(tmp_path / "shards"), "eval_path": str(held)}, train_texts, eval_texts),
         "load_dataset by name": ({"name": str(tmp_path / "named-dataset"), "eval_split": "validation"}, train_texts, eval_texts),
@@ -102,11 +103,15 @@ BAD_FILES = {  # file name -> content (bytes); the data each case reads
     "pc_no_prompt.jsonl": b'{"question": "q", "completion": "c"}\n',
     "pc_null.jsonl": b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": null}\n',
     "pc_number.jsonl": b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"}\n{"prompt": 7, "completion": "c"}\n',
-    "chat_role.jsonl": (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
-                        b'{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}\n'),
+    "chat_role.jsonl": (
+        b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+        b'{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}\n'
+    ),
     "chat_no_assistant.jsonl": b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}\n',
-    "chat_broken.jsonl": (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n' * 2
-                          + b'{"messages": [{"role": "user", "content": "a"}\n'),
+    "chat_broken.jsonl": (
+        b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n' * 2
+        + b'{"messages": [{"role": "user", "content": "a"}\n'
+    ),
     "chat_ok.jsonl": b'{"messages": [{"role": "user", "content": "a question"}, {"role": "assistant", "content": "an answer"}]}\n' * 4,
     "reversed.jinja": b"{% for m in messages | reverse %}{{ m['content'] }}{% endfor %}",
     "empty.jsonl": b"",
@@ -116,22 +121,36 @@ BAD_FILES = {  # file name -> content (bytes); the data each case reads
 }
 CHAT = ["data.format=chat", "data.eval_fraction=0"]
 BAD_DATA = {  # name: (overrides, expected text in the one line)
-    "missing field": (["data.path={tmp}/pc_no_prompt.jsonl", "data.format=prompt_completion"],
-                      "data.prompt_field: '{tmp}/pc_no_prompt.jsonl' has no column 'prompt' (columns: question, completion); set data.prompt_field"),
-    "null field": (["data.path={tmp}/pc_null.jsonl", "data.format=prompt_completion"],
-                   "data.path: row 2 of '{tmp}/pc_null.jsonl' has no 'completion' (null or missing)"),
-    "number field": (["data.path={tmp}/pc_number.jsonl", "data.format=prompt_completion"],
-                     "'{tmp}/pc_number.jsonl' line 3: 'prompt' is int 7, not text; make it a string (or set data.prompt_field)"),
-    "unknown role": (["data.path={tmp}/chat_role.jsonl", *CHAT],
-                     "data.path: row 2 of '{tmp}/chat_role.jsonl': message 2 has the unknown role 'bot'; use one of system, user, assistant, tool"),
+    "missing field": (
+        ["data.path={tmp}/pc_no_prompt.jsonl", "data.format=prompt_completion"],
+        "data.prompt_field: '{tmp}/pc_no_prompt.jsonl' has no column 'prompt' (columns: question, completion); set data.prompt_field",
+    ),
+    "null field": (
+        ["data.path={tmp}/pc_null.jsonl", "data.format=prompt_completion"],
+        "data.path: row 2 of '{tmp}/pc_null.jsonl' has no 'completion' (null or missing)",
+    ),
+    "number field": (
+        ["data.path={tmp}/pc_number.jsonl", "data.format=prompt_completion"],
+        "'{tmp}/pc_number.jsonl' line 3: 'prompt' is int 7, not text; make it a string (or set data.prompt_field)",
+    ),
+    "unknown role": (
+        ["data.path={tmp}/chat_role.jsonl", *CHAT],
+        "data.path: row 2 of '{tmp}/chat_role.jsonl': message 2 has the unknown role 'bot'; use one of system, user, assistant, tool",
+    ),
     "no assistant turn": (["data.path={tmp}/chat_no_assistant.jsonl", *CHAT], "row 1 of '{tmp}/chat_no_assistant.jsonl' has no assistant turn"),
     "malformed JSON line": (["data.path={tmp}/chat_broken.jsonl", *CHAT], "'{tmp}/chat_broken.jsonl' line 3 is not valid JSON"),
-    "no chat template": (["data.path={tmp}/chat_ok.jsonl", *CHAT, "tokenizer={llama}"],
-                         "data.chat_template: tokenizer '{llama}' has no chat template; set data.chat_template to a Jinja file"),
-    "template without growing turns": (["data.path={tmp}/chat_ok.jsonl", *CHAT, "data.chat_template={tmp}/reversed.jinja"],
-                                       "data.chat_template: the template does not render a conversation as the growing text of its turns"),
-    "all dropped as too long": (["data.path={tmp}/chat_ok.jsonl", *CHAT, "data.too_long=drop", "data.seq_len=8"],
-                                "data.too_long: every one of the 4 training samples is dropped (4 longer than seq_len + 1 = 9 tokens"),
+    "no chat template": (
+        ["data.path={tmp}/chat_ok.jsonl", *CHAT, "tokenizer={llama}"],
+        "data.chat_template: tokenizer '{llama}' has no chat template; set data.chat_template to a Jinja file",
+    ),
+    "template without growing turns": (
+        ["data.path={tmp}/chat_ok.jsonl", *CHAT, "data.chat_template={tmp}/reversed.jinja"],
+        "data.chat_template: the template does not render a conversation as the growing text of its turns",
+    ),
+    "all dropped as too long": (
+        ["data.path={tmp}/chat_ok.jsonl", *CHAT, "data.too_long=drop", "data.seq_len=8"],
+        "data.too_long: every one of the 4 training samples is dropped (4 longer than seq_len + 1 = 9 tokens",
+    ),
     "empty file": (["data.path={tmp}/empty.jsonl"], "data.path: '{tmp}/empty.jsonl' is empty; put data in it or remove it"),
     "whitespace-only file": (["data.eval_path={tmp}/blank.txt", "data.eval_fraction=0"], "data.eval_path: '{tmp}/blank.txt' is whitespace only"),
     "non-UTF-8 text": (["data.path={tmp}/latin1.txt"], "data.path: '{tmp}/latin1.txt' is not UTF-8: byte 0xe9 at line 3 (byte offset 20)"),

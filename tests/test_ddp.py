@@ -11,8 +11,9 @@ from conftest import check, final_weights, metrics, run_cli, run_worker, tiny_co
 def test_one_allreduce_per_optimizer_step(tmp_path: Path):
     """Accumulation skips the all-reduce (no_sync) on every micro-step but the last of each window."""
     steps, accumulation = 3, 4
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, train={"max_steps": steps, "gradient_accumulation_steps": accumulation}, data={"eval_fraction": 0}))
+    config = write_config(
+        tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": steps, "gradient_accumulation_steps": accumulation}, data={"eval_fraction": 0})
+    )
     check(run_worker("count_allreduce.py", str(config), str(tmp_path / "result.json")))
     for rank in range(2):
         result = json.loads((tmp_path / f"result.json.rank{rank}").read_text())
@@ -27,8 +28,10 @@ def test_one_allreduce_per_optimizer_step(tmp_path: Path):
 
 
 def test_frozen_parameters_bitwise_unchanged_under_ddp(tmp_path: Path):
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, freeze=["tok_embed.*", "re:blocks\\.0\\.mlp_(in|out)\\..*"], train={"max_steps": 3, "weight_decay": 0.5}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(tmp_path, freeze=["tok_embed.*", "re:blocks\\.0\\.mlp_(in|out)\\..*"], train={"max_steps": 3, "weight_decay": 0.5}),
+    )
     check(run_cli("train", str(config), "train.max_steps=0", f"output_dir={tmp_path / 'init'}"))
     proc = check(run_cli("train", str(config), nproc=2, launcher="accelerate"))
     initial, trained = final_weights(tmp_path / "init"), final_weights(tmp_path / "out")
@@ -48,11 +51,23 @@ def test_no_gradient_leaks_between_windows(tmp_path: Path):
     epoch, unshuffled): every step's gradient must be bitwise the same. A gradient left over from the previous
     window would double the norm."""
     docs = write_documents(tmp_path / "eight.jsonl", 8, max_chars=30)
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path,
-        data={"path": str(docs), "eval_fraction": 0, "shuffle": False},
-        train={"max_steps": 4, "learning_rate": 1e-30, "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "constant",
-               "micro_batch_size": 1, "gradient_accumulation_steps": 4, "max_grad_norm": None}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(
+            tmp_path,
+            data={"path": str(docs), "eval_fraction": 0, "shuffle": False},
+            train={
+                "max_steps": 4,
+                "learning_rate": 1e-30,
+                "weight_decay": 0.0,
+                "warmup_steps": 0,
+                "lr_schedule": "constant",
+                "micro_batch_size": 1,
+                "gradient_accumulation_steps": 4,
+                "max_grad_norm": None,
+            },
+        ),
+    )
     check(run_cli("train", str(config), nproc=2))
     rows = [row for row in metrics(tmp_path / "out") if "grad_norm" in row]
     assert [row["epoch"] for row in rows] == [0, 1, 2, 3]  # one window per epoch: the same samples each step
@@ -63,8 +78,10 @@ def test_no_gradient_leaks_between_windows(tmp_path: Path):
 def test_eval_loss_is_exact_across_ranks(tmp_path: Path):
     """An odd number of held-out samples, sharded over 2 ranks in batches of 3 (uneven, padded): the same
     eval loss as one process, with no sample counted twice."""
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, data={"eval_fraction": 0.3}, eval={"at_start": True, "micro_batch_size": 3}, train={"max_steps": 1}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(tmp_path, data={"eval_fraction": 0.3}, eval={"at_start": True, "micro_batch_size": 3}, train={"max_steps": 1}),
+    )
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'one'}"))
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'two'}", nproc=2))
     one = [r for r in metrics(tmp_path / "one") if "eval_loss" in r]

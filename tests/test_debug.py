@@ -5,19 +5,21 @@ from pathlib import Path
 import torch
 import yaml
 
-from conftest import check, final_weights, metrics, run_cli, tiny_config, write_config
 from launcher.config import load_config
 from launcher.data import prepare_splits
+
+from conftest import check, final_weights, metrics, run_cli, tiny_config, write_config
 
 
 def test_debug_mode_runs_the_same_loop_on_one_process_and_summarizes(tmp_path: Path):
     """A config made for 2 processes, debugged as one plain process: 3 steps, checked after each, a summary;
     its weights are bitwise those of a normal 3-step run of the same config on one process."""
-    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, launch={"nproc_per_node": 2}, freeze=["pos_embed.*"],
-                                                            train={"max_steps": 50, "log_every": 10}))
+    config = write_config(
+        tmp_path / "c.yaml", tiny_config(tmp_path, launch={"nproc_per_node": 2}, freeze=["pos_embed.*"], train={"max_steps": 50, "log_every": 10})
+    )
     proc = check(run_cli("train", str(config), "--debug", "--debug-steps", "3"))
     debug_out = tmp_path / "out-debug"
-    summary = proc.stdout[proc.stdout.index("debug summary"):]
+    summary = proc.stdout[proc.stdout.index("debug summary") :]
     assert "3 steps on one process (cpu); global batch 4 = micro-batch 2 x accumulation 2 x world size 1" in summary
     assert "deterministic algorithms on" in summary
     assert "every loss and gradient finite, checked after each of 3 steps" in summary
@@ -49,10 +51,22 @@ def test_debug_mode_runs_the_same_loop_on_one_process_and_summarizes(tmp_path: P
 
 def test_overfit_one_batch_drives_the_loss_near_zero(tmp_path: Path):
     """The can-it-learn check: the built-in GPT memorizes one optimizer step's batch."""
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, model={"n_layer": 2, "n_head": 2, "d_model": 64},
-        train={"max_steps": 150, "learning_rate": 1e-2, "warmup_steps": 10, "lr_schedule": "constant", "log_every": 10,
-               "max_grad_norm": 1.0, "weight_decay": 0.0}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(
+            tmp_path,
+            model={"n_layer": 2, "n_head": 2, "d_model": 64},
+            train={
+                "max_steps": 150,
+                "learning_rate": 1e-2,
+                "warmup_steps": 10,
+                "lr_schedule": "constant",
+                "log_every": 10,
+                "max_grad_norm": 1.0,
+                "weight_decay": 0.0,
+            },
+        ),
+    )
     check(run_cli("train", str(config), "--overfit-batches", "1"))
     losses = [r["loss"] for r in metrics(tmp_path / "out") if "loss" in r]
     assert losses[0] > 3.0 and losses[-1] < 0.05, losses
@@ -62,13 +76,15 @@ def test_one_process_simulating_two_ranks_equals_a_real_two_rank_run(tmp_path: P
     """--simulate-world-size 2 on one process and 2 real gloo ranks: the same global batch of 8 (2 x 2 x 2), the
     same samples per step through a partial last window and into the next epoch, clipping active. Per-step
     losses and grad norms agree to 1e-5 and the weights to 1e-5 (the sums run in a different order)."""
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, train={"max_grad_norm": 0.5, "micro_batch_size": 2, "gradient_accumulation_steps": 2}))
+    config = write_config(
+        tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_grad_norm": 0.5, "micro_batch_size": 2, "gradient_accumulation_steps": 2})
+    )
     n_train = len(prepare_splits(load_config(config).data, seed=1)[0])
     assert n_train % 8 != 0, "the data must leave a partial last window"
     max_steps = -(-n_train // 8) + 2
-    config = write_config(config, {**yaml.safe_load(config.read_text()), "train": {
-        **yaml.safe_load(config.read_text())["train"], "max_steps": max_steps}})
+    config = write_config(
+        config, {**yaml.safe_load(config.read_text()), "train": {**yaml.safe_load(config.read_text())["train"], "max_steps": max_steps}}
+    )
     real = check(run_cli("train", str(config), "output_dir=" + str(tmp_path / "real"), nproc=2))
     # an override may follow the flags too (as in the README's commands)
     simulated = check(run_cli("train", str(config), "--simulate-world-size", "2", "output_dir=" + str(tmp_path / "sim")))

@@ -28,9 +28,14 @@ def ddp_reference(tmp_path_factory):
     def reference(max_grad_norm: float | None) -> tuple[Path, Path]:
         if max_grad_norm not in made:
             folder = tmp_path_factory.mktemp(f"ddp-clip-{max_grad_norm}")
-            config = write_config(folder / "c.yaml", tiny_config(
-                folder, freeze=FROZEN, train={"max_steps": 6, "max_grad_norm": max_grad_norm, "gradient_accumulation_steps": 2,
-                                              "peak_tflops": 1.0}))
+            config = write_config(
+                folder / "c.yaml",
+                tiny_config(
+                    folder,
+                    freeze=FROZEN,
+                    train={"max_steps": 6, "max_grad_norm": max_grad_norm, "gradient_accumulation_steps": 2, "peak_tflops": 1.0},
+                ),
+            )
             check(run_cli("train", str(config), "train.max_steps=0", f"output_dir={folder / 'init'}"))
             ddp = check(run_cli("train", str(config), f"output_dir={folder / 'ddp'}", nproc=2))
             assert "DDP (gloo): global batch 8 " in ddp.stdout
@@ -40,9 +45,10 @@ def ddp_reference(tmp_path_factory):
     return reference
 
 
-@pytest.mark.parametrize("stage_json, max_grad_norm", [
-    ("zero1.json", 0.5), ("zero2.json", 0.5), ("zero3.json", 0.5), ("zero2.json", None), ("zero3.json", None),
-    ("zero3_offload.json", 0.5)])
+@pytest.mark.parametrize(
+    "stage_json, max_grad_norm",
+    [("zero1.json", 0.5), ("zero2.json", 0.5), ("zero3.json", 0.5), ("zero2.json", None), ("zero3.json", None), ("zero3_offload.json", 0.5)],
+)
 def test_deepspeed_matches_ddp(ddp_reference, tmp_path: Path, stage_json: str, max_grad_norm: float | None):
     """Same per-step losses, pre-clip grad norms (read from the engine, with and without clipping) and lr;
     same exported weights; frozen parameters bitwise unchanged. With the optimizer offloaded, DeepSpeed's CPU Adam
@@ -74,10 +80,16 @@ def test_deepspeed_matches_ddp(ddp_reference, tmp_path: Path, stage_json: str, m
 
 
 MISMATCHES = {  # name: (JSON entries, launcher overrides, expected line)
-    "micro-batch": ({"train_micro_batch_size_per_gpu": 4}, ["train.micro_batch_size=2"],
-                    "train_micro_batch_size_per_gpu is 4 but train.micro_batch_size gives 2"),
-    "accumulation": ({"gradient_accumulation_steps": 8}, ["train.gradient_accumulation_steps=2"],
-                     "gradient_accumulation_steps is 8 but train.gradient_accumulation_steps gives 2"),
+    "micro-batch": (
+        {"train_micro_batch_size_per_gpu": 4},
+        ["train.micro_batch_size=2"],
+        "train_micro_batch_size_per_gpu is 4 but train.micro_batch_size gives 2",
+    ),
+    "accumulation": (
+        {"gradient_accumulation_steps": 8},
+        ["train.gradient_accumulation_steps=2"],
+        "gradient_accumulation_steps is 8 but train.gradient_accumulation_steps gives 2",
+    ),
     "clipping": ({"gradient_clipping": 1.0}, ["train.max_grad_norm=0.5"], "gradient_clipping is 1.0 but train.max_grad_norm gives 0.5"),
     "clipping off": ({"gradient_clipping": 1.0}, ["train.max_grad_norm=null"], "gradient_clipping is 1.0 but train.max_grad_norm gives 0.0"),
     "precision": ({"bf16": {"enabled": True}}, ["train.mixed_precision=no"], "bf16.enabled is true but train.mixed_precision gives false"),
@@ -116,23 +128,46 @@ def test_under_torchrun_the_mismatch_is_reported_once_by_rank_0(tmp_path: Path):
 
 
 def test_every_mismatch_is_listed_before_any_process_starts(tmp_path: Path):
-    ds_json = write_deepspeed_json(tmp_path / "ds.json", train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=8,
-                                   gradient_clipping=1.0, fp16={"enabled": True}, optimizer={"type": "Adam"}, train_batch_size=999)
+    ds_json = write_deepspeed_json(
+        tmp_path / "ds.json",
+        train_micro_batch_size_per_gpu=4,
+        gradient_accumulation_steps=8,
+        gradient_clipping=1.0,
+        fp16={"enabled": True},
+        optimizer={"type": "Adam"},
+        train_batch_size=999,
+    )
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, deepspeed=str(ds_json), launch={"nproc_per_node": 2}))
     proc = run_cli("train", str(config), "train.max_grad_norm=0.5")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 6, lines  # optimizer, micro-batch, accumulation, global batch, clipping, fp16
     assert all(line.startswith("launcher: error: ") for line in lines)
-    assert "remove 'optimizer'" in lines[0] and "train_batch_size is 999 but train.micro_batch_size x train.gradient_accumulation_steps x world size gives 8" in proc.stderr
+    assert (
+        "remove 'optimizer'" in lines[0]
+        and "train_batch_size is 999 but train.micro_batch_size x train.gradient_accumulation_steps x world size gives 8" in proc.stderr
+    )
 
 
 def test_accelerate_config_selects_deepspeed(tmp_path: Path):
     """`accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml` trains exactly as the config key does."""
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 3}))
-    cmd = [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"),
-           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "launcher", "train", str(config),
-           f"output_dir={tmp_path / 'via_accelerate'}"]
+    cmd = [
+        PYTHON,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "launcher",
+        "train",
+        str(config),
+        f"output_dir={tmp_path / 'via_accelerate'}",
+    ]
     proc = check(subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300))
     assert "DeepSpeed ZeRO-2: global batch 8 " in proc.stdout
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'via_key'}", "deepspeed=configs/deepspeed/zero2.json", nproc=2))

@@ -7,8 +7,11 @@ from conftest import check, final_weights, metrics, run_cli
 
 def test_default_job_learns_on_two_cpu_processes(tmp_path: Path):
     out = tmp_path / "default"
-    proc = check(run_cli("train", "configs/default.yaml", f"output_dir={out}", "train.max_steps=40", "train.warmup_steps=5",
-                         "eval.every_steps=20", timeout=600))
+    proc = check(
+        run_cli(
+            "train", "configs/default.yaml", f"output_dir={out}", "train.max_steps=40", "train.warmup_steps=5", "eval.every_steps=20", timeout=600
+        )
+    )
     assert "world size 2" in proc.stdout  # launch.nproc_per_node: auto -> 2 CPU processes
     rows = metrics(out)
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check, final_weights, metrics, reference_training, run_cli, tiny_config, write_config
 from launcher.build import build_run
 from launcher.config import load_config
 from launcher.diagnostics import layer_of
 from launcher.exits import EXIT_NONFINITE
 from launcher.loop import train
+
+from conftest import check, final_weights, metrics, reference_training, run_cli, tiny_config, write_config
 
 PLANTED = "blocks.1.mlp_in.weight"
 
@@ -21,8 +22,7 @@ PLANTED = "blocks.1.mlp_in.weight"
 def nan_config(tmp_path: Path, rank: int, step: int, **sections) -> Path:
     """Two gloo processes started by a plain `launcher train`; rank `rank` plants a nan gradient in step `step`."""
     config = tiny_config(tmp_path, launch={"nproc_per_node": 2}, **sections)
-    config["model"] = {"factory": "factories:nan_gradient_gpt",
-                       "factory_kwargs": {"param": PLANTED, "rank": rank, "step": step, "accumulation": 2}}
+    config["model"] = {"factory": "factories:nan_gradient_gpt", "factory_kwargs": {"param": PLANTED, "rank": rank, "step": step, "accumulation": 2}}
     return write_config(tmp_path / "c.yaml", config)
 
 
@@ -60,8 +60,7 @@ def test_a_planted_nan_stops_the_run_naming_step_rank_and_parameter(tmp_path: Pa
 
 
 def test_skip_drops_the_bad_step_counts_it_and_holds_the_schedule(tmp_path: Path):
-    config = nan_config(tmp_path, rank=1, step=3, train={"max_steps": 5, "log_every": 1, "warmup_steps": 0},
-                        diagnostics={"nonfinite": "skip"})
+    config = nan_config(tmp_path, rank=1, step=3, train={"max_steps": 5, "log_every": 1, "warmup_steps": 0}, diagnostics={"nonfinite": "skip"})
     proc = check(run_tests_cli("train", str(config)))
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("launcher: warning: ")]
     assert warnings[0] == "launcher: warning: non-finite loss or gradient at step 3; step skipped (diagnostics.nonfinite: skip)"
@@ -78,9 +77,16 @@ def test_skip_drops_the_bad_step_counts_it_and_holds_the_schedule(tmp_path: Path
 def test_gradient_statistics_and_layer_norms_equal_a_hand_written_loop(tmp_path: Path, fresh_accelerate, capsys):
     """--dump-grad's numbers and the per-layer norms are the pre-clip gradients of the step (clipping active)."""
     name = "blocks.0.qkv.weight"
-    config = load_config(write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, train={"max_steps": 3, "max_grad_norm": 0.3, "gradient_accumulation_steps": 2},
-        diagnostics={"dump_grad": [name], "dump_grad_steps": [2, 3], "grad_norms_every": 1})))
+    config = load_config(
+        write_config(
+            tmp_path / "c.yaml",
+            tiny_config(
+                tmp_path,
+                train={"max_steps": 3, "max_grad_norm": 0.3, "gradient_accumulation_steps": 2},
+                diagnostics={"dump_grad": [name], "dump_grad_steps": [2, 3], "grad_norms_every": 1},
+            ),
+        )
+    )
     run = build_run(config, overwrite=True)
     windows = [run.train_data.window(step) for step in range(run.total_steps)]
     train(run)
@@ -118,16 +124,21 @@ def test_gradient_statistics_and_layer_norms_equal_a_hand_written_loop(tmp_path:
 def test_tensorboard_event_files_hold_the_metrics(tmp_path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, train={"max_steps": 4, "log_every": 2, "tensorboard": True}, eval={"at_start": True, "every_steps": 2},
-        diagnostics={"grad_norms_every": 2}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(
+            tmp_path,
+            train={"max_steps": 4, "log_every": 2, "tensorboard": True},
+            eval={"at_start": True, "every_steps": 2},
+            diagnostics={"grad_norms_every": 2},
+        ),
+    )
     check(run_cli("train", str(config)))
     out = tmp_path / "out"
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     rows = metrics(out)
-    for tag, key in (("loss", "loss"), ("lr", "lr"), ("grad_norm", "grad_norm"), ("eval_loss", "eval_loss"),
-                     ("tokens_per_s", "tokens_per_s")):
+    for tag, key in (("loss", "loss"), ("lr", "lr"), ("grad_norm", "grad_norm"), ("eval_loss", "eval_loss"), ("tokens_per_s", "tokens_per_s")):
         logged = [(r["step"], r[key]) for r in rows if key in r]
         read = [(e.step, e.value) for e in events.Scalars(tag)]
         assert [s for s, _ in read] == [s for s, _ in logged], tag
@@ -140,8 +151,9 @@ def test_deepspeed_stop_names_the_step_and_the_rank_losses(tmp_path: Path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
     from conftest import REPO
 
-    config = nan_config(tmp_path, rank=1, step=3, train={"max_steps": 5, "log_every": 1},
-                        deepspeed=str(REPO / "configs" / "deepspeed" / "zero2.json"))
+    config = nan_config(
+        tmp_path, rank=1, step=3, train={"max_steps": 5, "log_every": 1}, deepspeed=str(REPO / "configs" / "deepspeed" / "zero2.json")
+    )
     proc = run_tests_cli("train", str(config))
     assert proc.returncode == EXIT_NONFINITE, proc.stderr[-3000:]
     assert "DeepSpeed ZeRO-2: global batch 8" in proc.stdout

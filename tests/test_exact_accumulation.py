@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from conftest import check, final_weights, metrics, run_cli, tiny_config, write_config
 from launcher.config import load_config
 from launcher.data import prepare_splits
+
+from conftest import check, final_weights, metrics, run_cli, tiny_config, write_config
 
 SPLITS = {  # name: (processes, micro_batch_size, gradient_accumulation_steps); all have a global batch of 8
     "2 ranks x 4 micro-steps": (2, 1, 4),
@@ -37,8 +38,17 @@ def test_global_batch_split_does_not_change_training(tmp_path: Path):
     results = {}
     for name, (nproc, micro, accumulation) in SPLITS.items():
         out = tmp_path / name.replace(" ", "_")
-        check(run_cli("train", str(config_path), f"output_dir={out}", f"train.max_steps={max_steps}",
-                      f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={accumulation}", nproc=nproc))
+        check(
+            run_cli(
+                "train",
+                str(config_path),
+                f"output_dir={out}",
+                f"train.max_steps={max_steps}",
+                f"train.micro_batch_size={micro}",
+                f"train.gradient_accumulation_steps={accumulation}",
+                nproc=nproc,
+            )
+        )
         rows = [r for r in metrics(out) if "loss" in r]
         results[name] = (final_weights(out), rows)
 

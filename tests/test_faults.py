@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check, final_weights, metrics, run_cli, tiny_config, train_until_rows, write_config
 from launcher.checkpoints import complete_checkpoints, verify_checkpoint
+
+from conftest import check, final_weights, metrics, run_cli, tiny_config, train_until_rows, write_config
 
 EXIT_FAULT = 74
 
@@ -44,9 +45,10 @@ def one_error_line(proc, code: int) -> str:
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_a_full_disk_ends_cleanly_and_the_run_resumes_bitwise_once_space_is_freed(tmp_path: Path, nproc: int):
     """A 2 MB tmpfs as output_dir, a checkpoint every step (about 0.5 MB each): the disk fills within a few steps."""
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, model={"dropout": 0.1}, train={"max_steps": 8}, checkpoint={"every_steps": 1},
-        launch={"nproc_per_node": nproc}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(tmp_path, model={"dropout": 0.1}, train={"max_steps": 8}, checkpoint={"every_steps": 1}, launch={"nproc_per_node": nproc}),
+    )
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'straight'}"))
     with tmpfs(tmp_path / "disk", "2m") as disk:
         out = disk / "out"
@@ -83,8 +85,7 @@ def test_read_only_output_dir_and_cache_and_too_little_space_are_refused_before_
 
 
 def test_a_vanished_output_dir_ends_the_run_without_recreating_it(tmp_path: Path):
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, train={"max_steps": 100000, "log_every": 1}, checkpoint={"every_steps": 5}))
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 100000, "log_every": 1}, checkpoint={"every_steps": 5}))
     out = tmp_path / "out"
     proc = train_until_rows(config, out, 2)
     shutil.rmtree(out)
@@ -96,8 +97,7 @@ def test_a_vanished_output_dir_ends_the_run_without_recreating_it(tmp_path: Path
 
 
 def test_a_second_run_on_a_held_output_dir_is_refused_and_the_first_finishes_unharmed(tmp_path: Path):
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, train={"max_steps": 100000, "log_every": 1}, checkpoint={"every_steps": 1000}))
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 100000, "log_every": 1}, checkpoint={"every_steps": 1000}))
     out = tmp_path / "out"
     first = train_until_rows(config, out, 3)
     holder = json.loads((out / "run.lock").read_text())

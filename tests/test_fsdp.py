@@ -12,19 +12,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check, final_weights, metrics, run_cli, run_worker, tiny_config, write_config
 from launcher.build import build_bare_model
 from launcher.config import load_config
 from launcher.data import prepare_splits
+
+from conftest import check, final_weights, metrics, run_cli, run_worker, tiny_config, write_config
 
 FROZEN = ["tok_embed.*", "blocks.0.*"]  # a frozen block (a unit of its own) and a frozen tensor in the root unit
 MICRO_BATCH, ACCUMULATION = 2, 2
 
 
 def equivalence_config(tmp_path: Path) -> Path:
-    return write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, freeze=FROZEN, train={"max_grad_norm": 0.5, "micro_batch_size": MICRO_BATCH, "gradient_accumulation_steps": ACCUMULATION,
-                                        "learning_rate": 3e-3, "warmup_steps": 2}))
+    return write_config(
+        tmp_path / "c.yaml",
+        tiny_config(
+            tmp_path,
+            freeze=FROZEN,
+            train={
+                "max_grad_norm": 0.5,
+                "micro_batch_size": MICRO_BATCH,
+                "gradient_accumulation_steps": ACCUMULATION,
+                "learning_rate": 3e-3,
+                "warmup_steps": 2,
+            },
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +63,13 @@ def ddp_reference(tmp_path_factory):
     return reference
 
 
-@pytest.mark.parametrize("nproc, fsdp", [(2, "{}"), (2, "{sync_every_micro_step: true, reshard_after_forward: false, cpu_offload: true}"),
-                                         (4, "{}")])
+@pytest.mark.parametrize("nproc, fsdp", [(2, "{}"), (2, "{sync_every_micro_step: true, reshard_after_forward: false, cpu_offload: true}"), (4, "{}")])
 def test_fsdp2_matches_ddp_per_step_and_in_final_weights(tmp_path: Path, ddp_reference, nproc: int, fsdp: str):
     """Accumulation, a partial last window, clipping active, a frozen block: the same losses, pre-clip norms and lr
     per step and the same final weights as DDP, whatever the fsdp options; frozen parameters bitwise their initial
     values."""
     config, reference, max_steps = ddp_reference(nproc)
-    proc = check(run_cli("train", str(config), f"output_dir={tmp_path / 'fsdp'}", f"train.max_steps={max_steps}", f"fsdp={fsdp}",
-                         nproc=nproc))
+    proc = check(run_cli("train", str(config), f"output_dir={tmp_path / 'fsdp'}", f"train.max_steps={max_steps}", f"fsdp={fsdp}", nproc=nproc))
     assert f"FSDP2 (gloo): global batch {MICRO_BATCH * ACCUMULATION * nproc} " in proc.stdout
     assert ("shards offloaded to the CPU" in proc.stdout) == ("cpu_offload: true" in fsdp)
     ddp_rows = [r for r in metrics(reference / "ddp") if "loss" in r]
@@ -94,9 +104,16 @@ def test_one_reduce_scatter_per_unit_and_optimizer_step_and_none_for_frozen(tmp_
     parameters' (padded), so the frozen block and the frozen embedding cost no traffic, and they never hold a
     gradient."""
     steps, accumulation = 3, 4
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, freeze=FROZEN, fsdp={"sync_every_micro_step": sync_every_micro_step}, data={"eval_fraction": 0},
-        train={"max_steps": steps, "gradient_accumulation_steps": accumulation}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(
+            tmp_path,
+            freeze=FROZEN,
+            fsdp={"sync_every_micro_step": sync_every_micro_step},
+            data={"eval_fraction": 0},
+            train={"max_steps": steps, "gradient_accumulation_steps": accumulation},
+        ),
+    )
     check(run_worker("count_reduce_scatter.py", str(config), str(tmp_path / "result.json")))
     bare, _ = build_bare_model(load_config(config))
     trainable = {name: p.shape for name, p in bare.named_parameters() if p.requires_grad}
@@ -124,18 +141,34 @@ def test_resume_on_another_world_size_with_the_same_global_batch(tmp_path: Path,
     accumulation that keeps the global batch; ends where the uninterrupted 2-rank run ends (1e-5; dropout off)."""
     from test_resume import run_with_signal
 
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, fsdp={}, freeze=["pos_embed.*"], checkpoint={"every_steps": 3},
-        train={"max_steps": 6, "gradient_accumulation_steps": 2, "micro_batch_size": 4}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(
+            tmp_path,
+            fsdp={},
+            freeze=["pos_embed.*"],
+            checkpoint={"every_steps": 3},
+            train={"max_steps": 6, "gradient_accumulation_steps": 2, "micro_batch_size": 4},
+        ),
+    )
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'straight'}", nproc=2))
     accumulation = {1: 4, 2: 2}
     last_micro_step_of_step_3 = 3 * accumulation[before] - 1
-    stopped = run_with_signal(config, last_micro_step_of_step_3, before, f"output_dir={tmp_path / 'moved'}",
-                              f"train.gradient_accumulation_steps={accumulation[before]}")
+    stopped = run_with_signal(
+        config, last_micro_step_of_step_3, before, f"output_dir={tmp_path / 'moved'}", f"train.gradient_accumulation_steps={accumulation[before]}"
+    )
     assert stopped.returncode != 0, stopped.stderr[-3000:]
     assert json.loads((tmp_path / "moved" / "preempted.json").read_text())["step"] == 3
-    resumed = check(run_cli("train", str(config), f"output_dir={tmp_path / 'moved'}", "resume=auto",
-                            f"train.gradient_accumulation_steps={accumulation[after]}", nproc=after))
+    resumed = check(
+        run_cli(
+            "train",
+            str(config),
+            f"output_dir={tmp_path / 'moved'}",
+            "resume=auto",
+            f"train.gradient_accumulation_steps={accumulation[after]}",
+            nproc=after,
+        )
+    )
     assert "resumed from" in resumed.stdout and f"world size {after}" in resumed.stdout
     straight, moved = final_weights(tmp_path / "straight"), final_weights(tmp_path / "moved")
     for name, tensor in straight.items():
@@ -154,9 +187,10 @@ def test_one_process_fsdp2_gives_ddp_numbers_per_layer_norms_and_dumped_gradient
     """One rank (a process group of one): the sharded path's norms (per parameter, combined over ranks), its
     clipping over DTensor shards and --dump-grad's gathered gradient equal one DDP process's."""
     name = "blocks.1.qkv.weight"
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, freeze=FROZEN, train={"max_steps": 3, "max_grad_norm": 0.5},
-        diagnostics={"dump_grad": [name], "grad_norms_every": 1}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(tmp_path, freeze=FROZEN, train={"max_steps": 3, "max_grad_norm": 0.5}, diagnostics={"dump_grad": [name], "grad_norms_every": 1}),
+    )
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'ddp'}"))
     proc = check(run_cli("train", str(config), f"output_dir={tmp_path / 'fsdp'}", "fsdp={}"))
     assert "FSDP2 (gloo): global batch 4 " in proc.stdout
@@ -180,8 +214,9 @@ def test_one_process_fsdp2_gives_ddp_numbers_per_layer_norms_and_dumped_gradient
 def test_fsdp2_shards_hf_decoder_layers_and_exports_a_folder_that_loads(tiny_hf, tmp_path: Path):
     """A Hugging Face model: its _no_split_modules class (LlamaDecoderLayer) is the unit; final/ is a
     from_pretrained folder with DDP's weights."""
-    from conftest import hf_config
     from transformers import AutoModelForCausalLM
+
+    from conftest import hf_config
 
     config = write_config(tmp_path / "c.yaml", hf_config(tmp_path, tiny_hf["llama"], train={"max_steps": 3}))
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'ddp'}"))
@@ -202,9 +237,22 @@ def test_accelerate_config_selects_fsdp2(tmp_path: Path):
     from conftest import PYTHON, REPO, cpu_env, free_port
 
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 3}))
-    cmd = [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "fsdp2.yaml"),
-           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "launcher", "train", str(config),
-           f"output_dir={tmp_path / 'via_accelerate'}"]
+    cmd = [
+        PYTHON,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "fsdp2.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "launcher",
+        "train",
+        str(config),
+        f"output_dir={tmp_path / 'via_accelerate'}",
+    ]
     proc = check(subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300))
     assert "FSDP2 (gloo): global batch 8 " in proc.stdout, proc.stdout[-2000:]
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'via_key'}", "fsdp={}", nproc=2))
@@ -216,10 +264,10 @@ def test_accelerate_config_selects_fsdp2(tmp_path: Path):
 def test_planned_bytes_per_rank_are_what_a_run_allocates(tmp_path: Path, backend: str, nproc: int):
     """`launcher plan`'s per-rank bytes of parameters, gradients and AdamW moments, from the meta model, against the
     storage a real CPU run allocates (the vocabulary, 257 rows, shards unevenly: rank 0 holds the padded share)."""
-    from conftest import run_worker
-
     from launcher.backends import memory_per_rank
     from launcher.build import inspection_model
+
+    from conftest import run_worker
 
     sections = {"fsdp": {}} if backend == "FSDP2" else {}
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, freeze=["pos_embed.*"], train={"max_steps": 1}, **sections))

@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import final_weights, metrics, tiny_config, write_config
 from launcher.build import build_run
 from launcher.config import load_config
 from launcher.loop import train
 from launcher.optim import lr_factor
+
+from conftest import final_weights, metrics, tiny_config, write_config
 
 pytestmark = pytest.mark.gpu
 
@@ -21,8 +22,11 @@ def make_run(tmp_path: Path, **sections):
 
 def test_fp16_overflow_steps_are_skipped_counted_and_do_not_advance_the_schedule(tmp_path: Path, fresh_accelerate):
     steps = 30
-    run = make_run(tmp_path, model={"factory": "factories:overflowing_gpt"},
-                   train={"mixed_precision": "fp16", "max_steps": steps, "warmup_steps": 40, "max_grad_norm": 1.0})
+    run = make_run(
+        tmp_path,
+        model={"factory": "factories:overflowing_gpt"},
+        train={"mixed_precision": "fp16", "max_steps": steps, "warmup_steps": 40, "max_grad_norm": 1.0},
+    )
     summary = train(run)
     rows = [r for r in metrics(run.cfg.output_dir) if "loss" in r]
     skipped = summary["skipped_steps"]
@@ -56,9 +60,18 @@ def test_no_host_device_sync_per_step(tmp_path: Path, fresh_accelerate, compile_
 
     counts = []
     for steps in (2, 4, 8):  # the first run pays one-time initialization (CUDA context, cuBLAS) and is not compared
-        run = make_run(tmp_path / str(steps), data={"eval_fraction": 0},
-                       train={"max_steps": steps, "log_every": 1000, "gradient_accumulation_steps": 4,
-                              "compile": compile_model, "mixed_precision": precision, "peak_tflops": 100.0})
+        run = make_run(
+            tmp_path / str(steps),
+            data={"eval_fraction": 0},
+            train={
+                "max_steps": steps,
+                "log_every": 1000,
+                "gradient_accumulation_steps": 4,
+                "compile": compile_model,
+                "mixed_precision": precision,
+                "peak_tflops": 100.0,
+            },
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -76,8 +89,9 @@ def test_mfu_and_peak_memory_rows(tmp_path: Path, fresh_accelerate):
     interval's peak memory: the peak is reset per interval, so a later interval need not repeat an earlier peak."""
     from launcher.flops import flops_per_token
 
-    run = make_run(tmp_path, train={"mixed_precision": "bf16", "max_steps": 6, "log_every": 2, "peak_tflops": 100.0},
-                   eval={"every_steps": 3, "at_start": True})
+    run = make_run(
+        tmp_path, train={"mixed_precision": "bf16", "max_steps": 6, "log_every": 2, "peak_tflops": 100.0}, eval={"every_steps": 3, "at_start": True}
+    )
     train(run)
     rows = [r for r in metrics(run.cfg.output_dir) if "loss" in r]
     per_token = flops_per_token(run.accelerator.unwrap_model(run.model), run.cfg.data.seq_len)
@@ -148,8 +162,7 @@ def test_fsdp2_bf16_on_one_gpu(tmp_path: Path, fresh_accelerate):
     from torch.distributed.tensor import DTensor
 
     try:
-        run = make_run(tmp_path, fsdp={}, train={"mixed_precision": "bf16", "max_steps": 20}, eval={"at_start": True},
-                       checkpoint={"every_steps": 20})
+        run = make_run(tmp_path, fsdp={}, train={"mixed_precision": "bf16", "max_steps": 20}, eval={"at_start": True}, checkpoint={"every_steps": 20})
         assert any("compute in bf16, reduction in fp32" in note for note in run.backend.notes), run.backend.notes
         masters = [p for p in run.model.parameters() if p.requires_grad]
         assert masters and all(isinstance(p, DTensor) and p.dtype == torch.float32 and p.device.type == "cuda" for p in masters)

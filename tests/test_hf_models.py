@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import check, disk_snapshot, final_weights, hf_config, metrics, run_cli, tiny_config, write_config, write_documents
 from launcher.config import DataConfig, load_config
 from launcher.data import load_documents, prepare_splits, tokenize_into_blocks
 from launcher.tokenizer import HFTokenizer, load_tokenizer
+
+from conftest import check, disk_snapshot, final_weights, hf_config, metrics, run_cli, tiny_config, write_config, write_documents
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face models need the hf extra: scripts/setup hf,dev")
 FROZEN = ["model.embed_tokens.*", "model.layers.0.self_attn.*"]  # Hugging Face names, as `launcher inspect` lists them
@@ -66,9 +67,13 @@ def llama_runs(tiny_hf, tmp_path_factory):
     """One tiny Llama job, with the same global batch of 4 split five ways: padded variable-length documents whose
     count leaves a partial last window, clipping active, the embedding and layer 0's attention frozen by name."""
     tmp = tmp_path_factory.mktemp("llama-runs")
-    config = hf_config(tmp, tiny_hf["llama"], freeze=FROZEN,
-                       data={"path": str(write_documents(tmp / "docs.jsonl", 27)), "seq_len": 32, "pack": False},
-                       train={"max_grad_norm": 0.5, "warmup_steps": 2, "learning_rate": 3e-3})
+    config = hf_config(
+        tmp,
+        tiny_hf["llama"],
+        freeze=FROZEN,
+        data={"path": str(write_documents(tmp / "docs.jsonl", 27)), "seq_len": 32, "pack": False},
+        train={"max_grad_norm": 0.5, "warmup_steps": 2, "learning_rate": 3e-3},
+    )
     path = write_config(tmp / "c.yaml", config)
     cfg = load_config(path)
     n_train = len(prepare_splits(cfg.data, cfg.seed, load_tokenizer(cfg))[0])
@@ -86,8 +91,19 @@ def llama_runs(tiny_hf, tmp_path_factory):
         if extra:
             pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
         out = tmp / re.sub(r"\W+", "_", name)
-        proc = check(run_cli("train", str(path), f"output_dir={out}", f"train.max_steps={max_steps}", f"train.micro_batch_size={micro}",
-                             f"train.gradient_accumulation_steps={accumulation}", *extra, nproc=nproc, launcher=launcher))
+        proc = check(
+            run_cli(
+                "train",
+                str(path),
+                f"output_dir={out}",
+                f"train.max_steps={max_steps}",
+                f"train.micro_batch_size={micro}",
+                f"train.gradient_accumulation_steps={accumulation}",
+                *extra,
+                nproc=nproc,
+                launcher=launcher,
+            )
+        )
         runs[name] = (out, proc)
     return runs
 
@@ -123,25 +139,45 @@ def test_zero3_export_is_a_complete_model_folder(llama_runs, tiny_hf):
 @pytest.fixture(scope="module")
 def lora_runs(tiny_hf, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora-runs")
-    config = hf_config(tmp, tiny_hf["llama"], lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                       freeze=["model.layers.0.*"],  # after LoRA: freezes layer 0's adapters too
-                       export={"merge_lora": True}, train={"learning_rate": 1e-2, "max_steps": 5})
+    config = hf_config(
+        tmp,
+        tiny_hf["llama"],
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        freeze=["model.layers.0.*"],  # after LoRA: freezes layer 0's adapters too
+        export={"merge_lora": True},
+        train={"learning_rate": 1e-2, "max_steps": 5},
+    )
     path = write_config(tmp / "c.yaml", config)
     runs = {}
-    for name, (nproc, micro, accumulation, extra) in {"DDP, 2 ranks x 2": (2, 1, 2, []), "1 rank x 4": (1, 1, 4, []),
-                                                      "ZeRO-3, 2 ranks x 2": (2, 1, 2, ["deepspeed=configs/deepspeed/zero3.json"])}.items():
+    for name, (nproc, micro, accumulation, extra) in {
+        "DDP, 2 ranks x 2": (2, 1, 2, []),
+        "1 rank x 4": (1, 1, 4, []),
+        "ZeRO-3, 2 ranks x 2": (2, 1, 2, ["deepspeed=configs/deepspeed/zero3.json"]),
+    }.items():
         if extra:
             pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
         out = tmp / re.sub(r"\W+", "_", name)
-        runs[name] = check(run_cli("train", str(path), f"output_dir={out}", f"train.micro_batch_size={micro}",
-                                   f"train.gradient_accumulation_steps={accumulation}", *extra, nproc=nproc)), out
+        runs[name] = (
+            check(
+                run_cli(
+                    "train",
+                    str(path),
+                    f"output_dir={out}",
+                    f"train.micro_batch_size={micro}",
+                    f"train.gradient_accumulation_steps={accumulation}",
+                    *extra,
+                    nproc=nproc,
+                )
+            ),
+            out,
+        )
     return runs
 
 
 def test_lora_adapters_train_exactly_and_load_with_peft(lora_runs, tiny_hf):
     peft = pytest.importorskip("peft", reason="LoRA needs the hf extra: scripts/setup hf,dev")
     proc, reference_out = lora_runs["1 rank x 4"]
-    table = proc.stdout[proc.stdout.index("module "):proc.stdout.index("total")]
+    table = proc.stdout[proc.stdout.index("module ") : proc.stdout.index("total")]
     # per layer: q_proj 4x64 + 64x4, v_proj 4x64 + 32x4 (grouped-query: 2 key/value heads); layer 0's frozen by the pattern
     assert re.search(r"model\.layers \(LoRA adapters\)\s+896\s+896", table), table
     reference = load_file(str(reference_out / "final" / "adapter_model.safetensors"))
@@ -193,12 +229,15 @@ def test_export_loads_back_with_the_in_memory_models_logits(tiny_hf, tmp_path, f
 def test_gradient_checkpointing_gives_the_same_weights(tiny_hf, tmp_path, fresh_accelerate):
     """Recomputing activations in the backward changes memory, not the result: a tiny Llama and the built-in GPT
     (with dropout, whose masks the recomputation must reproduce)."""
-    from conftest import reset_accelerate
     from launcher.build import build_run
     from launcher.loop import train
 
-    cases = {"llama": hf_config(tmp_path, tiny_hf["llama"], train={"max_steps": 3}),
-             "built-in GPT": tiny_config(tmp_path, model={"dropout": 0.1}, train={"max_steps": 3})}
+    from conftest import reset_accelerate
+
+    cases = {
+        "llama": hf_config(tmp_path, tiny_hf["llama"], train={"max_steps": 3}),
+        "built-in GPT": tiny_config(tmp_path, model={"dropout": 0.1}, train={"max_steps": 3}),
+    }
     for name, config in cases.items():
         weights = {}
         for checkpointing in (False, True):
@@ -207,8 +246,9 @@ def test_gradient_checkpointing_gives_the_same_weights(tiny_hf, tmp_path, fresh_
             reset_accelerate()
             run = build_run(load_config(path, [f"model.gradient_checkpointing={str(checkpointing).lower()}"]))
             model = run.accelerator.unwrap_model(run.model)
-            on = next(getattr(model, a) for a in ("is_activation_checkpointing", "is_gradient_checkpointing", "gradient_checkpointing")
-                      if hasattr(model, a))
+            on = next(
+                getattr(model, a) for a in ("is_activation_checkpointing", "is_gradient_checkpointing", "gradient_checkpointing") if hasattr(model, a)
+            )
             assert on == checkpointing, name
             train(run)
             weights[checkpointing] = final_weights(out)
@@ -219,9 +259,16 @@ def test_gradient_checkpointing_gives_the_same_weights(tiny_hf, tmp_path, fresh_
 def test_stopped_and_resumed_hf_run_is_bitwise_identical(tiny_hf, tmp_path):
     from test_resume import run_with_signal
 
-    config = write_config(tmp_path / "c.yaml", hf_config(
-        tmp_path, tiny_hf["llama"], freeze=FROZEN, checkpoint={"every_steps": 2},
-        train={"max_steps": 6, "gradient_accumulation_steps": 2, "micro_batch_size": 2}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        hf_config(
+            tmp_path,
+            tiny_hf["llama"],
+            freeze=FROZEN,
+            checkpoint={"every_steps": 2},
+            train={"max_steps": 6, "gradient_accumulation_steps": 2, "micro_batch_size": 2},
+        ),
+    )
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'straight'}", nproc=2))
     stopped = run_with_signal(config, 5, 2, f"output_dir={tmp_path / 'stopped'}")  # mid-window of step 3
     assert stopped.returncode != 0 and json.loads((tmp_path / "stopped" / "preempted.json").read_text())["step"] == 3
@@ -236,28 +283,39 @@ def test_debug_mode_and_nonfinite_report_name_hf_parameters(tiny_hf, tmp_path):
 
     config = write_config(tmp_path / "c.yaml", hf_config(tmp_path, tiny_hf["llama"], freeze=["model.embed_tokens.*", "model.layers.0.*"]))
     stdout = check(run_cli("train", str(config), "--debug", "--debug-steps", "2")).stdout
-    summary = stdout[stdout.index("debug summary"):]
+    summary = stdout[stdout.index("debug summary") :]
     assert "parameters: 11 trainable (11 changed), 10 frozen (10 unchanged)" in summary
     assert "gradient norm by layer at step 2: model.layers.1 " in summary and "WARNING" not in summary
 
     planted = "model.layers.1.mlp.up_proj.weight"
     nan = hf_config(tmp_path, tiny_hf["llama"], launch={"nproc_per_node": 2}, output_dir=str(tmp_path / "nan"))
-    nan["model"] = {"factory": "factories:nan_gradient_hf", "factory_kwargs": {
-        "path": str(tiny_hf["llama"]), "param": planted, "rank": 1, "step": 2, "accumulation": 2}}
+    nan["model"] = {
+        "factory": "factories:nan_gradient_hf",
+        "factory_kwargs": {"path": str(tiny_hf["llama"]), "param": planted, "rank": 1, "step": 2, "accumulation": 2},
+    }
     nan["tokenizer"] = str(tiny_hf["llama"])
     nan_config = write_config(tmp_path / "nan.yaml", nan)
     assert planted in run_tests_cli("inspect", str(nan_config)).stdout  # a factory calling from_pretrained: built on CPU
     proc = run_tests_cli("train", str(nan_config))
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "non-finite loss or gradient at step 2" in proc.stderr
-    assert f"rank 1: loss sum" in proc.stderr and f"non-finite in 1 of 21 parameters: {planted} (norm nan)" in proc.stderr
+    assert "rank 1: loss sum" in proc.stderr and f"non-finite in 1 of 21 parameters: {planted} (norm nan)" in proc.stderr
 
 
 def test_pretraining_an_hf_architecture_from_an_inline_config(tmp_path):
     """model.hf_config as a mapping: a fresh Llama whose vocabulary is the byte-level tokenizer's (no files at all)."""
     config = tiny_config(tmp_path, train={"max_steps": 2})
-    config["model"] = {"hf_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}}
+    config["model"] = {
+        "hf_config": {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 64,
+        }
+    }
     proc = check(run_cli("train", str(write_config(tmp_path / "c.yaml", config))))
     assert "a Hugging Face config (from scratch) (LlamaForCausalLM)" in proc.stdout and "byte-level (257 ids)" in proc.stdout
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
@@ -293,7 +351,8 @@ def test_factory_module_beside_the_config_gets_the_tokenizers_vocabulary(tiny_hf
     (tmp_path / "my_models.py").write_text(
         "from launcher.models import GPT\n\n"
         "def small(vocab_size, seq_len, width):\n"
-        "    return GPT(vocab_size, seq_len, n_layer=1, n_head=2, d_model=width)\n")
+        "    return GPT(vocab_size, seq_len, n_layer=1, n_head=2, d_model=width)\n"
+    )
     config = tiny_config(tmp_path, train={"max_steps": 1})
     config["model"] = {"factory": "my_models:small", "factory_kwargs": {"width": 16}}
     config["tokenizer"] = str(tiny_hf["gpt2"])
@@ -304,11 +363,21 @@ def test_factory_module_beside_the_config_gets_the_tokenizers_vocabulary(tiny_hf
 def test_readme_fine_tuning_example(tmp_path):
     """The README's "Fine-tune a Hugging Face model" commands, shortened, and its loading snippet as written."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Fine-tune a Hugging Face model"):]
+    section = readme[readme.index("## Fine-tune a Hugging Face model") :]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     check(run_cli("make-tiny-model", str(tmp_path / "tiny-llama")))
-    check(run_cli("train", "configs/finetune-hf.yaml", f"model.pretrained={tmp_path / 'tiny-llama'}", f"output_dir={tmp_path / 'ft'}",
-                  "train.max_steps=4", "launch.nproc_per_node=1", "eval.every_steps=null", "eval.max_samples=8"))
+    check(
+        run_cli(
+            "train",
+            "configs/finetune-hf.yaml",
+            f"model.pretrained={tmp_path / 'tiny-llama'}",
+            f"output_dir={tmp_path / 'ft'}",
+            "train.max_steps=4",
+            "launch.nproc_per_node=1",
+            "eval.every_steps=null",
+            "eval.max_samples=8",
+        )
+    )
     assert "outputs/finetune-hf/final" in snippet
     namespace = {}
     exec(snippet.replace("outputs/finetune-hf/final", str(tmp_path / "ft" / "final")), namespace)
@@ -319,14 +388,20 @@ FACTORY_MODULES = {  # file name -> source; each a model.factory that cannot tra
     "raises_on_import.py": "x = 1 / 0\n",
     "other_args.py": "def make(width):\n    raise AssertionError('not reached')\n",
     "not_a_module.py": "def make(vocab_size, seq_len):\n    return 3\n",
-    "returns_tuple.py": ("import torch\n\nclass M(torch.nn.Module):\n    def __init__(self, v):\n        super().__init__()\n"
-                         "        self.e = torch.nn.Embedding(v, v)\n    def forward(self, input_ids):\n"
-                         "        return self.e(input_ids), None\n\ndef make(vocab_size, seq_len):\n    return M(vocab_size)\n"),
-    "narrow_logits.py": ("import torch\n\ndef make(vocab_size, seq_len):\n"
-                         "    return torch.nn.Sequential(torch.nn.Embedding(vocab_size, 16), torch.nn.Linear(16, 10))\n"),
-    "needs_a_mask.py": ("import torch\n\nclass M(torch.nn.Module):\n    def __init__(self, v):\n        super().__init__()\n"
-                        "        self.e = torch.nn.Embedding(v, v)\n    def forward(self, input_ids, attention_mask):\n"
-                        "        return self.e(input_ids)\n\ndef make(vocab_size, seq_len):\n    return M(vocab_size)\n"),
+    "returns_tuple.py": (
+        "import torch\n\nclass M(torch.nn.Module):\n    def __init__(self, v):\n        super().__init__()\n"
+        "        self.e = torch.nn.Embedding(v, v)\n    def forward(self, input_ids):\n"
+        "        return self.e(input_ids), None\n\ndef make(vocab_size, seq_len):\n    return M(vocab_size)\n"
+    ),
+    "narrow_logits.py": (
+        "import torch\n\ndef make(vocab_size, seq_len):\n"
+        "    return torch.nn.Sequential(torch.nn.Embedding(vocab_size, 16), torch.nn.Linear(16, 10))\n"
+    ),
+    "needs_a_mask.py": (
+        "import torch\n\nclass M(torch.nn.Module):\n    def __init__(self, v):\n        super().__init__()\n"
+        "        self.e = torch.nn.Embedding(v, v)\n    def forward(self, input_ids, attention_mask):\n"
+        "        return self.e(input_ids)\n\ndef make(vocab_size, seq_len):\n    return M(vocab_size)\n"
+    ),
 }
 BAD_ROWS = {  # file name -> JSON lines; row 3 is bad
     "null_text.jsonl": ['{"text": "a"}', '{"text": "b"}', '{"text": null}', '{"text": "d"}'],
@@ -339,23 +414,35 @@ BAD_MODEL_INPUT = {  # name: (overrides, expected text in the one line)
     "pretrained folder missing": (["model.pretrained=/no/such/model"], "model.pretrained: folder '/no/such/model' not found"),
     "not a Hugging Face folder": (["model.pretrained={tmp}/plain"], "is not a Hugging Face model folder (no config.json)"),
     "tokenizer folder missing": ([f"model.pretrained={LLAMA}", "tokenizer=/no/such/tokenizer"], "tokenizer: folder '/no/such/tokenizer' not found"),
-    "tokenizer larger than the embeddings": ([f"model.pretrained={LLAMA}", "tokenizer={tmp}/bigger"],
-                                             "has 1032 ids but model.pretrained's embedding has 1025 rows; use the model's own tokenizer, or set model.resize_embeddings: true"),
-    "pretrained with built-in keys": ([f"model.pretrained={LLAMA}", "model.n_layer=2"],
-                                      "model.n_layer: only for the built-in GPT, but model.pretrained chooses another model; remove them"),
+    "tokenizer larger than the embeddings": (
+        [f"model.pretrained={LLAMA}", "tokenizer={tmp}/bigger"],
+        "has 1032 ids but model.pretrained's embedding has 1025 rows; use the model's own tokenizer, or set model.resize_embeddings: true",
+    ),
+    "pretrained with built-in keys": (
+        [f"model.pretrained={LLAMA}", "model.n_layer=2"],
+        "model.n_layer: only for the built-in GPT, but model.pretrained chooses another model; remove them",
+    ),
     "two model sources": ([f"model.pretrained={LLAMA}", "model.factory=a:b"], "model.pretrained and model.factory both choose the model"),
-    "lora target matches nothing": ([f"model.pretrained={LLAMA}", "lora={target_modules: [qv_proj]}"],
-                                    "lora.target_modules: 'qv_proj' match no module of the model; linear modules: down_proj, gate_proj"),
+    "lora target matches nothing": (
+        [f"model.pretrained={LLAMA}", "lora={target_modules: [qv_proj]}"],
+        "lora.target_modules: 'qv_proj' match no module of the model; linear modules: down_proj, gate_proj",
+    ),
     "lora on the built-in GPT": (["lora={r: 4}"], "lora: needs a Hugging Face model"),
     "merge_lora without lora": ([f"model.pretrained={LLAMA}", "export.merge_lora=true"], "export.merge_lora: there is no lora section"),
-    "pure bf16 under DeepSpeed": ([f"model.pretrained={LLAMA}", "model.dtype=bf16", "deepspeed=configs/deepspeed/zero2.json"],
-                                  "model.dtype: bf16 is pure 16-bit training"),
-    "sequence longer than the context": ([f"model.pretrained={GPT2}", "data.seq_len=300"],
-                                         "data.seq_len: 300 is longer than the model's context (model.pretrained: max_position_embeddings 256)"),
+    "pure bf16 under DeepSpeed": (
+        [f"model.pretrained={LLAMA}", "model.dtype=bf16", "deepspeed=configs/deepspeed/zero2.json"],
+        "model.dtype: bf16 is pure 16-bit training",
+    ),
+    "sequence longer than the context": (
+        [f"model.pretrained={GPT2}", "data.seq_len=300"],
+        "data.seq_len: 300 is longer than the model's context (model.pretrained: max_position_embeddings 256)",
+    ),
     "inline config without model_type": (["model.hf_config={hidden_size: 8}"], "model.hf_config: an inline mapping needs model_type"),
     "factory module missing": (["model.factory=no_such_module:make"], "model.factory: no module 'no_such_module' (looked in"),
-    "factory module raises on import": (["model.factory=raises_on_import:make"],
-                                        "model.factory: importing 'raises_on_import' failed: ZeroDivisionError: division by zero (raises_on_import.py:1)"),
+    "factory module raises on import": (
+        ["model.factory=raises_on_import:make"],
+        "model.factory: importing 'raises_on_import' failed: ZeroDivisionError: division by zero (raises_on_import.py:1)",
+    ),
     "factory takes other arguments": (["model.factory=other_args:make"], "it is called as make(vocab_size=..., seq_len=..., **model.factory_kwargs)"),
     "factory returns no module": (["model.factory=not_a_module:make"], "returned int, not a torch.nn.Module"),
     "factory model returns a tuple": (["model.factory=returns_tuple:make"], "the model returned tuple; return logits [batch, seq, vocab]"),
@@ -369,8 +456,7 @@ BAD_MODEL_INPUT = {  # name: (overrides, expected text in the one line)
 
 
 # with 2 processes too: the cases the pre-flight finds only by building or running the model, or by reading rows
-CASES = [(name, 1) for name in BAD_MODEL_INPUT] + [
-    (name, 2) for name in BAD_MODEL_INPUT if name.startswith(("factory", "null", "tokenizer larger"))]
+CASES = [(name, 1) for name in BAD_MODEL_INPUT] + [(name, 2) for name in BAD_MODEL_INPUT if name.startswith(("factory", "null", "tokenizer larger"))]
 
 
 @pytest.mark.parametrize("name, processes", CASES, ids=[f"{n}, {p} process(es)" for n, p in CASES])

@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
-from conftest import REPO, check, run_cli
 from launcher.build import build_bare_model
 from launcher.config import load_config
+
+from conftest import REPO, check, run_cli
 
 
 def test_inspect_lists_what_the_freeze_patterns_freeze():
@@ -21,7 +22,12 @@ def test_inspect_lists_what_the_freeze_patterns_freeze():
     for name, param in model.named_parameters():
         assert listed[name] == ("x".join(map(str, param.shape)), "frozen" if name in frozen else "yes"), name
     assert {n for n, (_, t) in listed.items() if t == "frozen"} == {
-        "tok_embed.weight", "blocks.0.mlp_in.weight", "blocks.0.mlp_out.weight", "blocks.1.mlp_in.weight", "blocks.1.mlp_out.weight"}
+        "tok_embed.weight",
+        "blocks.0.mlp_in.weight",
+        "blocks.0.mlp_out.weight",
+        "blocks.1.mlp_in.weight",
+        "blocks.1.mlp_out.weight",
+    }
     assert "total" in proc.stdout  # the per-module table follows
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check, run_cli, tiny_config, train_until_rows, write_config
 from launcher.checkpoints import complete_checkpoints, verify_checkpoint
+
+from conftest import check, run_cli, tiny_config, train_until_rows, write_config
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_ctrl_c_once_checkpoints_and_exits_75_and_twice_stops_at_once(tmp_path: Path, nproc: int):
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, train={"max_steps": 100000, "log_every": 1}, checkpoint={"every_steps": 3}))
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 100000, "log_every": 1}, checkpoint={"every_steps": 3}))
     out = tmp_path / "out"
 
     # as from a terminal: the command leads its own process group, which Ctrl-C signals as a whole
@@ -33,8 +33,7 @@ def test_ctrl_c_once_checkpoints_and_exits_75_and_twice_stops_at_once(tmp_path: 
     verify_checkpoint(Path(marker["checkpoint"]))
     assert not (out / "run.lock").exists()
 
-    twice = train_until_rows(config, out, marker["step"] + 3, f"launch.nproc_per_node={nproc}", "resume=auto",
-                             timeout_s=180, new_session=True)
+    twice = train_until_rows(config, out, marker["step"] + 3, f"launch.nproc_per_node={nproc}", "resume=auto", timeout_s=180, new_session=True)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(twice.stderr), daemon=True)
     reader.start()
@@ -57,6 +56,5 @@ def test_ctrl_c_once_checkpoints_and_exits_75_and_twice_stops_at_once(tmp_path: 
         time.sleep(0.1)
     newest = complete_checkpoints(out)[-1]
     verify_checkpoint(newest)  # still complete: resumable
-    proc = check(run_cli("train", str(config), "resume=auto", f"train.max_steps={int(newest.name[5:]) + 1}",
-                         f"launch.nproc_per_node={nproc}"))
+    proc = check(run_cli("train", str(config), "resume=auto", f"train.max_steps={int(newest.name[5:]) + 1}", f"launch.nproc_per_node={nproc}"))
     assert f"resumed from {newest}" in proc.stdout

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import final_weights, metrics, reference_training, reset_accelerate, tiny_config, write_config
 from launcher.build import build_bare_model, build_run
 from launcher.config import load_config
 from launcher.loop import evaluate, train
+
+from conftest import final_weights, metrics, reference_training, reset_accelerate, tiny_config, write_config
 
 
 def make_run(tmp_path: Path, **sections):
@@ -24,9 +25,11 @@ def test_matches_a_hand_written_loop(tmp_path: Path, fresh_accelerate):
     """Token-weighted loss over each step's window, global-norm clipping, AdamW without decay on 1-D
     parameters, warmup then cosine: the launcher's weights equal a plain PyTorch loop's."""
     # lr 3e-3: Adam divides by sqrt(v), so at higher rates rounding in small gradient entries grows past 1e-6
-    run = make_run(tmp_path, train={"max_steps": 5, "max_grad_norm": 0.3, "warmup_steps": 2, "gradient_accumulation_steps": 3,
-                                    "learning_rate": 3e-3},
-                   freeze=["pos_embed.weight"])
+    run = make_run(
+        tmp_path,
+        train={"max_steps": 5, "max_grad_norm": 0.3, "warmup_steps": 2, "gradient_accumulation_steps": 3, "learning_rate": 3e-3},
+        freeze=["pos_embed.weight"],
+    )
     windows = [run.train_data.window(step) for step in range(run.total_steps)]
     model = reference_training(run.cfg, windows, max_grad_norm=0.3)
 

@@ -8,7 +8,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import metrics, tiny_config, write_config
 from launcher.build import build_run
 from launcher.config import load_config
 from launcher.errors import UsageError
@@ -16,6 +15,8 @@ from launcher.flops import PEAK_TFLOPS, flops_per_token, known_gpu, make_mfu, ma
 from launcher.freezing import apply_freeze
 from launcher.loop import train
 from launcher.models import GPT
+
+from conftest import metrics, tiny_config, write_config
 
 
 def counted_flops_per_token(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
@@ -31,8 +32,16 @@ def counted_flops_per_token(model: torch.nn.Module, input_ids: torch.Tensor) -> 
 def tiny_llama(tie: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
 
@@ -40,13 +49,16 @@ def tiny_llama(tie: bool) -> torch.nn.Module:
 # GPT(vocab 256, seq 32, 2 layers, d 32): matrices 12 d^2 per layer and the 256 x d head, N = 32,768;
 # attention 12 * L * d * seq = 24,576 per token. Frozen parameters drop their weight gradient (2 per parameter),
 # and those before the first trainable one also their input gradient; so does the attention of such a layer (8 of 12).
-@pytest.mark.parametrize("freeze, want", [
-    ([], 6 * 32_768 + 24_576),
-    (["pos_embed.*"], 6 * 32_768 + 24_576),  # lookup tables hold no matmul FLOPs
-    (["blocks.1.*"], 6 * 32_768 + 24_576 - 2 * 12_288),
-    (["tok_embed.*", "pos_embed.*", "blocks.0.*"], 6 * 32_768 + 24_576 - 4 * 12_288 - 8 * 32 * 32),
-    (["tok_embed.*", "pos_embed.*", "blocks.*", "final_norm.*"], 2 * 24_576 + 4 * 8_192 + 4 * 32 * 32 * 2),  # the head alone
-])
+@pytest.mark.parametrize(
+    "freeze, want",
+    [
+        ([], 6 * 32_768 + 24_576),
+        (["pos_embed.*"], 6 * 32_768 + 24_576),  # lookup tables hold no matmul FLOPs
+        (["blocks.1.*"], 6 * 32_768 + 24_576 - 2 * 12_288),
+        (["tok_embed.*", "pos_embed.*", "blocks.0.*"], 6 * 32_768 + 24_576 - 4 * 12_288 - 8 * 32 * 32),
+        (["tok_embed.*", "pos_embed.*", "blocks.*", "final_norm.*"], 2 * 24_576 + 4 * 8_192 + 4 * 32 * 32 * 2),  # the head alone
+    ],
+)
 def test_builtin_gpt_flops_match_counted_flops(freeze, want):
     torch.manual_seed(0)
     model = GPT(vocab_size=256, seq_len=32, n_layer=2, n_head=2, d_model=32)
@@ -88,18 +100,38 @@ def test_gpt2_small_preset_and_unknown_shapes():
 
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    moe = AutoModelForCausalLM.from_config(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=2))
+    moe = AutoModelForCausalLM.from_config(
+        MixtralConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=2,
+        )
+    )
     assert flops_per_token(moe, seq_len=8) is None  # all experts' parameters are not the active ones
 
 
 def test_peak_table_and_dtype():
     names = {
-        "NVIDIA H100 80GB HBM3": "H100 SXM", "NVIDIA H100 PCIe": "H100 PCIe", "NVIDIA H100 NVL": "H100 NVL",
-        "NVIDIA H200": "H200", "NVIDIA H200 NVL": "H200 NVL", "NVIDIA GH200 480GB": "H200",
-        "NVIDIA A100-SXM4-80GB": "A100", "NVIDIA A100 80GB PCIe": "A100", "NVIDIA A100-PCIE-40GB": "A100",
-        "NVIDIA L40S": "L40S", "NVIDIA L4": "L4", "NVIDIA A10": "A10", "NVIDIA B200": "B200",
-        "NVIDIA A10G": None, "NVIDIA GeForce RTX 4090": None, "Tesla V100-SXM2-16GB": None,
+        "NVIDIA H100 80GB HBM3": "H100 SXM",
+        "NVIDIA H100 PCIe": "H100 PCIe",
+        "NVIDIA H100 NVL": "H100 NVL",
+        "NVIDIA H200": "H200",
+        "NVIDIA H200 NVL": "H200 NVL",
+        "NVIDIA GH200 480GB": "H200",
+        "NVIDIA A100-SXM4-80GB": "A100",
+        "NVIDIA A100 80GB PCIe": "A100",
+        "NVIDIA A100-PCIE-40GB": "A100",
+        "NVIDIA L40S": "L40S",
+        "NVIDIA L4": "L4",
+        "NVIDIA A10": "A10",
+        "NVIDIA B200": "B200",
+        "NVIDIA A10G": None,
+        "NVIDIA GeForce RTX 4090": None,
+        "Tesla V100-SXM2-16GB": None,
     }
     assert {name: known_gpu(name) for name in names} == names
     assert PEAK_TFLOPS["H100 SXM"]["bf16"] == 989.4 and PEAK_TFLOPS["A100"]["tf32"] == 156.0

@@ -33,9 +33,14 @@ def log_of(tmp_path: Path, job: int) -> str:
 
 
 def two_node_config(tmp_path: Path, **train) -> Path:
-    return write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, freeze=["pos_embed.*"],
-        train={"max_steps": 8, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_grad_norm": 0.5, **train}))
+    return write_config(
+        tmp_path / "c.yaml",
+        tiny_config(
+            tmp_path,
+            freeze=["pos_embed.*"],
+            train={"max_steps": 8, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_grad_norm": 0.5, **train},
+        ),
+    )
 
 
 BACKEND_OVERRIDES = {"ddp": [], "zero2": ["deepspeed=configs/deepspeed/zero2.json"], "fsdp2": ["fsdp={}"]}
@@ -129,8 +134,10 @@ def test_a_node_local_output_dir_is_refused_at_start(cluster, tmp_path: Path):
         state = cluster.wait(job, 300)
         log = log_of(tmp_path, job)
         assert state == "FAILED", log[-3000:]
-        line = (f"launcher: error: output_dir: '{local / 'out'}' is not the same folder on every node: rank 2 (on {cluster.names[1]})"
-                f" does not see rank 0's files there (a node-local disk?); put output_dir on a file system shared by all nodes")
+        line = (
+            f"launcher: error: output_dir: '{local / 'out'}' is not the same folder on every node: rank 2 (on {cluster.names[1]})"
+            f" does not see rank 0's files there (a node-local disk?); put output_dir on a file system shared by all nodes"
+        )
         assert log.count(line) == 1, log[-3000:]
         assert f"{REPO}/launcher/" not in log and "step/s" not in log  # no traceback of the launcher's (only the agents' exit reports)
         assert list(local.iterdir()) == []  # rank 0's probe removed; nothing written

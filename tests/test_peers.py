@@ -16,9 +16,29 @@ pytest.importorskip("transformers", reason="the comparison uses a Hugging Face m
 
 
 def test_launcher_matches_the_exact_reference_in_the_peer_benchmark(tmp_path: Path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peers.py"), "--only", "launcher", "--accumulation", "1", "4",
-                           "--global-batch", "16", "--steps", "3", "--no-speed", "--out", str(tmp_path)],
-                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "peers.py"),
+            "--only",
+            "launcher",
+            "--accumulation",
+            "1",
+            "4",
+            "--global-batch",
+            "16",
+            "--steps",
+            "3",
+            "--no-speed",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "peers.json").read_text())
     assert set(results["exactness"]) == {"padded", "prompt-masked"}

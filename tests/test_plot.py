@@ -8,12 +8,13 @@ import matplotlib.image
 import pytest
 from matplotlib.figure import Figure
 
-from conftest import disk_snapshot, metrics, tiny_config, write_config
 from launcher.build import build_run
 from launcher.config import load_config
 from launcher.errors import UsageError
 from launcher.loop import train
 from launcher.plots import draw_grad_norm, draw_loss, draw_memory, draw_mfu, plot_run, read_run
+
+from conftest import disk_snapshot, metrics, tiny_config, write_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALWAYS = {"loss.png", "lr.png", "grad_norm.png", "throughput.png", "overview.png"}
@@ -33,13 +34,21 @@ def write_rows(path: Path, rows: list, tail: str = "") -> Path:
 
 
 def train_row(step: int, loss, grad_norm, skipped: int = 0, **extra) -> dict:
-    return {"step": step, "epoch": 0, "loss": loss, "tokens_per_s": 1000.0 + step, "s_per_step": 0.05,
-            "lr": 1e-3 * min(1, step / 3), "grad_norm": grad_norm, "skipped_steps": skipped, **extra}
+    return {
+        "step": step,
+        "epoch": 0,
+        "loss": loss,
+        "tokens_per_s": 1000.0 + step,
+        "s_per_step": 0.05,
+        "lr": 1e-3 * min(1, step / 3),
+        "grad_norm": grad_norm,
+        "skipped_steps": skipped,
+        **extra,
+    }
 
 
 def test_a_real_run_is_plotted(tmp_path: Path, fresh_accelerate):
-    config = tiny_config(tmp_path, train={"max_steps": 6, "log_every": 1}, eval={"every_steps": 3},
-                         data={"eval_fraction": 0.1})
+    config = tiny_config(tmp_path, train={"max_steps": 6, "log_every": 1}, eval={"every_steps": 3}, data={"eval_fraction": 0.1})
     run = build_run(load_config(write_config(tmp_path / "c.yaml", config)), overwrite=True)
     train(run)
     out = run.cfg.output_dir
@@ -76,21 +85,27 @@ def test_hand_written_metrics_with_nan_null_repeats_and_layers(tmp_path: Path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("train:\n  max_grad_norm: 0.5\n")
-    layers = lambda k: {"tok_embed": 0.5 * k, "blocks.0": 0.3 * k, "blocks.1": "nan" if k == 2 else 0.2 * k, "ln_f": 0.01 * k}
-    write_rows(out / "metrics.jsonl", [
-        train_row(1, 8.0, 3.0),  # an older file: no nonfinite_steps key
-        train_row(2, 6.0, None),  # grad_norm not measured on this step
-        {"step": 2, "grad_norm_by_layer": layers(1)},
-        train_row(3, 9.9, 2.0),
-        train_row(3, 5.0, 2.5, nonfinite_steps=0),  # the same step again: this row wins
-        {"step": 3, "eval_loss": 5.5, "eval_tokens": 100},
-        train_row(4, "nan", "inf", skipped=1, nonfinite_steps=1),
-        {"step": 4, "grad_norm_by_layer": layers(2)},
-        train_row(5, 0.4, 0.2, skipped=1, nonfinite_steps=1),
-        {"step": 6, "eval_loss": "inf", "eval_tokens": 100},
-        {"step": 6, "eval_loss": 0.6, "eval_tokens": 100},
-        {"step": 6, "some_future_kind": 1},
-    ])
+
+    def layers(k):
+        return {"tok_embed": 0.5 * k, "blocks.0": 0.3 * k, "blocks.1": "nan" if k == 2 else 0.2 * k, "ln_f": 0.01 * k}
+
+    write_rows(
+        out / "metrics.jsonl",
+        [
+            train_row(1, 8.0, 3.0),  # an older file: no nonfinite_steps key
+            train_row(2, 6.0, None),  # grad_norm not measured on this step
+            {"step": 2, "grad_norm_by_layer": layers(1)},
+            train_row(3, 9.9, 2.0),
+            train_row(3, 5.0, 2.5, nonfinite_steps=0),  # the same step again: this row wins
+            {"step": 3, "eval_loss": 5.5, "eval_tokens": 100},
+            train_row(4, "nan", "inf", skipped=1, nonfinite_steps=1),
+            {"step": 4, "grad_norm_by_layer": layers(2)},
+            train_row(5, 0.4, 0.2, skipped=1, nonfinite_steps=1),
+            {"step": 6, "eval_loss": "inf", "eval_tokens": 100},
+            {"step": 6, "eval_loss": 0.6, "eval_tokens": 100},
+            {"step": 6, "some_future_kind": 1},
+        ],
+    )
     (out / "plots").mkdir()
     (out / "plots" / "notes.txt").write_text("mine")
 
@@ -121,13 +136,19 @@ def test_hand_written_metrics_with_nan_null_repeats_and_layers(tmp_path: Path):
 
 def test_mfu_and_memory_charts_where_the_run_logged_them(tmp_path: Path):
     """A GPU run's rows (mfu, peak memory per interval, and a row where one was not known) get two more charts."""
-    memory = lambda allocated: {"max_memory_allocated_gb": allocated, "max_memory_reserved_gb": allocated + 2.0}
-    write_rows(tmp_path / "metrics.jsonl", [
-        train_row(1, 3.0, 1.5, mfu=0.38, **memory(10.0)),
-        train_row(2, 2.5, 1.2, mfu=0.41, **memory(12.5)),
-        train_row(3, 2.0, 1.1),
-        train_row(4, 1.8, 1.0, mfu=0.42, **memory(12.0)),
-    ])
+
+    def memory(allocated):
+        return {"max_memory_allocated_gb": allocated, "max_memory_reserved_gb": allocated + 2.0}
+
+    write_rows(
+        tmp_path / "metrics.jsonl",
+        [
+            train_row(1, 3.0, 1.5, mfu=0.38, **memory(10.0)),
+            train_row(2, 2.5, 1.2, mfu=0.41, **memory(12.5)),
+            train_row(3, 2.0, 1.1),
+            train_row(4, 1.8, 1.0, mfu=0.42, **memory(12.0)),
+        ],
+    )
     written = plot_run(tmp_path)
     assert {p.name for p in written} == ALWAYS | {"mfu.png", "memory.png"}
     for path in written:
@@ -146,10 +167,13 @@ def test_mfu_and_memory_charts_where_the_run_logged_them(tmp_path: Path):
     assert "max 14.50 GiB" in ax.get_title()
 
 
-@pytest.mark.parametrize("config_yaml, expected", [
-    ("train:\n  max_grad_norm: null\n", "no clipping (train.max_grad_norm = null)"),
-    (None, "clip threshold unknown (no config.yaml)"),
-])
+@pytest.mark.parametrize(
+    "config_yaml, expected",
+    [
+        ("train:\n  max_grad_norm: null\n", "no clipping (train.max_grad_norm = null)"),
+        (None, "clip threshold unknown (no config.yaml)"),
+    ],
+)
 def test_grad_norm_chart_without_a_clip_threshold(tmp_path: Path, config_yaml, expected):
     write_rows(tmp_path / "metrics.jsonl", [train_row(1, 3.0, 1.5), train_row(2, 2.0, 1.2)])
     if config_yaml is not None:
@@ -167,14 +191,17 @@ def test_a_half_written_last_line_of_a_live_run_is_ignored(tmp_path: Path):
     assert run.series(run.train_rows, "loss").steps == [1]
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing dir", "output_dir '{out}' not found; pass the output_dir of a run (it holds metrics.jsonl)"),
-    ("missing metrics", "'{out}/metrics.jsonl' not found"),
-    ("corrupt line", "{out}/metrics.jsonl:2: not valid JSON"),
-    ("not an object", "{out}/metrics.jsonl:1: not a metrics row"),
-    ("no training rows", "'{out}/metrics.jsonl' has no training rows yet"),
-    ("not a number", "{out}/metrics.jsonl:2: loss is 'lots', not a number"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing dir", "output_dir '{out}' not found; pass the output_dir of a run (it holds metrics.jsonl)"),
+        ("missing metrics", "'{out}/metrics.jsonl' not found"),
+        ("corrupt line", "{out}/metrics.jsonl:2: not valid JSON"),
+        ("not an object", "{out}/metrics.jsonl:1: not a metrics row"),
+        ("no training rows", "'{out}/metrics.jsonl' has no training rows yet"),
+        ("not a number", "{out}/metrics.jsonl:2: loss is 'lots', not a number"),
+    ],
+)
 def test_bad_input_is_one_usage_error_naming_the_file(tmp_path: Path, case: str, expected: str):
     out = tmp_path / "run"
     if case != "missing dir":

@@ -12,11 +12,14 @@ import time
 from fcntl import ioctl
 from pathlib import Path
 
-from conftest import PYTHON, REPO, check, cpu_env, metrics, run_cli, tiny_config, write_config
 from launcher.metrics import MetricsLog
 
-LINE = re.compile(r"^step (\d+)/(\d+) \| loss (\S+) \| lr (\S+) \| grad_norm (\S+) \| ([\d,]+) tokens/s"
-                  r"(?: \| mfu ([\d.]+)%)? \| elapsed \d+:\d\d:\d\d, left ~\d+:\d\d:\d\d$")
+from conftest import PYTHON, REPO, check, cpu_env, metrics, run_cli, tiny_config, write_config
+
+LINE = re.compile(
+    r"^step (\d+)/(\d+) \| loss (\S+) \| lr (\S+) \| grad_norm (\S+) \| ([\d,]+) tokens/s"
+    r"(?: \| mfu ([\d.]+)%)? \| elapsed \d+:\d\d:\d\d, left ~\d+:\d\d:\d\d$"
+)
 
 
 class Terminal(io.StringIO):
@@ -25,8 +28,18 @@ class Terminal(io.StringIO):
 
 
 def train_row(step: int, **extra) -> dict:
-    return {"step": step, "epoch": 0, "loss": 2.5, "tokens_per_s": 12345.6, "s_per_step": 0.5, "lr": 3e-4, "grad_norm": 1.25,
-            "skipped_steps": 0, "nonfinite_steps": 0, **extra}
+    return {
+        "step": step,
+        "epoch": 0,
+        "loss": 2.5,
+        "tokens_per_s": 12345.6,
+        "s_per_step": 0.5,
+        "lr": 3e-4,
+        "grad_norm": 1.25,
+        "skipped_steps": 0,
+        "nonfinite_steps": 0,
+        **extra,
+    }
 
 
 def test_lines_without_a_terminal_and_a_bar_on_one(tmp_path: Path):
@@ -41,8 +54,10 @@ def test_lines_without_a_terminal_and_a_bar_on_one(tmp_path: Path):
     log.close()
     assert err.getvalue() == ""
     lines = out.getvalue().splitlines()
-    assert lines[0] == ("step 10/20 | loss 2.5000 | lr 3.000e-04 | grad_norm 1.25 | 12,346 tokens/s | mfu 41.2%"
-                        f" | mem 10.50 GiB (reserved 12.25) | elapsed {lines[0].split('elapsed ')[1]}")
+    assert lines[0] == (
+        "step 10/20 | loss 2.5000 | lr 3.000e-04 | grad_norm 1.25 | 12,346 tokens/s | mfu 41.2%"
+        f" | mem 10.50 GiB (reserved 12.25) | elapsed {lines[0].split('elapsed ')[1]}"
+    )
     assert lines[0].endswith(", left ~0:00:05")  # 10 steps left at 0.5 s/step
     assert lines[1].startswith("step 20/20 | loss 2.5000") and lines[1].endswith(", left ~0:00:00")
     assert lines[2] == "step 20/20 | eval_loss 2.2500 on 2,048 tokens"
@@ -76,8 +91,9 @@ def test_lines_without_a_terminal_and_a_bar_on_one(tmp_path: Path):
 def test_a_launched_run_writes_one_plain_line_per_log_step_to_a_pipe(tmp_path: Path):
     """2 gloo ranks under torchrun, stdout and stderr to pipes as in a SLURM job: no carriage return anywhere,
     one line per metrics row (with mfu from train.peak_tflops), matching metrics.jsonl."""
-    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 6, "log_every": 2, "peak_tflops": 0.01},
-                                                          eval={"every_steps": 3}))
+    config = write_config(
+        tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 6, "log_every": 2, "peak_tflops": 0.01}, eval={"every_steps": 3})
+    )
     proc = check(run_cli("train", str(config), nproc=2))
     assert "\r" not in proc.stdout and "\r" not in proc.stderr
     rows = [r for r in metrics(tmp_path / "out") if "loss" in r]

@@ -12,24 +12,55 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (PYTHON, REPO, check, cpu_env, disk_snapshot, final_weights, free_port, metrics, run_cli, tiny_config,
-                      train_until_rows, write_config)
+from conftest import (
+    PYTHON,
+    REPO,
+    check,
+    cpu_env,
+    disk_snapshot,
+    final_weights,
+    free_port,
+    metrics,
+    run_cli,
+    tiny_config,
+    train_until_rows,
+    write_config,
+)
 
 EXIT_PREEMPTED = 75
 STEPS, ACCUMULATION = 10, 2
 
 
 def resume_config(tmp_path: Path, **train) -> Path:
-    return write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, model={"dropout": 0.1}, freeze=["pos_embed.*"], eval={"every_steps": 4},
-        train={"max_steps": STEPS, "gradient_accumulation_steps": ACCUMULATION, "micro_batch_size": 4, "log_every": 1, **train},
-        checkpoint={"every_steps": 3, "keep_last": 2}))
+    return write_config(
+        tmp_path / "c.yaml",
+        tiny_config(
+            tmp_path,
+            model={"dropout": 0.1},
+            freeze=["pos_embed.*"],
+            eval={"every_steps": 4},
+            train={"max_steps": STEPS, "gradient_accumulation_steps": ACCUMULATION, "micro_batch_size": 4, "log_every": 1, **train},
+            checkpoint={"every_steps": 3, "keep_last": 2},
+        ),
+    )
 
 
 def run_with_signal(config: Path, micro_step: int, nproc: int, *overrides: str, second_signal: bool = False) -> subprocess.CompletedProcess:
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(REPO / "tests" / "workers" / "train_with_signal.py"),
-           str(config), str(micro_step), *overrides]
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "workers" / "train_with_signal.py"),
+        str(config),
+        str(micro_step),
+        *overrides,
+    ]
     env = cpu_env(PYTHONPATH=str(REPO), SECOND_SIGNAL_DURING_SAVE="1" if second_signal else "0")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -121,8 +152,10 @@ def test_a_checkpoint_that_cannot_be_resumed_is_refused_and_kept(tmp_path: Path,
 def test_resume_on_another_world_size_with_the_same_global_batch(tmp_path: Path):
     """2 ranks x 2 micro-steps, stopped after step 3, resumed on 1 rank x 4 micro-steps: the same samples per step,
     so the run ends where the uninterrupted 2-rank run ends (to 1e-5: summation order differs; dropout off)."""
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, train={"max_steps": 6, "gradient_accumulation_steps": 2, "micro_batch_size": 4}, checkpoint={"every_steps": 3}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(tmp_path, train={"max_steps": 6, "gradient_accumulation_steps": 2, "micro_batch_size": 4}, checkpoint={"every_steps": 3}),
+    )
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'straight'}", nproc=2))
     stopped = run_with_signal(config, 5, 2, f"output_dir={tmp_path / 'moved'}")  # the last micro-step of step 3
     assert stopped.returncode != 0 and json.loads((tmp_path / "moved" / "preempted.json").read_text())["step"] == 3

@@ -24,8 +24,9 @@ def one_error_line(proc, code: int = 2) -> str:
 def finished(tmp_path_factory) -> tuple[Path, Path]:
     """A finished 4-step run (constant LR 0.01) with checkpoints at steps 2 and 4 and final weights."""
     tmp_path = tmp_path_factory.mktemp("finished")
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, train={"lr_schedule": "constant", "warmup_steps": 0}, checkpoint={"every_steps": 2}))
+    config = write_config(
+        tmp_path / "c.yaml", tiny_config(tmp_path, train={"lr_schedule": "constant", "warmup_steps": 0}, checkpoint={"every_steps": 2})
+    )
     check(run_cli("train", str(config)))
     return config, tmp_path / "out"
 
@@ -72,8 +73,19 @@ def test_a_changed_config_is_refused_with_every_difference(tmp_path: Path, finis
     config, out = finished
     out = copy_run(out, tmp_path)
     before = disk_snapshot(out)
-    line = one_error_line(run_cli("train", str(config), f"output_dir={out}", "resume=auto", "train.max_steps=6",
-                                  "train.learning_rate=0.005", "seed=2", "data.shuffle=false", "train.log_every=2"))
+    line = one_error_line(
+        run_cli(
+            "train",
+            str(config),
+            f"output_dir={out}",
+            "resume=auto",
+            "train.max_steps=6",
+            "train.learning_rate=0.005",
+            "seed=2",
+            "data.shuffle=false",
+            "train.log_every=2",
+        )
+    )
     assert f"the config differs from checkpoint '{out / 'checkpoints' / 'step-000000004'}'" in line
     for difference in ("train.learning_rate 0.01 -> 0.005", "seed 1 -> 2", "data.shuffle True -> False"):
         assert difference in line, line
@@ -94,8 +106,17 @@ def test_an_allowed_learning_rate_change_is_the_next_steps_learning_rate(tmp_pat
     for lr in (0.01, 0.005):
         copy = tmp_path / f"lr-{lr}"
         shutil.copytree(out, copy)
-        proc = check(run_cli("train", str(config), f"output_dir={copy}", "resume=auto", "train.max_steps=5",
-                             f"train.learning_rate={lr}", "resume_allow_changes=[train.learning_rate]"))
+        proc = check(
+            run_cli(
+                "train",
+                str(config),
+                f"output_dir={copy}",
+                "resume=auto",
+                "train.max_steps=5",
+                f"train.learning_rate={lr}",
+                "resume_allow_changes=[train.learning_rate]",
+            )
+        )
         assert f"resumed from {copy / 'checkpoints' / 'step-000000004'} at step 4" in proc.stdout
         runs[lr] = final_weights(copy)
         assert [r["lr"] for r in metrics(copy) if "loss" in r] == [0.01] * 4 + [lr]
@@ -108,8 +129,7 @@ def test_an_allowed_learning_rate_change_is_the_next_steps_learning_rate(tmp_pat
 
 
 def test_resuming_an_older_checkpoint_starts_a_branch_that_keep_last_never_deletes(tmp_path: Path):
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, train={"max_steps": 6}, checkpoint={"every_steps": 1, "keep_last": 3}))
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 6}, checkpoint={"every_steps": 1, "keep_last": 3}))
     out = tmp_path / "out"
     check(run_cli("train", str(config)))
     root = out / "checkpoints"
@@ -143,8 +163,9 @@ def test_a_torn_metrics_line_is_cut_back_on_resume(tmp_path: Path, finished):
 
 
 def test_a_checkpoint_missing_a_ranks_rng_state_is_refused_and_kept(tmp_path: Path):
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, model={"dropout": 0.1}, checkpoint={"every_steps": 2}, launch={"nproc_per_node": 2}))
+    config = write_config(
+        tmp_path / "c.yaml", tiny_config(tmp_path, model={"dropout": 0.1}, checkpoint={"every_steps": 2}, launch={"nproc_per_node": 2})
+    )
     out = tmp_path / "out"
     check(run_cli("train", str(config)))
     newest = out / "checkpoints" / "step-000000004"

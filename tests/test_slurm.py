@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, PYTHON, cpu_env, disk_snapshot, final_weights, metrics, submit_job, tiny_config, wait_for_rows, write_config
+from conftest import PYTHON, REPO, cpu_env, disk_snapshot, final_weights, metrics, submit_job, tiny_config, wait_for_rows, write_config
 from slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the test SLURM cluster runs its daemons as root")
@@ -35,10 +35,16 @@ def reference(cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     # dropout on, so that a resume must restore every rank's RNG; no periodic checkpoint before the end: the one
     # resumed is the stop's; the model takes SLOW_SAVE_S more seconds to save once signalled (only where set)
-    config = write_config(tmp / "c.yaml", tiny_config(
-        tmp, model={"factory": "factories:slow_stop_save_gpt", "factory_kwargs": {"n_layer": 2, "n_head": 2, "d_model": 32, "dropout": 0.1}},
-        eval={"every_steps": 10}, train={"max_steps": STEPS, "micro_batch_size": 4, "gradient_accumulation_steps": 2, "log_every": 1},
-        checkpoint={"every_steps": 50}))
+    config = write_config(
+        tmp / "c.yaml",
+        tiny_config(
+            tmp,
+            model={"factory": "factories:slow_stop_save_gpt", "factory_kwargs": {"n_layer": 2, "n_head": 2, "d_model": 32, "dropout": 0.1}},
+            eval={"every_steps": 10},
+            train={"max_steps": STEPS, "micro_batch_size": 4, "gradient_accumulation_steps": 2, "log_every": 1},
+            checkpoint={"every_steps": 50},
+        ),
+    )
     job = submit_job(cluster, tmp, config, tmp / "straight")
     assert cluster.wait(job, 400) == "COMPLETED", log_of(tmp, job)[-3000:]
     return tmp, config, tmp / "straight"
@@ -69,11 +75,20 @@ def test_requeue_signal_checkpoints_requeues_from_the_batch_shell_and_resumes(cl
     script takes it off PATH), the restart resumes with --overwrite still in its arguments and deletes nothing."""
     _, config, straight = reference
     setup = tmp_path / "setup.sh"
-    setup.write_text('mkdir -p "$TMPDIR_NO_SCONTROL"; export PATH="$TMPDIR_NO_SCONTROL"\n'
-                     'command -v scontrol >/dev/null && echo "setup: scontrol found" || echo "setup on $(hostname): no scontrol"\n')
+    setup.write_text(
+        'mkdir -p "$TMPDIR_NO_SCONTROL"; export PATH="$TMPDIR_NO_SCONTROL"\n'
+        'command -v scontrol >/dev/null && echo "setup: scontrol found" || echo "setup on $(hostname): no scontrol"\n'
+    )
     out = tmp_path / "run"
-    job = submit_job(cluster, tmp_path, config, out, "--overwrite", sbatch_args=("--cpus-per-task=2",),
-                     env={"SETUP": str(setup), "TMPDIR_NO_SCONTROL": str(tmp_path / "empty-bin"), "SLOW_FORWARD_S": "0.1"})
+    job = submit_job(
+        cluster,
+        tmp_path,
+        config,
+        out,
+        "--overwrite",
+        sbatch_args=("--cpus-per-task=2",),
+        env={"SETUP": str(setup), "TMPDIR_NO_SCONTROL": str(tmp_path / "empty-bin"), "SLOW_FORWARD_S": "0.1"},
+    )
     wait_for_steps(cluster, job, out, 5)
     subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster.env, check=True)
     state = cluster.wait(job, 400)
@@ -103,8 +118,9 @@ def test_real_preemption_with_a_slow_save(cluster, reference, tmp_path: Path):
     out = tmp_path / "run"
     job = submit_job(cluster, tmp_path, config, out, sbatch_args=("--cpus-per-task=1",), env={"SLOW_SAVE_S": "35", "SLOW_FORWARD_S": "0.3"})
     wait_for_steps(cluster, job, out, 5)
-    high = cluster.sbatch("--partition=high", "--cpus-per-task=2", f"--output={tmp_path}/high-%j.out", "--wrap", "sleep 5",
-                          cwd=tmp_path, env=cpu_env())
+    high = cluster.sbatch(
+        "--partition=high", "--cpus-per-task=2", f"--output={tmp_path}/high-%j.out", "--wrap", "sleep 5", cwd=tmp_path, env=cpu_env()
+    )
     state = cluster.wait(job, 600)
     log = log_of(tmp_path, job)
     assert state == "COMPLETED", log[-4000:]
@@ -146,9 +162,17 @@ def test_job_array_of_one_process_jobs_writes_one_folder_per_task(cluster, tmp_p
     """slurm/debug.sbatch (one process) as a 2-task array into output_dir=runs/{array_task_id}; 2 CPUs per task
     give the one process 2 threads."""
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 3}))
-    job = cluster.sbatch("--array=0-1", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%A_%a.out", f"--chdir={REPO}",
-                         str(REPO / "slurm" / "debug.sbatch"), str(config), f"output_dir={tmp_path}/runs/{{array_task_id}}",
-                         cwd=tmp_path, env=cpu_env(PYTHON=PYTHON))
+    job = cluster.sbatch(
+        "--array=0-1",
+        "--cpus-per-task=2",
+        f"--output={tmp_path}/slurm-%A_%a.out",
+        f"--chdir={REPO}",
+        str(REPO / "slurm" / "debug.sbatch"),
+        str(config),
+        f"output_dir={tmp_path}/runs/{{array_task_id}}",
+        cwd=tmp_path,
+        env=cpu_env(PYTHON=PYTHON),
+    )
     deadline = time.monotonic() + 400
     while subprocess.run(["squeue", "-h", "-j", str(job)], env=cluster.env, capture_output=True, text=True).stdout.strip():
         assert time.monotonic() < deadline
@@ -165,8 +189,10 @@ def test_job_array_of_one_process_jobs_writes_one_folder_per_task(cluster, tmp_p
 
 def test_deepspeed_through_the_same_script(cluster, tmp_path: Path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, train={"max_steps": 3, "micro_batch_size": 4}, deepspeed=str(REPO / "configs" / "deepspeed" / "zero2.json")))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(tmp_path, train={"max_steps": 3, "micro_batch_size": 4}, deepspeed=str(REPO / "configs" / "deepspeed" / "zero2.json")),
+    )
     job = submit_job(cluster, tmp_path, config, tmp_path / "out")
     state = cluster.wait(job, 300)
     log = log_of(tmp_path, job)

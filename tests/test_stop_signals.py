@@ -5,17 +5,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, check, cpu_env, free_port, run_cli, tiny_config, write_config
 from launcher.config import load_config
 from launcher.distributed import default_checkpoint_minutes, default_resume, report_stop
 from launcher.errors import UsageError
 from launcher.preemption import PreemptionFlag
+
+from conftest import PYTHON, REPO, check, cpu_env, free_port, run_cli, tiny_config, write_config
 
 
 def test_placeholders_fill_from_the_slurm_job(tmp_path: Path, monkeypatch):
@@ -29,8 +29,10 @@ def test_placeholders_fill_from_the_slurm_job(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     with pytest.raises(UsageError) as err:
         load_config(config, ["output_dir=runs/{array_task_id}"], job_values=True)
-    assert err.value.lines == ["'runs/{array_task_id}': {array_task_id} is filled only inside a SLURM job array (sbatch --array)"
-                               " (SLURM_ARRAY_TASK_ID is not set); give a plain value"]
+    assert err.value.lines == [
+        "'runs/{array_task_id}': {array_task_id} is filled only inside a SLURM job array (sbatch --array)"
+        " (SLURM_ARRAY_TASK_ID is not set); give a plain value"
+    ]
 
 
 def test_only_a_restarted_job_resumes_implicitly(monkeypatch):
@@ -74,8 +76,10 @@ def test_requeue_without_scontrol_warns_in_one_line(tmp_path: Path, monkeypatch,
     monkeypatch.delenv("LAUNCHER_STOP_FILE", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol, as in a container
     report_stop(tmp_path, 5, requeue=True)
-    assert capsys.readouterr().err == ("launcher: warning: no scontrol here (a container?): job 41 is not requeued;"
-                                       " submit through slurm/train.sbatch, which requeues from the batch shell\n")
+    assert capsys.readouterr().err == (
+        "launcher: warning: no scontrol here (a container?): job 41 is not requeued;"
+        " submit through slurm/train.sbatch, which requeues from the batch shell\n"
+    )
     monkeypatch.setenv("LAUNCHER_STOP_FILE", str(tmp_path / "stop"))
     report_stop(tmp_path, 5, requeue=False)
     assert json.loads((tmp_path / "stop").read_text()) == {"job": "41", "step": 5, "requeue": False, "output_dir": str(tmp_path)}
@@ -93,15 +97,37 @@ def test_a_hung_rank_ends_the_run_after_the_timeout(tmp_path: Path):
     """Rank 1 hangs for 30 minutes in its third forward; with distributed.timeout_s=8 (default 600), rank 0's collective
     fails after 8 s and the run ends within a few minutes even on a loaded machine. Every rank's output is also in
     output_dir/logs/rank-N.log."""
-    config = write_config(tmp_path / "c.yaml", tiny_config(
-        tmp_path, distributed={"timeout_s": 8}, train={"max_steps": 6},
-        model={"factory": "factories:hanging_gpt", "factory_kwargs": {"rank": 1, "forward": 3, "seconds": 1800,
-                                                                       "n_layer": 2, "n_head": 2, "d_model": 32}}))
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(free_port()), "-m", "launcher", "train", str(config)]
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_config(
+            tmp_path,
+            distributed={"timeout_s": 8},
+            train={"max_steps": 6},
+            model={
+                "factory": "factories:hanging_gpt",
+                "factory_kwargs": {"rank": 1, "forward": 3, "seconds": 1800, "n_layer": 2, "n_head": 2, "d_model": 32},
+            },
+        ),
+    )
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "launcher",
+        "train",
+        str(config),
+    ]
     started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO / "tests"), TORCH_ELASTIC_SHUTDOWN_TIMEOUT="2"),
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO / "tests"), TORCH_ELASTIC_SHUTDOWN_TIMEOUT="2"), capture_output=True, text=True, timeout=400
+    )
     ended_s = time.monotonic() - started
     assert proc.returncode != 0 and ended_s < 240, (ended_s, proc.stderr[-3000:])
     assert "Timed out" in proc.stderr or "timed out" in proc.stderr, proc.stderr[-3000:]

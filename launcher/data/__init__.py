@@ -20,14 +20,39 @@ from launcher.data.store import IGNORE_INDEX, Batch, EvalData, RowStore, TrainDa
 from launcher.errors import UsageError
 from launcher.tokenizer import ByteTokenizer, HFTokenizer
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "IGNORE_INDEX", "Batch", "ByteTokenizer", "EvalData", "HFTokenizer", "RowStore", "TrainData",
-           "Window", "builtin_corpus_file", "cache_root", "check_text_column", "first_bad_json_row", "load_documents", "prepare_splits",
-           "rows_to_batch", "sample_lengths", "split_documents", "target_counts", "tokenize_into_blocks"]
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "IGNORE_INDEX",
+    "Batch",
+    "ByteTokenizer",
+    "EvalData",
+    "HFTokenizer",
+    "RowStore",
+    "TrainData",
+    "Window",
+    "builtin_corpus_file",
+    "cache_root",
+    "check_text_column",
+    "first_bad_json_row",
+    "load_documents",
+    "prepare_splits",
+    "rows_to_batch",
+    "sample_lengths",
+    "split_documents",
+    "target_counts",
+    "tokenize_into_blocks",
+]
 
 
-def tokenize_into_blocks(docs: datasets.Dataset, seq_len: int, pack: bool, tokenizer: ByteTokenizer | HFTokenizer | None = None,
-                         cfg: DataConfig | None = None, what: str = "data", report: Callable[[str], None] | None = None
-                         ) -> datasets.Dataset:
+def tokenize_into_blocks(
+    docs: datasets.Dataset,
+    seq_len: int,
+    pack: bool,
+    tokenizer: ByteTokenizer | HFTokenizer | None = None,
+    cfg: DataConfig | None = None,
+    what: str = "data",
+    report: Callable[[str], None] | None = None,
+) -> datasets.Dataset:
     """Rows of `seq_len + 1` token ids with their `length`, `n_targets` (and `kinds`, for masked formats)."""
     tokenizer = tokenizer or ByteTokenizer()
     cfg = cfg or DataConfig(seq_len=seq_len, pack=pack)
@@ -37,16 +62,19 @@ def tokenize_into_blocks(docs: datasets.Dataset, seq_len: int, pack: bool, token
     if cfg.format != "text":
         counts = count_samples(samples, seq_len + 1, cfg.too_long)
         if counts.samples and counts.samples == counts.dropped_too_long + counts.dropped_no_target:
-            raise UsageError(f"data.too_long: every one of the {counts.samples} {what} samples is dropped ({counts.dropped_too_long}"
-                             f" longer than seq_len + 1 = {seq_len + 1} tokens, {counts.dropped_no_target} with no target token"
-                             " within them); raise data.seq_len, or use data.too_long: truncate")
+            raise UsageError(
+                f"data.too_long: every one of the {counts.samples} {what} samples is dropped ({counts.dropped_too_long}"
+                f" longer than seq_len + 1 = {seq_len + 1} tokens, {counts.dropped_no_target} with no target token"
+                " within them); raise data.seq_len, or use data.too_long: truncate"
+            )
         if report is not None and (line := counts.describe(what)):
             report(line)
     return layout_rows(samples, seq_len, pack, cfg.too_long, tokenizer.pad_id, cache_dir)
 
 
-def prepare_splits(cfg: DataConfig, seed: int, tokenizer: ByteTokenizer | HFTokenizer | None = None,
-                   report: Callable[[str], None] | None = None) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def prepare_splits(
+    cfg: DataConfig, seed: int, tokenizer: ByteTokenizer | HFTokenizer | None = None, report: Callable[[str], None] | None = None
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Tokenized training and evaluation rows: the evaluation set is data.eval_path / data.eval_split when given, else
     the held-out fraction of the training documents (None when data.eval_fraction is 0)."""
     datasets.disable_progress_bars()

@@ -48,8 +48,10 @@ def chat_template(cfg: DataConfig, tokenizer) -> str:
         return tokenizer.chat_template
     if getattr(tokenizer, "tokenizer", None) is None:  # the byte-level tokenizer has no template of its own
         return DEFAULT_CHAT_TEMPLATE
-    raise UsageError(f"data.chat_template: tokenizer '{tokenizer.source}' has no chat template; set data.chat_template to a"
-                     " Jinja file (the template the model will be prompted with), or to 'default' for the launcher's")
+    raise UsageError(
+        f"data.chat_template: tokenizer '{tokenizer.source}' has no chat template; set data.chat_template to a"
+        " Jinja file (the template the model will be prompted with), or to 'default' for the launcher's"
+    )
 
 
 def compile_template(template: str):
@@ -126,9 +128,11 @@ class Encoder:
                 continue
             before, through = text(i, True), text(i + 1, False)
             if not (through.startswith(before) and full.startswith(through)):
-                raise UsageError("data.chat_template: the template does not render a conversation as the growing text of its turns"
-                                 " (the text before an assistant turn is not a prefix of the text through it), so assistant turns"
-                                 " cannot be found; use a template that renders turns in order, or data.train_on: all")
+                raise UsageError(
+                    "data.chat_template: the template does not render a conversation as the growing text of its turns"
+                    " (the text before an assistant turn is not a prefix of the text through it), so assistant turns"
+                    " cannot be found; use a template that renders turns in order, or data.train_on: all"
+                )
             spans.append((len(before), len(through)))
         return full, spans
 

@@ -70,9 +70,16 @@ def tokenize_samples(docs: datasets.Dataset, encoder: Encoder, num_proc: int | N
     fingerprint = Hasher.hash((docs._fingerprint, encoder.identity, LAYOUT_VERSION))
     procs = min(num_proc or default_num_proc(len(docs)), max(1, len(docs)))
     try:
-        return docs.map(encoder, batched=True, batch_size=GROUP, remove_columns=docs.column_names, features=datasets.Features(features),
-                        new_fingerprint=fingerprint, num_proc=procs if procs > 1 else None,
-                        cache_file_name=cache_file(docs, cache_dir, fingerprint))
+        return docs.map(
+            encoder,
+            batched=True,
+            batch_size=GROUP,
+            remove_columns=docs.column_names,
+            features=datasets.Features(features),
+            new_fingerprint=fingerprint,
+            num_proc=procs if procs > 1 else None,
+            cache_file_name=cache_file(docs, cache_dir, fingerprint),
+        )
     except UsageError:
         raise
     except Exception as err:  # a UsageError raised in a worker process comes back wrapped
@@ -105,13 +112,15 @@ def count_samples(samples: datasets.Dataset, width: int, too_long: str) -> Sampl
     return counts
 
 
-def layout_rows(samples: datasets.Dataset, seq_len: int, pack: bool, too_long: str, pad_id: int, cache_dir: Path | None
-                ) -> datasets.Dataset:
+def layout_rows(samples: datasets.Dataset, seq_len: int, pack: bool, too_long: str, pad_id: int, cache_dir: Path | None) -> datasets.Dataset:
     """Stage 2: rows of `seq_len + 1` ids; rows with no target are dropped."""
     width = seq_len + 1
     masked = "kinds" in samples.column_names
-    features = {"input_ids": datasets.Sequence(datasets.Value("int32"), length=width), "length": datasets.Value("int32"),
-                "n_targets": datasets.Value("int32")}
+    features = {
+        "input_ids": datasets.Sequence(datasets.Value("int32"), length=width),
+        "length": datasets.Value("int32"),
+        "n_targets": datasets.Value("int32"),
+    }
     if masked:
         features["kinds"] = datasets.Sequence(datasets.Value("uint8"), length=width)
     fingerprint = Hasher.hash((samples._fingerprint, width, pack, too_long if masked else None, pad_id, LAYOUT_VERSION))
@@ -125,9 +134,19 @@ def layout_rows(samples: datasets.Dataset, seq_len: int, pack: bool, too_long: s
         rows = masked_rows(pieces, width, pack, too_long) if masked else text_rows(pieces, width, pack)
         return to_table(rows, width, pad_id, masked)
 
-    return samples.with_format("arrow").map(
-        rows_of_group, batched=True, batch_size=GROUP, remove_columns=samples.column_names, features=datasets.Features(features),
-        new_fingerprint=fingerprint, cache_file_name=cache_file(samples, cache_dir, fingerprint)).with_format("numpy")
+    return (
+        samples.with_format("arrow")
+        .map(
+            rows_of_group,
+            batched=True,
+            batch_size=GROUP,
+            remove_columns=samples.column_names,
+            features=datasets.Features(features),
+            new_fingerprint=fingerprint,
+            cache_file_name=cache_file(samples, cache_dir, fingerprint),
+        )
+        .with_format("numpy")
+    )
 
 
 def text_rows(pieces: list, width: int, pack: bool) -> list[tuple[np.ndarray, None]]:
@@ -180,4 +199,3 @@ def to_table(rows: list, width: int, pad_id: int, masked: bool) -> pa.Table:
     else:
         columns["n_targets"] = pa.array(np.maximum(lengths - 1, 0).astype(np.int32))
     return pa.table(columns)
-

@@ -71,8 +71,10 @@ def load_documents(cfg: DataConfig, evaluation: bool = False) -> datasets.Datase
     for canonical, field_key in FORMAT_FIELDS[cfg.format].items():
         field = "text" if files and files[0].suffix == ".txt" and canonical == "text" else getattr(cfg, field_key)
         if field not in docs.column_names:
-            raise UsageError(f"data.{field_key}: '{where}' has no column '{field}' (columns: {', '.join(docs.column_names)});"
-                             f" set data.{field_key} to the column that holds it")
+            raise UsageError(
+                f"data.{field_key}: '{where}' has no column '{field}' (columns: {', '.join(docs.column_names)});"
+                f" set data.{field_key} to the column that holds it"
+            )
         if canonical == "messages":
             check_messages(docs, field, key, where)
         else:
@@ -87,8 +89,10 @@ def load_named(cfg: DataConfig, split: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(cfg.name, cfg.config, split=split, cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None)
     except Exception as err:  # the datasets library raises many types for a name it cannot resolve
-        raise UsageError(f"data.name: cannot load '{cfg.name}'{f' ({cfg.config})' if cfg.config else ''} split '{split}'"
-                         f" ({type(err).__name__}: {first_line(err)}); check the name, data.config and data.split") from None
+        raise UsageError(
+            f"data.name: cannot load '{cfg.name}'{f' ({cfg.config})' if cfg.config else ''} split '{split}'"
+            f" ({type(err).__name__}: {first_line(err)}); check the name, data.config and data.split"
+        ) from None
 
 
 def first_line(err: Exception) -> str:
@@ -102,8 +106,10 @@ def load_path(path: Path, key: str, split: tuple[str, str], cfg: DataConfig) -> 
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         return load_saved(path, key, split), []
     if split[0] == "data.eval_split":  # the training files themselves would be evaluated
-        raise UsageError(f"data.eval_split: '{path}' has no splits (only data.name and a DatasetDict save_to_disk folder have);"
-                         " give the evaluation data as data.eval_path")
+        raise UsageError(
+            f"data.eval_split: '{path}' has no splits (only data.name and a DatasetDict save_to_disk folder have);"
+            " give the evaluation data as data.eval_path"
+        )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
     elif path.is_file():
@@ -120,8 +126,9 @@ def load_path(path: Path, key: str, split: tuple[str, str], cfg: DataConfig) -> 
     builder = BUILDERS[suffixes[0]]
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
-        docs = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                     cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None, **kwargs)
+        docs = datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None, **kwargs
+        )
     except Exception as err:  # the datasets library raises many types for an unreadable file
         for file in files:
             if bad := first_bad_bytes(file) or (file.suffix == ".jsonl" and first_bad_json_row(file, None)):
@@ -136,8 +143,9 @@ def load_saved(path: Path, key: str, split: tuple[str, str]) -> datasets.Dataset
     try:
         saved = datasets.load_from_disk(str(path))
     except Exception as err:
-        raise UsageError(f"{key}: cannot read the save_to_disk folder '{path}' ({type(err).__name__}: {first_line(err)});"
-                         " write it again with save_to_disk") from None
+        raise UsageError(
+            f"{key}: cannot read the save_to_disk folder '{path}' ({type(err).__name__}: {first_line(err)}); write it again with save_to_disk"
+        ) from None
     if isinstance(saved, datasets.DatasetDict):
         if split not in saved:
             raise UsageError(f"{which}: '{path}' has no split '{split}' (splits: {', '.join(saved)}); set {which} to one of them")
@@ -169,14 +177,17 @@ def first_bad_bytes(file: Path) -> str | None:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
                 line += chunk[: err.start].count(b"\n")
-                return (f"is not UTF-8: byte 0x{chunk[err.start]:02x} at line {line} (byte offset {offset + err.start});"
-                        " convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+                return (
+                    f"is not UTF-8: byte 0x{chunk[err.start]:02x} at line {line} (byte offset {offset + err.start});"
+                    " convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                )
             line, offset = line + chunk.count(b"\n"), offset + len(chunk)
     return None
 
 
-def check_text_column(docs: datasets.Dataset, field: str, key: str = "data.path", where: str = "", files: list[Path] = (),
-                      field_key: str = "text_field") -> None:
+def check_text_column(
+    docs: datasets.Dataset, field: str, key: str = "data.path", where: str = "", files: list[Path] = (), field_key: str = "text_field"
+) -> None:
     """Every row's `field` is a string: name the first row that is null, missing or of another type."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -193,8 +204,7 @@ def check_text_column(docs: datasets.Dataset, field: str, key: str = "data.path"
         if column.null_count == 0:
             return
         row = pc.index(pc.is_null(column), True).as_py()
-        raise UsageError(f"{key}: row {row + 1} of '{where}' has no '{field}' (null or missing); give every row a {field}"
-                         " or remove that row")
+        raise UsageError(f"{key}: row {row + 1} of '{where}' has no '{field}' (null or missing); give every row a {field} or remove that row")
     for file in files:  # the file says what a mixed column became
         if file.suffix == ".jsonl" and (bad := first_bad_json_row(file, field, field_key)):
             raise UsageError(f"{key}: '{file}' {bad}")
@@ -203,31 +213,30 @@ def check_text_column(docs: datasets.Dataset, field: str, key: str = "data.path"
     if row is None:
         return
     if value is None:
-        raise UsageError(f"{key}: row {row + 1} of '{where}' has no '{field}' (null or missing); give every row a {field}"
-                         " or remove that row")
+        raise UsageError(f"{key}: row {row + 1} of '{where}' has no '{field}' (null or missing); give every row a {field} or remove that row")
     got = f"{type(value).__name__} {json.dumps(value, default=str)[:40]}"
-    raise UsageError(f"{key}: row {row + 1} of '{where}': '{field}' is {got}, not text; make it a string"
-                     f" (or set data.{field_key} to the column that holds it)")
+    raise UsageError(
+        f"{key}: row {row + 1} of '{where}': '{field}' is {got}, not text; make it a string (or set data.{field_key} to the column that holds it)"
+    )
 
 
 def check_messages(docs: datasets.Dataset, field: str, key: str, where: str) -> None:
     """Format chat: every row is a list of {role, content} strings with a known role and at least one assistant turn."""
     for row, messages in enumerate(docs[field], 1):
         if not isinstance(messages, list) or not messages:
-            raise UsageError(f"{key}: row {row} of '{where}': '{field}' is {'null' if messages is None else 'not a list of messages'};"
-                             " give every row a list of {role, content} messages")
+            raise UsageError(
+                f"{key}: row {row} of '{where}': '{field}' is {'null' if messages is None else 'not a list of messages'};"
+                " give every row a list of {role, content} messages"
+            )
         for number, message in enumerate(messages, 1):
             role = message.get("role") if isinstance(message, dict) else None
             content = message.get("content") if isinstance(message, dict) else None
             if not isinstance(role, str) or not isinstance(content, str):
-                raise UsageError(f"{key}: row {row} of '{where}': message {number} needs a string 'role' and 'content';"
-                                 " fix that message")
+                raise UsageError(f"{key}: row {row} of '{where}': message {number} needs a string 'role' and 'content'; fix that message")
             if role not in CHAT_ROLES:
-                raise UsageError(f"{key}: row {row} of '{where}': message {number} has the unknown role '{role}'; use one of"
-                                 f" {', '.join(CHAT_ROLES)}")
+                raise UsageError(f"{key}: row {row} of '{where}': message {number} has the unknown role '{role}'; use one of {', '.join(CHAT_ROLES)}")
         if not any(m["role"] == "assistant" for m in messages):
-            raise UsageError(f"{key}: row {row} of '{where}' has no assistant turn, so nothing in it would be trained on;"
-                             " add one or remove the row")
+            raise UsageError(f"{key}: row {row} of '{where}' has no assistant turn, so nothing in it would be trained on; add one or remove the row")
 
 
 def first_bad_json_row(path: Path, field: str | None, field_key: str = "text_field") -> str | None:
@@ -243,7 +252,7 @@ def first_bad_json_row(path: Path, field: str | None, field_key: str = "text_fie
                 except json.JSONDecodeError as err:
                     return f"line {number} is not valid JSON ({err.msg}); fix that line"
                 if not isinstance(row, dict):
-                    return f"line {number} is not a JSON object; make every line an object such as {{\"text\": ...}}"
+                    return f'line {number} is not a JSON object; make every line an object such as {{"text": ...}}'
                 if field is None:
                     continue
                 value = row.get(field)

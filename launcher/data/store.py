@@ -110,8 +110,17 @@ class RowStore:
 class TrainData:
     """This rank's micro-batches for any optimizer step, computed from the step alone (O(1) to seek)."""
 
-    def __init__(self, blocks: datasets.Dataset, plan: BatchPlan, process_index: int, seed: int, shuffle: bool, pin: bool,
-                 overfit_batches: int | None = None, pad_id: int = 0):
+    def __init__(
+        self,
+        blocks: datasets.Dataset,
+        plan: BatchPlan,
+        process_index: int,
+        seed: int,
+        shuffle: bool,
+        pin: bool,
+        overfit_batches: int | None = None,
+        pad_id: int = 0,
+    ):
         self.store, self.plan, self.seed, self.shuffle, self.pin = RowStore(blocks, pad_id), plan, seed, shuffle, pin
         # the ranks this process plays: its own, or all of them one after the other when simulating
         self.ranks = range(process_index * plan.ranks_per_process, (process_index + 1) * plan.ranks_per_process)
@@ -143,8 +152,9 @@ class TrainData:
 class EvalData:
     """The held-out samples sharded over ranks without duplicates; every rank runs the same number of batches."""
 
-    def __init__(self, blocks: datasets.Dataset, rank: int, world_size: int, micro_batch_size: int, max_samples: int | None, pin: bool,
-                 pad_id: int = 0):
+    def __init__(
+        self, blocks: datasets.Dataset, rank: int, world_size: int, micro_batch_size: int, max_samples: int | None, pin: bool, pad_id: int = 0
+    ):
         n = min(len(blocks), max_samples or len(blocks))
         self.store, self.micro_batch_size, self.pin = RowStore(blocks, pad_id), micro_batch_size, pin
         self.target_tokens = int(self.store.target_counts[:n].sum())  # all ranks: the loss denominator

@@ -23,8 +23,7 @@ from launcher.models.gpt import GPT
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, weights: bool = True,
-                search_dirs: tuple[Path, ...] = ()) -> nn.Module:
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, weights: bool = True, search_dirs: tuple[Path, ...] = ()) -> nn.Module:
     """The configured model on the current default device. `weights=False` (on the meta device, for names and
     shapes) builds a pretrained model from its config alone; `search_dirs` are where a factory's module may live."""
     if cfg.is_hf:
@@ -74,8 +73,10 @@ def build_factory_model(cfg: ModelConfig, vocab_size: int, seq_len: int, search_
         except ModuleNotFoundError as err:
             if err.name is not None and module_name.startswith(err.name):
                 where = ", ".join(str(d) for d in search_dirs) or "the working directory"
-                raise UsageError(f"model.factory: no module '{module_name}' (looked in {where} and on PYTHONPATH); put {module_name}.py"
-                                 " beside the config file or in the working directory") from None
+                raise UsageError(
+                    f"model.factory: no module '{module_name}' (looked in {where} and on PYTHONPATH); put {module_name}.py"
+                    " beside the config file or in the working directory"
+                ) from None
             raise UsageError(f"model.factory: importing '{module_name}' failed: {_where(err)}; fix the module") from None
         except Exception as err:  # the user's module raised while importing
             raise UsageError(f"model.factory: importing '{module_name}' failed: {_where(err)}; fix the module") from None
@@ -85,8 +86,10 @@ def build_factory_model(cfg: ModelConfig, vocab_size: int, seq_len: int, search_
     try:
         model = factory(vocab_size=vocab_size, seq_len=seq_len, **cfg.factory_kwargs)
     except TypeError as err:
-        raise UsageError(f"model.factory: calling '{cfg.factory}' failed: {_where(err)}; it is called as"
-                         f" {attr}(vocab_size=..., seq_len=..., **model.factory_kwargs)") from None
+        raise UsageError(
+            f"model.factory: calling '{cfg.factory}' failed: {_where(err)}; it is called as"
+            f" {attr}(vocab_size=..., seq_len=..., **model.factory_kwargs)"
+        ) from None
     except Exception as err:
         raise UsageError(f"model.factory: '{cfg.factory}' raised {_where(err)}; fix the factory") from None
     if not isinstance(model, nn.Module):
@@ -112,21 +115,29 @@ def check_model_output(model: nn.Module, cfg: ModelConfig, vocab_size: int, seq_
         with torch.no_grad():
             output = model(torch.zeros(1, n, dtype=torch.long))
     except Exception as err:
-        raise UsageError(f"model.factory: the model's forward failed on a batch of input_ids [1, {n}]: {_where(err)};"
-                         " its forward must take input_ids [batch, seq]") from None
+        raise UsageError(
+            f"model.factory: the model's forward failed on a batch of input_ids [1, {n}]: {_where(err)}; its forward must take input_ids [batch, seq]"
+        ) from None
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
     if not isinstance(logits, torch.Tensor):
-        raise UsageError(f"model.factory: the model returned {type(output).__name__}; return logits [batch, seq, vocab]"
-                         " (a tensor) or an object with .logits")
+        raise UsageError(
+            f"model.factory: the model returned {type(output).__name__}; return logits [batch, seq, vocab] (a tensor) or an object with .logits"
+        )
     if logits.dim() != 3 or tuple(logits.shape[:2]) != (1, n) or logits.shape[2] < vocab_size:
-        raise UsageError(f"model.factory: the model returned logits of shape {list(logits.shape)} for input_ids [1, {n}];"
-                         f" expected [1, {n}, {vocab_size}] (batch, seq, the tokenizer's vocabulary)")
+        raise UsageError(
+            f"model.factory: the model returned logits of shape {list(logits.shape)} for input_ids [1, {n}];"
+            f" expected [1, {n}, {vocab_size}] (batch, seq, the tokenizer's vocabulary)"
+        )
 
 
 def describe_model(model: nn.Module, cfg) -> str:
     """The run header's model line: what was built, its size, and in which precision its weights train."""
-    source = {"pretrained": f"pretrained '{cfg.model.pretrained}'", "hf_config": "a Hugging Face config (from scratch)",
-              "factory": f"model.factory '{cfg.model.factory}'", "builtin": "the built-in GPT"}[cfg.model.source]
+    source = {
+        "pretrained": f"pretrained '{cfg.model.pretrained}'",
+        "hf_config": "a Hugging Face config (from scratch)",
+        "factory": f"model.factory '{cfg.model.factory}'",
+        "builtin": "the built-in GPT",
+    }[cfg.model.source]
     arch = getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__]
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -137,8 +148,7 @@ def describe_model(model: nn.Module, cfg) -> str:
         weights = f"weights {cfg.model.dtype}: pure 16-bit training (model.dtype), no fp32 master copy"
     extras = [f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}"] if cfg.lora is not None else []
     extras += ["gradient checkpointing"] if cfg.model.gradient_checkpointing else []
-    return (f"model: {source} ({arch[0]}), {total:,} parameters ({trainable:,} trainable); {weights}"
-            + "".join(f"; {e}" for e in extras))
+    return f"model: {source} ({arch[0]}), {total:,} parameters ({trainable:,} trainable); {weights}" + "".join(f"; {e}" for e in extras)
 
 
 def logits_of(output) -> torch.Tensor:

@@ -38,8 +38,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """A small pre-norm decoder with learned positions. It has no buffers, so DDP broadcasts nothing per forward."""
 
-    def __init__(self, vocab_size: int, seq_len: int, n_layer: int, n_head: int, d_model: int, dropout: float = 0.0,
-                 gradient_checkpointing: bool = False):
+    def __init__(
+        self, vocab_size: int, seq_len: int, n_layer: int, n_head: int, d_model: int, dropout: float = 0.0, gradient_checkpointing: bool = False
+    ):
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
         self.tok_embed = nn.Embedding(vocab_size, d_model)

@@ -49,8 +49,7 @@ def hf_model_config(cfg: ModelConfig):
     try:
         return transformers.AutoConfig.from_pretrained(source)
     except Exception as err:  # OSError (no folder, offline hub), ValueError (unknown model_type), ...
-        raise UsageError(f"{key}: cannot read the model config of '{source}' ({_reason(err)}); point it at a Hugging Face"
-                         " model folder") from None
+        raise UsageError(f"{key}: cannot read the model config of '{source}' ({_reason(err)}); point it at a Hugging Face model folder") from None
 
 
 def build_hf_model(cfg: ModelConfig, seq_len: int, weights: bool, vocab_size: int | None = None) -> nn.Module:
@@ -64,8 +63,10 @@ def build_hf_model(cfg: ModelConfig, seq_len: int, weights: bool, vocab_size: in
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
         key = "model.pretrained" if cfg.pretrained is not None else "model.hf_config"
-        raise UsageError(f"data.seq_len: {seq_len} is longer than the model's context ({key}: max_position_embeddings"
-                         f" {positions}); set data.seq_len to {positions} or less")
+        raise UsageError(
+            f"data.seq_len: {seq_len} is longer than the model's context ({key}: max_position_embeddings"
+            f" {positions}); set data.seq_len to {positions} or less"
+        )
     if vocab_size is not None and cfg.pretrained is None and isinstance(cfg.hf_config, dict) and "vocab_size" not in cfg.hf_config:
         config.vocab_size = vocab_size  # an inline architecture takes the tokenizer's size unless it names one
     try:
@@ -77,8 +78,9 @@ def build_hf_model(cfg: ModelConfig, seq_len: int, weights: bool, vocab_size: in
         raise
     except Exception as err:
         source = cfg.pretrained or cfg.hf_config
-        raise UsageError(f"model: cannot build a causal LM from '{source}' ({_reason(err)}); it must be an"
-                         " AutoModelForCausalLM architecture") from None
+        raise UsageError(
+            f"model: cannot build a causal LM from '{source}' ({_reason(err)}); it must be an AutoModelForCausalLM architecture"
+        ) from None
     model.config.use_cache = False  # training never reuses past keys/values; saves memory and a warning
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA, frozen embeddings) and keeps dropout's RNG
@@ -98,8 +100,10 @@ def fit_embeddings(model: nn.Module, vocab_size: int, cfg: Config) -> None:
         return
     key = "model.pretrained" if cfg.model.pretrained is not None else "model.hf_config"
     if not cfg.model.resize_embeddings or not hasattr(model, "resize_token_embeddings"):
-        raise UsageError(f"tokenizer: '{cfg.tokenizer or cfg.model.pretrained}' has {vocab_size} ids but {key}'s embedding has"
-                         f" {rows} rows; use the model's own tokenizer, or set model.resize_embeddings: true to add rows")
+        raise UsageError(
+            f"tokenizer: '{cfg.tokenizer or cfg.model.pretrained}' has {vocab_size} ids but {key}'s embedding has"
+            f" {rows} rows; use the model's own tokenizer, or set model.resize_embeddings: true to add rows"
+        )
     # new rows start at the mean of the old ones (transformers' mean_resizing), so new tokens begin as an average token
     model.resize_token_embeddings(vocab_size, mean_resizing=not _on_meta(model))
 
@@ -121,10 +125,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         missing = [t for t in targets if t not in leaf_names and not any(n.endswith(f".{t}") for n, _ in model.named_modules())]
         if missing:
             linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
-            raise UsageError(f"lora.target_modules: {', '.join(repr(m) for m in missing)} match no module of the model;"
-                             f" linear modules: {', '.join(linear)}")
-    config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                             task_type="CAUSAL_LM")
+            raise UsageError(
+                f"lora.target_modules: {', '.join(repr(m) for m in missing)} match no module of the model; linear modules: {', '.join(linear)}"
+            )
+    config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
         return peft.get_peft_model(model, config)
     except ValueError as err:
@@ -194,8 +198,7 @@ def merged_state_dict(peft_model: nn.Module, state_dict: dict[str, torch.Tensor]
     computed in fp32 from the full state dict, so it works whatever held the weights (DDP, ZeRO-3 shards)."""
     from launcher.freezing import PEFT_PREFIX
 
-    merged = {name.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."): t
-              for name, t in state_dict.items() if ".lora_" not in name}
+    merged = {name.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."): t for name, t in state_dict.items() if ".lora_" not in name}
     for name, module in peft_model.named_modules():
         if "default" not in getattr(module, "lora_A", {}):
             continue

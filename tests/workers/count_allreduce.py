@@ -34,5 +34,4 @@ bare.register_forward_pre_hook(count_forward)
 run.model.register_comm_hook(dist.group.WORLD, recording_hook)
 train(run)
 with open(f"{result_path}.rank{run.accelerator.process_index}", "w") as f:
-    json.dump({"training_forwards": training_forwards[0], "allreduce_at": allreduce_at,
-               "model_type": type(run.model).__name__}, f)
+    json.dump({"training_forwards": training_forwards[0], "allreduce_at": allreduce_at, "model_type": type(run.model).__name__}, f)

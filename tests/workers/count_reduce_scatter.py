@@ -45,5 +45,14 @@ run.optimizer.optimizer.register_step_pre_hook(record_gradients)
 train(run)
 units = [m for m in run.model.modules() if hasattr(m, "set_requires_gradient_sync")]
 with open(f"{result_path}.rank{run.accelerator.process_index}", "w") as f:
-    json.dump({"model_type": type(run.model).__name__, "training_forwards": training_forwards[0], "reduce_scatters": reduce_scatters,
-               "had_gradient": sorted(had_gradient), "units": len(units), "world_size": run.accelerator.num_processes}, f)
+    json.dump(
+        {
+            "model_type": type(run.model).__name__,
+            "training_forwards": training_forwards[0],
+            "reduce_scatters": reduce_scatters,
+            "had_gradient": sorted(had_gradient),
+            "units": len(units),
+            "world_size": run.accelerator.num_processes,
+        },
+        f,
+    )

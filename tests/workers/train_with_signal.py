@@ -14,8 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from launcher.build import build_run
 from launcher.config import load_config
-from launcher.loop import train
 from launcher.exits import end_run
+from launcher.loop import train
 from launcher.preemption import PreemptionFlag
 
 config_path, micro_step, *overrides = sys.argv[1:]
