@@ -293,11 +293,12 @@ def fresh_accelerate():
     reset_accelerate()
 
 
-# scripts/test runs the suite on 2 pytest-xdist workers (--dist loadgroup): every test module is one group, so its
-# module fixtures (a shared DDP reference, a SLURM cluster) are made once, on one worker; the two SLURM modules are
-# one group, so one cluster runs at a time. The longest groups start first (by the durations of a serial run),
-# so that the workers end together.
-GROUP_OF_MODULE = {"test_slurm": "slurm", "test_multinode": "slurm"}
+# scripts/test runs the suite on 2 pytest-xdist workers, a test module per worker at a time (the scheduler below), so
+# that module fixtures (a shared DDP reference, a SLURM cluster) are made once; the two SLURM modules are one unit, so
+# that one cluster runs at a time. The longest units start first (by the durations of a serial run), so that the
+# workers end together. (xdist's own --dist loadgroup does not group under pytest 9: it renames a test id pytest no
+# longer reads.)
+UNIT_OF_MODULE = {"test_slurm": "slurm", "test_multinode": "slurm"}
 LONGEST_FIRST = [
     "slurm",
     "test_fsdp",
@@ -316,15 +317,28 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two workers share the cores: one thread each, as every launched process has (cpu_env)
 
 
-def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
-        module = Path(str(item.fspath)).stem
-        return GROUP_OF_MODULE.get(module, module)
+def unit_of(nodeid: str) -> str:
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return UNIT_OF_MODULE.get(module, module)
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        """xdist's per-module scheduling, with the SLURM modules one unit, in collection order (longest first)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collection order: longest first
+    return ModuleUnits(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: the order inside a module is kept
+    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))  # stable: the order inside a module is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: fp16 loss scaling and bf16/compile on CUDA are GPU-only paths; run on a GPU machine")
