@@ -98,8 +98,8 @@ def batch_plan(cfg: Config, processes: int) -> BatchPlan:
 
 def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, checked: Checked | None = None) -> Run:
     """`start` (plan_start's answer) and `checked` (validate_run's) when the caller has them already."""
-    if checked is None:  # every problem of the input at once, before anything is written (one process: the documents too)
-        checked = validate_run(cfg, env_world_size(), data=env_world_size() == 1)
+    if checked is None:  # every problem of the input at once, before anything is written (the documents: when prepared)
+        checked = validate_run(cfg, env_world_size())
     # multi-process: the main process takes the lock below and tells every rank (a rank cannot tell its own run's lock)
     start = start or plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
     try:  # before a model is loaded: output_dir and caches writable, room for a checkpoint
@@ -269,11 +269,11 @@ def open_output_dir(cfg: Config, start: Start) -> OutputLock:
     return lock
 
 
-def check_storage_for(cfg: Config, model: nn.Module) -> None:
+def check_storage_for(cfg: Config, model: nn.Module | None) -> None:
     """Writable output_dir and caches, and room for one checkpoint (estimated from `model`'s shapes: the inspection
-    model, on the meta device where it can be)."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model, on the meta device where it can be; None when the model could not be built: writability only)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) if model is not None else 0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
     # AdamW's two fp32 moments; DeepSpeed under bf16/fp16 also keeps fp32 master weights
     optimizer = trainable * (12 if cfg.deepspeed is not None and cfg.train.mixed_precision != "no" else 8)
     check_storage(cfg.output_dir, weights + optimizer, cache_dirs(cfg))
@@ -319,11 +319,12 @@ class Checked:
     frozen: set[str]
 
 
-def validate_run(cfg: Config, world_size: int, problems: Problems | None = None, data: bool = False) -> Checked | None:
+def validate_run(cfg: Config, world_size: int, problems: Problems | None = None) -> Checked | None:
     """The one validation pass of a run of `world_size` processes, called by `launcher train` (every process, and
     the pre-flight before processes start), `launcher plan` and `launcher inspect`: hardware, the DeepSpeed JSON,
-    backend options, batch arithmetic, the tokenizer, the model and its freeze patterns and gradient names, and
-    with `data` the documents (several processes load them main-first, later). Every independent check runs; one UsageError names every problem. With `problems` given, they are added
+    backend options, batch arithmetic, the tokenizer, the model and its freeze patterns and gradient names (the
+    documents are checked by `check_documents`, after the storage check: reading them writes into the caches).
+    Every independent check runs; one UsageError names every problem. With `problems` given, they are added
     there instead (the caller checks more, then reports), and None is returned when there are any."""
     own = problems is None
     problems = problems if problems is not None else Problems()
@@ -334,8 +335,6 @@ def validate_run(cfg: Config, world_size: int, problems: Problems | None = None,
     plan = problems.check(batch_plan, cfg, world_size)
     tokenizer = problems.check(load_tokenizer, cfg)
     built = problems.check(inspection_model, cfg, tokenizer) if tokenizer is not None else None
-    if data:
-        problems.check(check_documents, cfg)
     if own:
         problems.report()
     if len(problems.lines) > found_before:

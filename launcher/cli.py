@@ -267,8 +267,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def preflight(cfg, overwrite: bool, world_size: int):
     """The checks a run would make before training, without starting it: the validation pass, where the run would
-    start (output_dir, resume) and the documents, every problem in one report; then room on disk. Returns the
-    start and what the validation built (`build_run` reuses it in a single process)."""
+    start (output_dir, resume), room on disk and writable caches, and the documents, the problems of the input in one
+    report. Returns the start and what the validation built (`build_run` reuses it in a single process)."""
     from launcher.build import check_documents, check_storage_for, validate_run
     from launcher.errors import Problems
     from launcher.resume import plan_start
@@ -277,10 +277,10 @@ def preflight(cfg, overwrite: bool, world_size: int):
     checked = validate_run(cfg, world_size, problems)
     start = problems.check(plan_start, cfg, overwrite, check_lock=True)
     if start is None or not start.finished:
+        # a fault of the machine (exit 74) ends the run here, before reading the documents writes into the caches
+        check_storage_for(cfg, checked.model if checked is not None else None)
         problems.check(check_documents, cfg)
     problems.report()
-    if not start.finished:
-        check_storage_for(cfg, checked.model)  # a fault of the machine (exit 74), not of the input
     return start, checked
 
 
