@@ -269,11 +269,11 @@ def open_output_dir(cfg: Config, start: Start) -> OutputLock:
     return lock
 
 
-def check_storage_for(cfg: Config, model: nn.Module | None) -> None:
+def check_storage_for(cfg: Config, model: nn.Module) -> None:
     """Writable output_dir and caches, and room for one checkpoint (estimated from `model`'s shapes: the inspection
-    model, on the meta device where it can be; None when the model could not be built: writability only)."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) if model is not None else 0
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
+    model, on the meta device where it can be)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # AdamW's two fp32 moments; DeepSpeed under bf16/fp16 also keeps fp32 master weights
     optimizer = trainable * (12 if cfg.deepspeed is not None and cfg.train.mixed_precision != "no" else 8)
     check_storage(cfg.output_dir, weights + optimizer, cache_dirs(cfg))

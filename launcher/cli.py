@@ -277,8 +277,8 @@ def preflight(cfg, overwrite: bool, world_size: int):
     checked = validate_run(cfg, world_size, problems)
     start = problems.check(plan_start, cfg, overwrite, check_lock=True)
     if start is None or not start.finished:
-        # a fault of the machine (exit 74) ends the run here, before reading the documents writes into the caches
-        check_storage_for(cfg, checked.model if checked is not None else None)
+        if not problems.lines:  # a fault of the machine (exit 74) ends the run here, before reading the documents writes into the caches
+            check_storage_for(cfg, checked.model)
         problems.check(check_documents, cfg)
     problems.report()
     return start, checked
