@@ -40,47 +40,10 @@ def gpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, nproc: int = 1, timeout: float = 300, launcher: str | None = None, gpu: bool = False) -> subprocess.CompletedProcess:
-    """`launcher <args>` as a plain process (nproc 1, no launcher named), or `nproc` processes under torchrun /
-    accelerate launch on a free port: gloo on CPU, or on the GPU(s) with gpu=True."""
-    launcher = launcher or ("plain" if nproc == 1 else "torchrun")
-    if launcher == "plain":
-        cmd = [PYTHON, "-m", "launcher", *args]
-    elif launcher == "torchrun":
-        cmd = [
-            PYTHON,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "launcher",
-            *args,
-        ]
-    else:
-        cmd = [
-            PYTHON,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(nproc),
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "launcher",
-            *args,
-        ]
-    return subprocess.run(cmd, cwd=REPO, env=gpu_env() if gpu else cpu_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def run_worker(script: str, *args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """A test worker from tests/workers under torchrun with `nproc` gloo processes."""
-    cmd = [
+def torchrun(nproc: int, *target: str) -> list[str]:
+    """The command that starts `target` (a script, or -m MODULE, with its arguments) as `nproc` processes under torchrun
+    on a free local port."""
+    return [
         PYTHON,
         "-m",
         "torch.distributed.run",
@@ -90,9 +53,31 @@ def run_worker(script: str, *args: str, nproc: int = 2, timeout: float = 300) ->
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(REPO / "tests" / "workers" / script),
-        *args,
+        *target,
     ]
+
+
+def run_cli(
+    *args: str, nproc: int = 1, timeout: float = 300, launcher: str | None = None, gpu: bool = False, accelerate_config: Path | None = None
+) -> subprocess.CompletedProcess:
+    """`launcher <args>` as a plain process (nproc 1, no launcher named), or `nproc` processes under torchrun /
+    accelerate launch on a free port: gloo on CPU, or on the GPU(s) with gpu=True. `accelerate_config`: accelerate
+    launch with that config file (it chooses the distributed type) instead of --multi_gpu."""
+    launcher = launcher or ("accelerate" if accelerate_config else "plain" if nproc == 1 else "torchrun")
+    if launcher == "plain":
+        cmd = [PYTHON, "-m", "launcher", *args]
+    elif launcher == "torchrun":
+        cmd = torchrun(nproc, "-m", "launcher", *args)
+    else:
+        how = ["--config_file", str(accelerate_config)] if accelerate_config else ["--multi_gpu"]
+        cmd = [PYTHON, "-m", "accelerate.commands.launch", *how, "--num_processes", str(nproc), "--main_process_port", str(free_port())]
+        cmd += ["-m", "launcher", *args]
+    return subprocess.run(cmd, cwd=REPO, env=gpu_env() if gpu else cpu_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_worker(script: str, *args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A test worker from tests/workers under torchrun with `nproc` gloo processes."""
+    cmd = torchrun(nproc, str(REPO / "tests" / "workers" / script), *args)
     return subprocess.run(cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout)
 
 

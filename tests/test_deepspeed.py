@@ -6,13 +6,12 @@ order differs from DDP's buckets.
 """
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, check, cpu_env, final_weights, free_port, metrics, run_cli, tiny_config, write_config
+from conftest import REPO, check, final_weights, metrics, run_cli, tiny_config, write_config
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: scripts/setup deepspeed,dev")
 
@@ -163,23 +162,8 @@ def test_every_mismatch_is_listed_before_any_process_starts(tmp_path: Path):
 def test_accelerate_config_selects_deepspeed(tmp_path: Path):
     """`accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml` trains exactly as the config key does."""
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 3}))
-    cmd = [
-        PYTHON,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "launcher",
-        "train",
-        str(config),
-        f"output_dir={tmp_path / 'via_accelerate'}",
-    ]
-    proc = check(subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300))
+    accelerate_config = REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"
+    proc = check(run_cli("train", str(config), f"output_dir={tmp_path / 'via_accelerate'}", nproc=2, accelerate_config=accelerate_config))
     assert "DeepSpeed ZeRO-2: global batch 8 " in proc.stdout
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'via_key'}", "deepspeed=configs/deepspeed/zero2.json", nproc=2))
     a, b = final_weights(tmp_path / "via_accelerate"), final_weights(tmp_path / "via_key")

@@ -232,28 +232,12 @@ def test_fsdp2_shards_hf_decoder_layers_and_exports_a_folder_that_loads(tiny_hf,
 def test_accelerate_config_selects_fsdp2(tmp_path: Path):
     """`accelerate launch --config_file configs/accelerate/fsdp2.yaml` trains exactly as the config key does: the
     launcher shards (Accelerate is not told of FSDP, so it cannot hand back a DDP model)."""
-    import subprocess
 
-    from conftest import PYTHON, REPO, cpu_env, free_port
+    from conftest import REPO
 
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 3}))
-    cmd = [
-        PYTHON,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "configs" / "accelerate" / "fsdp2.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "launcher",
-        "train",
-        str(config),
-        f"output_dir={tmp_path / 'via_accelerate'}",
-    ]
-    proc = check(subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300))
+    accelerate_config = REPO / "configs" / "accelerate" / "fsdp2.yaml"
+    proc = check(run_cli("train", str(config), f"output_dir={tmp_path / 'via_accelerate'}", nproc=2, accelerate_config=accelerate_config))
     assert "FSDP2 (gloo): global batch 8 " in proc.stdout, proc.stdout[-2000:]
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'via_key'}", "fsdp={}", nproc=2))
     a, b = final_weights(tmp_path / "via_accelerate"), final_weights(tmp_path / "via_key")

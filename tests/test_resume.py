@@ -13,16 +13,15 @@ import pytest
 import torch
 
 from conftest import (
-    PYTHON,
     REPO,
     check,
     cpu_env,
     disk_snapshot,
     final_weights,
-    free_port,
     metrics,
     run_cli,
     tiny_config,
+    torchrun,
     train_until_rows,
     write_config,
 )
@@ -46,21 +45,7 @@ def resume_config(tmp_path: Path, **train) -> Path:
 
 
 def run_with_signal(config: Path, micro_step: int, nproc: int, *overrides: str, second_signal: bool = False) -> subprocess.CompletedProcess:
-    cmd = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "tests" / "workers" / "train_with_signal.py"),
-        str(config),
-        str(micro_step),
-        *overrides,
-    ]
+    cmd = torchrun(nproc, str(REPO / "tests" / "workers" / "train_with_signal.py"), str(config), str(micro_step), *overrides)
     env = cpu_env(PYTHONPATH=str(REPO), SECOND_SIGNAL_DURING_SAVE="1" if second_signal else "0")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 

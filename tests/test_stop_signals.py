@@ -15,7 +15,7 @@ from launcher.distributed import default_checkpoint_minutes, default_resume, rep
 from launcher.errors import UsageError
 from launcher.preemption import PreemptionFlag
 
-from conftest import PYTHON, REPO, check, cpu_env, free_port, run_cli, tiny_config, write_config
+from conftest import REPO, check, cpu_env, run_cli, tiny_config, torchrun, write_config
 
 
 def test_placeholders_fill_from_the_slurm_job(tmp_path: Path, monkeypatch):
@@ -109,21 +109,7 @@ def test_a_hung_rank_ends_the_run_after_the_timeout(tmp_path: Path):
             },
         ),
     )
-    cmd = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "launcher",
-        "train",
-        str(config),
-    ]
+    cmd = torchrun(2, "-m", "launcher", "train", str(config))
     started = time.monotonic()
     proc = subprocess.run(
         cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO / "tests"), TORCH_ELASTIC_SHUTDOWN_TIMEOUT="2"), capture_output=True, text=True, timeout=400
