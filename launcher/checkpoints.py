@@ -163,6 +163,7 @@ def save_checkpoint(
             fault = storage_fault(error)
             if fault is None:
                 raise error
+            fault.quiet = acc.process_index != failed  # several ranks may fail (a full disk): the first one reports
             raise fault
         raise RunFault(f"checkpoint: saving step {state.step} failed on rank {failed}", quiet=True)
 
