@@ -33,7 +33,7 @@ from launcher.distributed import (
 from launcher.errors import Problems, RunFault, UsageError
 from launcher.freezing import apply_freeze, parameter_table
 from launcher.lock import OutputLock, describe
-from launcher.models import build_model, check_model_output, describe_model
+from launcher.models import build_model, check_model_output, describe_model, initializers_skipped
 from launcher.optim import apply_hyperparameters, build_lr_schedule, build_optimizer
 from launcher.outputs import FAULTS, check_storage, existing_parent, free_text, prepare_output_dir, storage_fault
 from launcher.resume import Start, check_end, plan_start
@@ -359,7 +359,7 @@ def inspection_model(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer | None 
     tokenizer = tokenizer or load_tokenizer(cfg)
     if cfg.model.factory is not None:
         return build_bare_model(cfg, tokenizer)
-    with torch.device("meta"):
+    with torch.device("meta"), initializers_skipped():
         return build_bare_model(cfg, tokenizer, weights=False)
 
 

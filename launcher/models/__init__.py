@@ -37,6 +37,22 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, weights: bool =
     return model.to(DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else model
 
 
+@contextmanager
+def initializers_skipped():
+    """`torch.nn.init`'s initializers do nothing inside: for a model built on the meta device, whose values never
+    exist. Initializing a meta tensor runs torch's Python reference kernels, whose first use imports
+    torch._dynamo (2-3 s of every process's start, for numbers that are thrown away)."""
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated layers, the units FSDP2 shards and gathers one at a time: the built-in GPT's blocks, a
     Hugging Face model's `_no_split_modules` classes (its decoder layers); none for a model that has neither."""
