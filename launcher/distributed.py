@@ -285,6 +285,15 @@ def resolved_deepspeed_config(configured: Path | None, cfg: TrainConfig, world_s
     return deepspeed_config.resolve(deepspeed_config.read_deepspeed_json(json_path), cfg, world_size, json_path)
 
 
+def skip_deepspeed_shared_memory_op() -> None:
+    """On the CPU, DeepSpeed's communication set-up compiles a shared-memory all-reduce (a minute or two, once per
+    machine) and loads it in every process. Only its inference all-reduce uses that op, never training: marked
+    unavailable, DeepSpeed goes on without it (its collectives are torch.distributed's, on gloo)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def make_accelerator(
     cfg: TrainConfig,
     deepspeed: Path | None = None,
@@ -313,6 +322,8 @@ def make_accelerator(
         # Accelerate silently drops DeepSpeed when told to use the CPU (cpu=True or ACCELERATE_USE_CPU);
         # without that flag, the gloo backend below still keeps the run on the CPU
         os.environ.pop("ACCELERATE_USE_CPU", None)
+    if plugin is not None and on_cpu:
+        skip_deepspeed_shared_memory_op()
     if plugin is not None and not launched_by_a_launcher():
         # one plain process: DeepSpeed would look for its rank through MPI (mpi4py); give it a one-process group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
