@@ -53,7 +53,7 @@ def test_deepspeed_matches_ddp(ddp_reference, tmp_path: Path, stage_json: str, m
     same exported weights; frozen parameters bitwise unchanged. With the optimizer offloaded, DeepSpeed's CPU Adam
     makes the updates."""
     config, reference = ddp_reference(max_grad_norm)
-    # offload: the first use JIT-builds DeepSpeed's CPU Adam op (minutes on 2 busy cores)
+    # offload: DeepSpeed's CPU Adam op, compiled by scripts/setup; a first use without it compiles it (minutes)
     timeout = 900 if "offload" in stage_json else 300
     ds = check(
         run_cli(
