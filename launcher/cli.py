@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # first of all: a preemption signal that arrives before the handler exists kills the process
     preemption = PreemptionFlag()
-    from launcher.distributed import announce_to_parent, die_with_launcher, env_rank, exit_code_for_parent
+    from launcher.distributed import announce_to_parent, die_with_launcher, env_rank, exit_code_for_parent, leave_process_group
 
     die_with_launcher()
     announce_to_parent()
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
         close_progress_bars()
         code = end_with_error(err, quiet=err.quiet)
+    if "torch" in sys.modules:  # the ranks end together (after a barrier, or on an input or fault every rank raised)
+        leave_process_group()
     return exit_code_for_parent(code)
 
 

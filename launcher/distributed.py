@@ -92,6 +92,16 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
+def leave_process_group() -> None:
+    """The last step of every process that joined the process group. A process that exits with it still in place
+    tears gloo's worker threads down during interpreter finalization, which can abort the process (SIGABRT,
+    "terminate called without an active exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def in_slurm_job() -> bool:
     return "SLURM_JOB_ID" in os.environ
 

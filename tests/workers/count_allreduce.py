@@ -11,6 +11,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 from launcher.build import build_run
 from launcher.config import load_config
+from launcher.distributed import leave_process_group
 from launcher.loop import train
 
 config_path, result_path, *overrides = sys.argv[1:]
@@ -35,3 +36,4 @@ run.model.register_comm_hook(dist.group.WORLD, recording_hook)
 train(run)
 with open(f"{result_path}.rank{run.accelerator.process_index}", "w") as f:
     json.dump({"training_forwards": training_forwards[0], "allreduce_at": allreduce_at, "model_type": type(run.model).__name__}, f)
+leave_process_group()
