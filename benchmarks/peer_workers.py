@@ -224,6 +224,8 @@ def main() -> None:
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(out / "weights.safetensors"))
         (out / "result.json").write_text(json.dumps({"losses": losses, "tokens_per_s": tokens_per_s}))
+    if torch.distributed.is_initialized():  # else gloo's threads, torn down at interpreter exit, can abort the process
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
