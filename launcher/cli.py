@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
         close_progress_bars()
         code = end_with_error(err, quiet=err.quiet)
-    if "torch" in sys.modules:  # the ranks end together (after a barrier, or on an input or fault every rank raised)
-        leave_process_group()
+    leave_process_group()  # the ranks end together (after a barrier, or on an input or fault every rank raised)
     return exit_code_for_parent(code)
 
 

@@ -95,10 +95,10 @@ def die_with_launcher() -> None:
 def leave_process_group() -> None:
     """The last step of every process that joined the process group. A process that exits with it still in place
     tears gloo's worker threads down during interpreter finalization, which can abort the process (SIGABRT,
-    "terminate called without an active exception") after a run that succeeded."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    "terminate called without an active exception") after a run that succeeded. A process that never imported
+    torch (a config error) has none, and does not import it here."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
