@@ -88,7 +88,9 @@ def test_a_vanished_output_dir_ends_the_run_without_recreating_it(tmp_path: Path
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 100000, "log_every": 1}, checkpoint={"every_steps": 5}))
     out = tmp_path / "out"
     proc = train_until_rows(config, out, 2)
-    shutil.rmtree(out)
+    # deleted at once: `rm -r` on the path itself races the run's own writes and its lock's removal at exit
+    out.rename(tmp_path / "deleted")
+    shutil.rmtree(tmp_path / "deleted")
     stdout, stderr = proc.communicate(timeout=120)
     proc.stdout, proc.stderr = stdout, stderr
     line = one_error_line(proc, EXIT_FAULT)
