@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -224,8 +225,13 @@ def main() -> None:
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(out / "weights.safetensors"))
         (out / "result.json").write_text(json.dumps({"losses": losses, "tokens_per_s": tokens_per_s}))
-    if torch.distributed.is_initialized():  # else gloo's threads, torn down at interpreter exit, can abort the process
+    if torch.distributed.is_initialized():
+        # DDP and the frameworks keep references to the group past its destruction; freed in the interpreter's
+        # teardown, its gloo threads can abort the process (SIGABRT) after a run that succeeded: end without it
         torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,10 @@ class _Tee:
 
     def flush(self) -> None:
         self.stream.flush()
+        try:
+            self.log.flush()
+        except OSError:
+            pass
 
     def __getattr__(self, name):
         return getattr(self.stream, name)

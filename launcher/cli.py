@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # first of all: a preemption signal that arrives before the handler exists kills the process
     preemption = PreemptionFlag()
-    from launcher.distributed import announce_to_parent, die_with_launcher, env_rank, exit_code_for_parent, leave_process_group
+    from launcher.distributed import announce_to_parent, die_with_launcher, end_process, env_rank, exit_code_for_parent
 
     die_with_launcher()
     announce_to_parent()
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
         close_progress_bars()
         code = end_with_error(err, quiet=err.quiet)
-    leave_process_group()  # the ranks end together (after a barrier, or on an input or fault every rank raised)
-    return exit_code_for_parent(code)
+    return end_process(exit_code_for_parent(code))  # the ranks end together (after a barrier, or on an input or fault every rank raised)
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:

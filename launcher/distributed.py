@@ -12,7 +12,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from launcher.config import FsdpConfig, LaunchConfig, TrainConfig
 from launcher.errors import UsageError
@@ -92,14 +92,37 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
-def leave_process_group() -> None:
-    """The last step of every process that joined the process group. A process that exits with it still in place
-    tears gloo's worker threads down during interpreter finalization, which can abort the process (SIGABRT,
-    "terminate called without an active exception") after a run that succeeded. A process that never imported
-    torch (a config error) has none, and does not import it here."""
+def end_process(code: int) -> int:
+    """The last step of every process that trains (the ranks reach it together): a process that joined a process
+    group leaves it and ends here with `code`, without the interpreter's teardown (see _exit_without_teardown); one
+    that did not (a config error: torch not even imported) returns `code` for a normal exit."""
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return code
+    dist.destroy_process_group()
+    _exit_without_teardown(code)
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    """End a process that has been in a process group: its exit hooks run and its streams are flushed as at any exit,
+    then it ends without the interpreter's teardown.
+
+    destroy_process_group only forgets the groups; a group's gloo threads stop when its last reference goes, and
+    libraries keep references of their own: functions of torch.distributed.nn (imported by DDP) and of DeepSpeed's
+    communication module hold the default group as a default argument value, DeepSpeed keeps its groups in module
+    globals, DTensor caches the meshes of FSDP2. Those groups would be freed while the interpreter tears its modules
+    down; a gloo thread that then needs the GIL (to free a tensor of the last collective) is ended by the interpreter
+    from inside C++, and the process aborts (SIGABRT, "terminate called without an active exception") after a run that
+    succeeded. Nothing a process still has to do happens in that teardown."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or its device is gone
+            pass
+    os._exit(code)
 
 
 def in_slurm_job() -> bool:

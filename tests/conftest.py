@@ -28,15 +28,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+EXIT_PROBE = REPO / "tests" / "exit_probe"  # its sitecustomize: a process in the interpreter's teardown with gloo threads
+EXIT_PROBE_MARK = "exit probe:"
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a process the tests start: CPU ranks, and the exit probe first on the PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", **extra)
+    path = os.pathsep.join([str(EXIT_PROBE), *([extra.pop("PYTHONPATH")] if "PYTHONPATH" in extra else [])])
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", PYTHONPATH=path, **extra)
     return env
 
 
 def gpu_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in cpu_env().items() if k not in ("ACCELERATE_USE_CPU", "CUDA_VISIBLE_DEVICES")}
-    env.update(PYTHONPATH=str(REPO / "tests"), **extra)  # tests/factories.py for model.factory
+    env = {k: v for k, v in cpu_env(PYTHONPATH=str(REPO / "tests")).items() if k not in ("ACCELERATE_USE_CPU", "CUDA_VISIBLE_DEVICES")}
+    env.update(**extra)  # tests/factories.py for model.factory
     return env
 
 
@@ -72,13 +78,15 @@ def run_cli(
         how = ["--config_file", str(accelerate_config)] if accelerate_config else ["--multi_gpu"]
         cmd = [PYTHON, "-m", "accelerate.commands.launch", *how, "--num_processes", str(nproc), "--main_process_port", str(free_port())]
         cmd += ["-m", "launcher", *args]
-    return subprocess.run(cmd, cwd=REPO, env=gpu_env() if gpu else cpu_env(), capture_output=True, text=True, timeout=timeout)
+    return no_teardown_with_groups(
+        subprocess.run(cmd, cwd=REPO, env=gpu_env() if gpu else cpu_env(), capture_output=True, text=True, timeout=timeout)
+    )
 
 
 def run_worker(script: str, *args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """A test worker from tests/workers under torchrun with `nproc` gloo processes."""
     cmd = torchrun(nproc, str(REPO / "tests" / "workers" / script), *args)
-    return subprocess.run(cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout)
+    return no_teardown_with_groups(subprocess.run(cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout))
 
 
 def submit_job(
@@ -110,6 +118,14 @@ def submit_job(
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    return no_teardown_with_groups(proc)
+
+
+def no_teardown_with_groups(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Whatever its exit code: no process of the run went into the interpreter's teardown with gloo threads running
+    (the exit probe's lines), where a group freed late can abort a process after a run that succeeded."""
+    late = [line for line in (proc.stderr or "").splitlines() if line.startswith(EXIT_PROBE_MARK)]
+    assert not late, "\n".join(late)
     return proc
 
 

@@ -11,7 +11,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 from launcher.build import build_run
 from launcher.config import load_config
-from launcher.distributed import leave_process_group
+from launcher.distributed import end_process
 from launcher.loop import train
 
 config_path, result_path, *overrides = sys.argv[1:]
@@ -36,4 +36,4 @@ run.model.register_comm_hook(dist.group.WORLD, recording_hook)
 train(run)
 with open(f"{result_path}.rank{run.accelerator.process_index}", "w") as f:
     json.dump({"training_forwards": training_forwards[0], "allreduce_at": allreduce_at, "model_type": type(run.model).__name__}, f)
-leave_process_group()
+sys.exit(end_process(0))

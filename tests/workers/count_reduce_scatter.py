@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from launcher.build import build_run
 from launcher.config import load_config
-from launcher.distributed import leave_process_group
+from launcher.distributed import end_process
 from launcher.loop import train
 
 config_path, result_path, *overrides = sys.argv[1:]
@@ -57,4 +57,4 @@ with open(f"{result_path}.rank{run.accelerator.process_index}", "w") as f:
         },
         f,
     )
-leave_process_group()
+sys.exit(end_process(0))

@@ -11,7 +11,7 @@ import torch
 
 from launcher.build import build_run
 from launcher.config import load_config
-from launcher.distributed import leave_process_group
+from launcher.distributed import end_process
 from launcher.loop import train
 
 config_path, result_path, *overrides = sys.argv[1:]
@@ -48,4 +48,4 @@ run.optimizer.optimizer.register_step_post_hook(after_step)
 train(run)
 with open(f"{result_path}.rank{run.accelerator.process_index}", "w") as f:
     json.dump(measured, f)
-leave_process_group()
+sys.exit(end_process(0))

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from launcher.build import build_run
 from launcher.config import load_config
-from launcher.distributed import leave_process_group
+from launcher.distributed import end_process
 from launcher.exits import end_run
 from launcher.loop import train
 from launcher.preemption import PreemptionFlag
@@ -38,5 +38,4 @@ if os.environ.get("SECOND_SIGNAL_DURING_SAVE") == "1":
     run.accelerator.register_save_state_pre_hook(lambda *args: os.kill(os.getpid(), signal.SIGTERM))
 summary = train(run, preemption)
 code = end_run(summary, run.cfg.output_dir, run.is_main_process, run.lock.release if run.lock is not None else None)
-leave_process_group()
-sys.exit(code)
+sys.exit(end_process(code))
