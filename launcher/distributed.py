@@ -12,7 +12,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from launcher.config import FsdpConfig, LaunchConfig, TrainConfig
 from launcher.errors import UsageError
@@ -93,19 +93,9 @@ def die_with_launcher() -> None:
 
 
 def end_process(code: int) -> int:
-    """The last step of every process that trains (the ranks reach it together): a process that joined a process
-    group leaves it and ends here with `code`, without the interpreter's teardown (see _exit_without_teardown); one
-    that did not (a config error: torch not even imported) returns `code` for a normal exit."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return code
-    dist.destroy_process_group()
-    _exit_without_teardown(code)
-
-
-def _exit_without_teardown(code: int) -> NoReturn:
-    """End a process that has been in a process group: its exit hooks run and its streams are flushed as at any exit,
-    then it ends without the interpreter's teardown.
+    """The last step of every process that trains (the ranks reach it together). One that never joined a process group
+    (a config error: torch not even imported) returns `code` for a normal exit. One that did leaves it, runs its exit
+    hooks, flushes its streams and ends here with `code`, without the interpreter's teardown.
 
     destroy_process_group only forgets the groups; a group's gloo threads stop when its last reference goes, and
     libraries keep references of their own: functions of torch.distributed.nn (imported by DDP) and of DeepSpeed's
@@ -114,8 +104,12 @@ def _exit_without_teardown(code: int) -> NoReturn:
     down; a gloo thread that then needs the GIL (to free a tensor of the last collective) is ended by the interpreter
     from inside C++, and the process aborts (SIGABRT, "terminate called without an active exception") after a run that
     succeeded. Nothing a process still has to do happens in that teardown."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return code
     import atexit
 
+    dist.destroy_process_group()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -41,8 +41,9 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
 
 def gpu_env(**extra: str) -> dict[str, str]:
+    # tests/ on the PYTHONPATH: tests/factories.py for model.factory
     env = {k: v for k, v in cpu_env(PYTHONPATH=str(REPO / "tests")).items() if k not in ("ACCELERATE_USE_CPU", "CUDA_VISIBLE_DEVICES")}
-    env.update(**extra)  # tests/factories.py for model.factory
+    env.update(**extra)
     return env
 
 

@@ -31,10 +31,10 @@ def run_tests_cli(*args: str):
     import os
     import subprocess
 
-    from conftest import PYTHON, REPO, cpu_env
+    from conftest import PYTHON, REPO, cpu_env, no_teardown_with_groups
 
     env = cpu_env(PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
-    return subprocess.run([PYTHON, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return no_teardown_with_groups(subprocess.run([PYTHON, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300))
 
 
 def test_a_planted_nan_stops_the_run_naming_step_rank_and_parameter(tmp_path: Path):

@@ -1,5 +1,7 @@
 """Test-only, on the PYTHONPATH of every process the tests start (conftest.cpu_env): a process that goes into the
-interpreter's teardown with gloo threads still running says so on stderr, and `conftest.check` fails the run.
+interpreter's teardown with gloo threads still running says so on stderr, and the run fails when it was started by
+`conftest.run_cli`, `conftest.run_worker` or `test_diagnostics.run_tests_cli` (whatever its exit code), or passed to
+`conftest.check`.
 
 Such threads belong to a process group some library still holds; the teardown frees it, and a gloo thread that then
 needs the GIL is ended from inside C++: the process aborts (SIGABRT) after a run that succeeded. The launcher's
