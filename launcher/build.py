@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from launcher.backends import Backend, backend_kind, diagnostics_problems, make_
 from launcher.batches import BatchPlan
 from launcher.checkpoints import load_checkpoint, set_aside_newer
 from launcher.config import Config
-from launcher.data import EvalData, TrainData, cache_root, load_documents, prepare_splits
+from launcher.data import EvalData, TrainData, cache_root, data_identity, load_documents, prepare_splits
 from launcher.diagnostics import check_dump_names
 from launcher.distributed import (
     check_hardware,
@@ -36,7 +36,7 @@ from launcher.lock import OutputLock, describe
 from launcher.models import build_model, check_model_output, describe_model, initializers_skipped
 from launcher.optim import apply_hyperparameters, build_lr_schedule, build_optimizer
 from launcher.outputs import FAULTS, check_storage, existing_parent, free_text, prepare_output_dir, storage_fault
-from launcher.resume import Start, check_end, plan_start
+from launcher.resume import Start, check_end, check_samples, plan_start
 from launcher.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 
@@ -57,6 +57,7 @@ class Run:
     nonfinite_steps: int = 0  # steps dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)
     lock: OutputLock | None = None  # the main process's hold on output_dir
     backend: Backend | None = None  # what differs between DDP, DeepSpeed and FSDP2 (launcher.backends)
+    data_identity: dict = field(default_factory=dict)  # of the files trained on, recorded in checkpoints (main process)
 
     @property
     def is_main_process(self) -> bool:
@@ -118,6 +119,7 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, 
     rank, world_size = accelerator.process_index, accelerator.num_processes
     start = agree_on_start(accelerator, cfg, start)
     checkpoint = start.checkpoint
+    identity = data_identity(cfg.data) if accelerator.is_main_process else {}  # of the bytes about to be read
     train_blocks, eval_blocks = _prepare_data_main_first(cfg, accelerator, tokenizer)  # a data error leaves output_dir untouched
 
     pin = accelerator.device.type == "cuda"
@@ -126,6 +128,7 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, 
     if eval_blocks is not None and len(eval_blocks):
         eval_mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
         eval_data = EvalData(eval_blocks, rank, world_size, eval_mb, cfg.eval.max_samples, pin, tokenizer.pad_id)
+    check_samples(start, len(train_data), cfg)
     total_steps = plan.total_steps(len(train_data), cfg.train.max_steps, cfg.train.epochs)
     check_end(start, total_steps, cfg)
 
@@ -178,6 +181,7 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, 
         nonfinite_steps=state.nonfinite_steps if state else 0,
         lock=lock,
         backend=backend,
+        data_identity=identity,
     )
 
 

@@ -38,6 +38,8 @@ class TrainerState:
     backend: str
     nonfinite_steps: int = 0  # steps dropped by diagnostics.nonfinite: skip
     files: dict[str, int] = field(default_factory=dict)  # every file of the checkpoint (relative path) and its size in bytes
+    data: dict[str, dict] = field(default_factory=dict)  # the identity of data.path / data.eval_path (launcher.data.identity)
+    train_samples: int | None = None  # the run's training samples: another number on resume means other data
 
 
 def checkpoint_root(output_dir: Path) -> Path:

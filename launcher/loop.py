@@ -283,6 +283,8 @@ def save_run_checkpoint(run: Run, steps_done: int, skipped_steps: int, nonfinite
         plan.processes,
         run.backend.name,
         nonfinite_steps,
+        data=run.data_identity,
+        train_samples=len(run.train_data),
     )
 
     def fault(err: BaseException):

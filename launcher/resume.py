@@ -9,6 +9,9 @@
   the launch, the step bounds and the split of the global batch may change; any other difference (data,
   model, optimizer and schedule values, seed, ...) is refused in one line listing each, unless
   `resume_allow_changes` names it: then the new value takes effect and the run header says so.
+- The data is part of the config: the checkpoint records the identity of the files of data.path and
+  data.eval_path (launcher.data.identity: size and content) and the number of training samples; other
+  bytes there, or another number of samples, are refused like a changed data.path.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Start:
     clear: bool = False  # delete the previous run's files first (--overwrite, nothing resumed from them)
     finished: bool = False  # output_dir holds this run, finished: nothing to do
     changes: list[str] = field(default_factory=list)  # what differs from the checkpoint's config, for the run header
+    allowed: list[str] = field(default_factory=list)  # the keys of those resume_allow_changes allowed
     notes: list[str] = field(default_factory=list)  # what the run header says about how it starts
 
 
@@ -69,6 +73,18 @@ class Difference:
 
     def __str__(self) -> str:
         return f"{self.key} {self.old!r} -> {self.new!r}"
+
+
+@dataclass
+class DataChange(Difference):
+    """The files of a data key hold other bytes than the checkpoint was trained on (old, new: their identities)."""
+
+    path: str = ""
+
+    def __str__(self) -> str:
+        from launcher.data.identity import describe
+
+        return f"{self.key} '{self.path}' holds other data than the checkpoint was trained on ({describe(self.old)} -> {describe(self.new)})"
 
 
 def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
@@ -107,7 +123,7 @@ def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
         start.clear = overwrite and holds_files(out)
     elif overwrite:  # never: it would delete the checkpoint being resumed, or the run it continues
         start.notes.append("--overwrite ignored: this run continues output_dir's own run, and deletes nothing of it")
-    start.changes = check_config(cfg, checkpoint)
+    start.changes, start.allowed = check_config(cfg, checkpoint, start.state)
     newer = [p.name for p in complete_checkpoints(out) if p.name > checkpoint.name] if not start.clear else []
     if newer:
         start.notes.append(
@@ -133,24 +149,45 @@ def finished_run(cfg: Config) -> Start | None:
     return Start(finished=True)
 
 
-def check_config(cfg: Config, checkpoint: Path) -> list[str]:
-    """Compare the run's config with the checkpoint's; UsageError listing what would change the training
-    (unless allowed); the changes, for the run header."""
+def check_config(cfg: Config, checkpoint: Path, state: TrainerState | None = None) -> tuple[list[str], list[str]]:
+    """Compare the run's config and data with the checkpoint's; UsageError listing what would change the training
+    (unless allowed); the changes, for the run header, and the keys of those allowed."""
     try:
         old = yaml.safe_load((checkpoint / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
-        return []  # a checkpoint without its config: nothing to compare against
+        return [], []  # a checkpoint without its config: nothing to compare against
     differences = config_differences(old, cfg)
+    differences += [d for d in data_differences(cfg, state) if d.key not in {c.key for c in differences}]
     blocked = refused(differences, cfg.resume_allow_changes)
     if blocked:
         keys = ",".join(d.key for d in blocked)
+        data, config = any(isinstance(d, DataChange) for d in blocked), not all(isinstance(d, DataChange) for d in blocked)
+        what = " and ".join(w for w, found in (("the config", config), ("the data", data)) if found)
+        restore = " and ".join(w for w, found in (("the checkpoint's values", config), ("the data", data)) if found)
         raise UsageError(
-            f"resume: the config differs from checkpoint '{checkpoint}' in what it trains: "
+            f"resume: {what} differs from checkpoint '{checkpoint}' in what it trains: "
             + "; ".join(str(d) for d in blocked)
-            + f"; restore the checkpoint's values, or allow the change with resume_allow_changes=[{keys}]"
+            + f"; restore {restore}, or allow the change with resume_allow_changes=[{keys}]"
+            + (", or set output_dir=NEW_DIR for a new run" if data else "")
         )
     quiet = ("output_dir", "resume", "resume_allow_changes")
-    return [str(d) + (" (resume_allow_changes)" if not _matches(d.key, FREE_KEYS) else "") for d in differences if not _matches(d.key, quiet)]
+    changes = [str(d) + (" (resume_allow_changes)" if not _matches(d.key, FREE_KEYS) else "") for d in differences if not _matches(d.key, quiet)]
+    return changes, [d.key for d in differences if not _matches(d.key, FREE_KEYS)]
+
+
+def data_differences(cfg: Config, state: TrainerState | None) -> list[DataChange]:
+    """The data keys whose files hold other bytes than those the checkpoint recorded (checkpoints written before
+    the record existed: none)."""
+    if state is None or not state.data:
+        return []
+    from launcher.data.sources import data_identity  # reads a few blocks of each file (identity.py)
+
+    now = data_identity(cfg.data)
+    return [
+        DataChange(key, old, now[key], str(getattr(cfg.data, key.removeprefix("data."))))
+        for key, old in state.data.items()
+        if key in now and now[key] != old
+    ]
 
 
 def config_differences(old: dict | None, cfg: Config) -> list[Difference]:
@@ -181,6 +218,20 @@ def check_end(start: Start, total_steps: int, cfg: Config) -> None:
             f" (step {total_steps}: train.max_steps {cfg.train.max_steps}, train.epochs {cfg.train.epochs});"
             f" set train.max_steps to {start.state.step} or more"
         )
+
+
+def check_samples(start: Start, train_samples: int, cfg: Config) -> None:
+    """Once the data is tokenized: another number of training samples than the checkpoint's means other data (a
+    change identity.py cannot see, or a source it does not cover), unless a change was allowed."""
+    recorded = start.state.train_samples if start.state is not None else None
+    if recorded is None or recorded == train_samples or start.allowed:
+        return
+    where = f"data.path '{cfg.data.path}'" if cfg.data.path is not None else f"data.name '{cfg.data.name}'" if cfg.data.name else "the data"
+    raise UsageError(
+        f"resume: checkpoint '{start.checkpoint}' was trained on {recorded} training samples, this run has {train_samples}:"
+        f" {where} changed; restore the data, or allow the change with resume_allow_changes=[data.path],"
+        f" or set output_dir=NEW_DIR for a new run"
+    )
 
 
 def _matches(key: str, prefixes) -> bool:

@@ -15,7 +15,15 @@ import datasets
 from launcher.config import DataConfig
 from launcher.data.formats import DEFAULT_CHAT_TEMPLATE, Encoder, chat_template
 from launcher.data.packing import count_samples, layout_rows, tokenize_samples
-from launcher.data.sources import builtin_corpus_file, cache_root, check_text_column, first_bad_json_row, load_documents, split_documents
+from launcher.data.sources import (
+    builtin_corpus_file,
+    cache_root,
+    check_text_column,
+    data_identity,
+    first_bad_json_row,
+    load_documents,
+    split_documents,
+)
 from launcher.data.store import IGNORE_INDEX, Batch, EvalData, RowStore, TrainData, Window, rows_to_batch, sample_lengths, target_counts
 from launcher.errors import UsageError
 from launcher.tokenizer import ByteTokenizer, HFTokenizer
@@ -33,6 +41,7 @@ __all__ = [
     "builtin_corpus_file",
     "cache_root",
     "check_text_column",
+    "data_identity",
     "first_bad_json_row",
     "load_documents",
     "prepare_splits",
@@ -58,7 +67,7 @@ def tokenize_into_blocks(
     cfg = cfg or DataConfig(seq_len=seq_len, pack=pack)
     template = chat_template(cfg, tokenizer) if cfg.format == "chat" else None
     cache_dir = cache_root(cfg) if docs.cache_files else None
-    samples = tokenize_samples(docs, Encoder(cfg, tokenizer, template), cfg.num_proc, cache_dir)
+    samples = tokenize_samples(docs, Encoder(cfg, tokenizer, template), cfg.num_proc, cache_dir, report)
     if cfg.format != "text":
         counts = count_samples(samples, seq_len + 1, cfg.too_long)
         if counts.samples and counts.samples == counts.dropped_too_long + counts.dropped_no_target:
@@ -69,7 +78,7 @@ def tokenize_into_blocks(
             )
         if report is not None and (line := counts.describe(what)):
             report(line)
-    return layout_rows(samples, seq_len, pack, cfg.too_long, tokenizer.pad_id, cache_dir)
+    return layout_rows(samples, seq_len, pack, cfg.too_long, tokenizer.pad_id, cache_dir, report)
 
 
 def prepare_splits(

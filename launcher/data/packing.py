@@ -3,7 +3,8 @@
 Stage 1 turns each row into one sample (formats.py) with `data.num_proc` processes; stage 2 lays the
 samples out in rows of `seq_len + 1` ids, in one process, in groups of 1,000 samples, so the rows
 never depend on the number of processes. Both stages are `datasets` caches keyed by what decides
-their output, written under the launcher's cache folder (never beside the source).
+their output, written under the launcher's cache folder (never beside the source); each entry gets a
+manifest of its files' sizes and digests once complete (identity.py), checked before it is read.
 
 A row has `input_ids` (padded with the tokenizer's pad id), `length` (valid ids), `n_targets` (the
 ids the loss counts) and, for masked formats, `kinds` (formats.py; padding is CONTEXT).
@@ -18,6 +19,8 @@ ids the loss counts) and, for masked formats, `kinds` (formats.py; padding is CO
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import pyarrow as pa
 from datasets.fingerprint import Hasher
 
 from launcher.data.formats import CONTEXT, TARGET, Encoder
+from launcher.data.identity import check_entry, commit_entry, manifest_path, remove_entry
 from launcher.errors import UsageError
 
 LAYOUT_VERSION = 3  # bump when the samples or rows change, so old caches are not reused
@@ -53,15 +57,34 @@ def default_num_proc(n_rows: int) -> int:
     return 1 if n_rows < 10_000 else max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-def cache_file(docs: datasets.Dataset, cache_dir: Path | None, fingerprint: str) -> str | None:
-    """Where a stage's output goes: a file under the cache folder for sources read from disk; in memory otherwise."""
+def cache_file(docs: datasets.Dataset, cache_dir: Path | None, fingerprint: str, report: Callable[[str], None] | None) -> str | None:
+    """Where a stage's output goes: a file under the cache folder for sources read from disk; in memory otherwise.
+    An entry there that is not as it was written (truncated, other bytes, no manifest) is removed, with a warning
+    naming the file, so the stage builds it again instead of reading it."""
     if not docs.cache_files or cache_dir is None:
         return None
     (cache_dir / "tokenized").mkdir(parents=True, exist_ok=True)
-    return str(cache_dir / "tokenized" / f"{fingerprint}.arrow")
+    entry = cache_dir / "tokenized" / f"{fingerprint}.arrow"
+    if (problem := check_entry(entry)) is not None:
+        (report or warn)(f"data: the tokenized cache file {problem}; building it again")
+        remove_entry(entry)
+    return str(entry)
 
 
-def tokenize_samples(docs: datasets.Dataset, encoder: Encoder, num_proc: int | None, cache_dir: Path | None) -> datasets.Dataset:
+def committed(result: datasets.Dataset, cache_file_name: str | None) -> datasets.Dataset:
+    """A stage's output, with the manifest of its cache entry written once the entry is complete (a hit has one)."""
+    if cache_file_name is not None and not manifest_path(Path(cache_file_name)).is_file():
+        commit_entry(Path(cache_file_name))
+    return result
+
+
+def warn(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def tokenize_samples(
+    docs: datasets.Dataset, encoder: Encoder, num_proc: int | None, cache_dir: Path | None, report: Callable[[str], None] | None = None
+) -> datasets.Dataset:
     """Stage 1: one sample per row, with its length and first target (for stage 2's counts)."""
     masked = encoder.format != "text"
     features = {"ids": datasets.Sequence(datasets.Value("int32"))}
@@ -69,8 +92,9 @@ def tokenize_samples(docs: datasets.Dataset, encoder: Encoder, num_proc: int | N
         features["kinds"] = datasets.Sequence(datasets.Value("uint8"))
     fingerprint = Hasher.hash((docs._fingerprint, encoder.identity, LAYOUT_VERSION))
     procs = min(num_proc or default_num_proc(len(docs)), max(1, len(docs)))
+    cache_file_name = cache_file(docs, cache_dir, fingerprint, report)
     try:
-        return docs.map(
+        samples = docs.map(
             encoder,
             batched=True,
             batch_size=GROUP,
@@ -78,7 +102,7 @@ def tokenize_samples(docs: datasets.Dataset, encoder: Encoder, num_proc: int | N
             features=datasets.Features(features),
             new_fingerprint=fingerprint,
             num_proc=procs if procs > 1 else None,
-            cache_file_name=cache_file(docs, cache_dir, fingerprint),
+            cache_file_name=cache_file_name,
         )
     except UsageError:
         raise
@@ -89,6 +113,7 @@ def tokenize_samples(docs: datasets.Dataset, encoder: Encoder, num_proc: int | N
         if cause is not None:
             raise UsageError(*cause.lines) from None
         raise
+    return committed(samples, cache_file_name)
 
 
 def count_samples(samples: datasets.Dataset, width: int, too_long: str) -> SampleCounts:
@@ -112,7 +137,15 @@ def count_samples(samples: datasets.Dataset, width: int, too_long: str) -> Sampl
     return counts
 
 
-def layout_rows(samples: datasets.Dataset, seq_len: int, pack: bool, too_long: str, pad_id: int, cache_dir: Path | None) -> datasets.Dataset:
+def layout_rows(
+    samples: datasets.Dataset,
+    seq_len: int,
+    pack: bool,
+    too_long: str,
+    pad_id: int,
+    cache_dir: Path | None,
+    report: Callable[[str], None] | None = None,
+) -> datasets.Dataset:
     """Stage 2: rows of `seq_len + 1` ids; rows with no target are dropped."""
     width = seq_len + 1
     masked = "kinds" in samples.column_names
@@ -134,7 +167,8 @@ def layout_rows(samples: datasets.Dataset, seq_len: int, pack: bool, too_long: s
         rows = masked_rows(pieces, width, pack, too_long) if masked else text_rows(pieces, width, pack)
         return to_table(rows, width, pad_id, masked)
 
-    return (
+    cache_file_name = cache_file(samples, cache_dir, fingerprint, report)
+    rows = (
         samples.with_format("arrow")
         .map(
             rows_of_group,
@@ -143,10 +177,11 @@ def layout_rows(samples: datasets.Dataset, seq_len: int, pack: bool, too_long: s
             remove_columns=samples.column_names,
             features=datasets.Features(features),
             new_fingerprint=fingerprint,
-            cache_file_name=cache_file(samples, cache_dir, fingerprint),
+            cache_file_name=cache_file_name,
         )
         .with_format("numpy")
     )
+    return committed(rows, cache_file_name)
 
 
 def text_rows(pieces: list, width: int, pack: bool) -> list[tuple[np.ndarray, None]]:

@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 import datasets
+from datasets.fingerprint import Hasher
 
 from launcher.config import DATA_SUFFIXES, DataConfig
+from launcher.data.identity import files_identity
 from launcher.errors import UsageError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -110,12 +112,7 @@ def load_path(path: Path, key: str, split: tuple[str, str], cfg: DataConfig) -> 
             f"data.eval_split: '{path}' has no splits (only data.name and a DatasetDict save_to_disk folder have);"
             " give the evaluation data as data.eval_path"
         )
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    files = source_files(path)
     suffixes = sorted({p.suffix for p in files})
     if not files:
         raise UsageError(f"{key}: '{path}' holds no {'/'.join(DATA_SUFFIXES)} file; point it at data files or a save_to_disk folder")
@@ -125,9 +122,12 @@ def load_path(path: Path, key: str, split: tuple[str, str], cfg: DataConfig) -> 
         check_not_empty(file, key)
     builder = BUILDERS[suffixes[0]]
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    # datasets keys its copy of the files by their modification times alone: named by their identity (size and
+    # content, identity.py), a file rewritten with the same time gets a copy of its new bytes, and new cache keys
+    name = "launcher-" + files_identity(files)["digest"][:16]
     try:
         docs = datasets.load_dataset(
-            builder, data_files=[str(f) for f in files], split="train", cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None, **kwargs
+            builder, name=name, data_files=[str(f) for f in files], split="train", cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None, **kwargs
         )
     except Exception as err:  # the datasets library raises many types for an unreadable file
         for file in files:
@@ -135,6 +135,24 @@ def load_path(path: Path, key: str, split: tuple[str, str], cfg: DataConfig) -> 
                 raise UsageError(f"{key}: '{file}' {bad}") from None
         raise UsageError(f"{key}: cannot read '{path}' as {builder} ({type(err).__name__}: {first_line(err)}); fix the file") from None
     return docs, files
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files a data.path source reads: a save_to_disk folder's files, the data files of a folder or glob, or the file."""
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+    if path.is_file():
+        return [path]
+    return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+
+
+def data_identity(cfg: DataConfig) -> dict[str, dict]:
+    """What identifies the data read from files (data.path, data.eval_path; identity.py), recorded in checkpoints:
+    a resume on other bytes is refused. data.name is identified by datasets (a hub revision)."""
+    sources = {"data.path": cfg.path if cfg.name is None else None, "data.eval_path": cfg.eval_path}
+    return {key: identity for key, path in sources.items() if path is not None and (identity := files_identity(source_files(path)))}
 
 
 def load_saved(path: Path, key: str, split: tuple[str, str]) -> datasets.Dataset:
@@ -149,9 +167,12 @@ def load_saved(path: Path, key: str, split: tuple[str, str]) -> datasets.Dataset
     if isinstance(saved, datasets.DatasetDict):
         if split not in saved:
             raise UsageError(f"{which}: '{path}' has no split '{split}' (splits: {', '.join(saved)}); set {which} to one of them")
-        return saved[split]
-    if which == "data.eval_split":
+        saved = saved[split]
+    elif which == "data.eval_split":
         raise UsageError(f"data.eval_split: '{path}' is a single Dataset with no splits; give the evaluation data as data.eval_path")
+    # the fingerprint (the key of the tokenized cache) comes from state.json: arrow files rewritten beside an
+    # unchanged state.json would be tokenized from the old cache; keyed by the files' identity too, they are not
+    saved._fingerprint = Hasher.hash((saved._fingerprint, files_identity(source_files(path))["digest"]))
     return saved
 
 
