@@ -222,15 +222,15 @@ def check_end(start: Start, total_steps: int, cfg: Config) -> None:
 
 def check_samples(start: Start, train_samples: int, cfg: Config) -> None:
     """Once the data is tokenized: another number of training samples than the checkpoint's means other data (a
-    change identity.py cannot see, or a source it does not cover), unless a change was allowed."""
+    change identity.py cannot see, or a source it does not cover: data.name), unless a change was allowed."""
     recorded = start.state.train_samples if start.state is not None else None
-    if recorded is None or recorded == train_samples or start.allowed:
+    key = "data.name" if cfg.data.name is not None else "data.path"
+    if recorded is None or recorded == train_samples or start.allowed or _matches(key, cfg.resume_allow_changes):
         return
-    where = f"data.path '{cfg.data.path}'" if cfg.data.path is not None else f"data.name '{cfg.data.name}'" if cfg.data.name else "the data"
     raise UsageError(
         f"resume: checkpoint '{start.checkpoint}' was trained on {recorded} training samples, this run has {train_samples}:"
-        f" {where} changed; restore the data, or allow the change with resume_allow_changes=[data.path],"
-        f" or set output_dir=NEW_DIR for a new run"
+        f" the data of {key} '{getattr(cfg.data, key.removeprefix('data.')) or 'the built-in corpus'}' changed; restore the data,"
+        f" or allow the change with resume_allow_changes=[{key}], or set output_dir=NEW_DIR for a new run"
     )
 
 

@@ -138,3 +138,24 @@ def test_a_damaged_cache_entry_is_built_again_with_a_warning_naming_it(tmp_path:
     assert all(torch.equal(rebuilt[name], expected[name]) for name in expected)
     # built again, with its manifest: the next run reads it without a word
     assert all(check_entry(file) is None and manifest_path(file).is_file() for file in files)
+
+
+def test_another_number_of_training_samples_on_resume_is_refused(tmp_path: Path):
+    """data.name (a local folder here) is identified by datasets, not by the launcher: the number of samples is."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(line_of(60, i) for i in range(20)))
+    config = tiny_config(tmp_path, data={"path": None, "name": str(folder)}, checkpoint={"every_steps": 2})
+    path = write_config(tmp_path / "c.yaml", config)
+    out = tmp_path / "out"
+    check(run_cli("train", str(path)))
+    with (folder / "train.jsonl").open("a") as f:
+        f.write("".join(line_of(60, i) for i in range(20, 40)))
+    before = disk_snapshot(out)
+    line = one_error_line(run_cli("train", str(path), "resume=auto", "train.max_steps=6"))
+    assert line == (
+        f"launcher: error: resume: checkpoint '{out / 'checkpoints' / 'step-000000004'}' was trained on 36 training samples,"
+        f" this run has 72: the data of data.name '{folder}' changed; restore the data, or allow the change with"
+        " resume_allow_changes=[data.name], or set output_dir=NEW_DIR for a new run"
+    )
+    assert disk_snapshot(out) == before
