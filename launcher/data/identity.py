@@ -87,12 +87,12 @@ def check_entry(entry: Path) -> str | None:
     """Why the cache entry cannot be used (a file missing, of another size or other bytes than when it was written,
     or written without a manifest: a build that did not finish); None when it is sound or does not exist."""
     files = entry_files(entry)
-    if not files:
-        return None
+    if not files:  # a manifest left alone would be taken for the one of the entry built next
+        return f"'{entry}' is missing" if manifest_path(entry).is_file() else None
     try:
         manifest = json.loads(manifest_path(entry).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return f"'{files[0]}' has no manifest (a build that did not finish)"
+        return f"'{files[0]}' has no manifest (a build that did not finish, or an older launcher's)"
     for name, (size, digest) in manifest.items():
         path = entry.parent / name
         if not path.is_file():
