@@ -370,6 +370,14 @@ def inspection_model(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer | None 
 def check_options(cfg: Config, uses_deepspeed: bool) -> None:
     """Options that depend on the backend or on an optional package, checked before anything starts."""
     problems = diagnostics_problems(backend_kind(cfg, uses_deepspeed), cfg.diagnostics)
+    if uses_deepspeed:
+        # Accelerate's DeepSpeed path also reads transformers' version: both are the deepspeed extra
+        missing = [name for name in ("deepspeed", "transformers") if not _importable(name)]
+        if missing:
+            problems.append(
+                f"deepspeed: DeepSpeed runs need the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}, not installed here;"
+                f" pip install -e '.[deepspeed]' (or scripts/setup deepspeed), or remove deepspeed to train with DDP"
+            )
     if problems:
         raise UsageError(*problems)
     if cfg.train.tensorboard:
@@ -379,6 +387,14 @@ def check_options(cfg: Config, uses_deepspeed: bool) -> None:
             raise UsageError(
                 "train.tensorboard: the tensorboard package is not installed; pip install -e '.[tensorboard]' or set it to false"
             ) from None
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _prepare_data_main_first(cfg: Config, accelerator: Accelerator, tokenizer: ByteTokenizer | HFTokenizer):

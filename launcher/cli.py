@@ -149,6 +149,7 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     if cfg.checkpoint.every_minutes is None:
         cfg.checkpoint.every_minutes = default_checkpoint_minutes()  # 30 inside a SLURM job
     nproc = processes_to_start(cfg.launch)
+    warn_unapplied_process_count(cfg.launch)
     checked = None
     if launched_by_a_launcher():  # every process checks the input (build_run); the main process reports it
         start = plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
@@ -188,6 +189,15 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     if code != EXIT_OK:
         run.accelerator.wait_for_everyone()  # no rank exits (failing the launch) before the main process is done
     return code
+
+
+def warn_unapplied_process_count(launch) -> None:
+    """Under accelerate launch, torchrun or SLURM the launcher chose the process count: a different
+    launch.nproc_per_node in the config cannot take effect, so say so rather than ignore it."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    asked = launch.nproc_per_node
+    if local is not None and isinstance(asked, int) and "nproc_per_node" in launch.model_fields_set and asked != int(local) and env_rank_is_main():
+        print(f"launcher: warning: launch.nproc_per_node: {asked} not applied: the launcher that started this run gave {local} process(es) per node")
 
 
 def env_rank_is_main() -> bool:
@@ -235,7 +245,7 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
 def run_plan(args: argparse.Namespace) -> int:
     from launcher.config import load_config
     from launcher.distributed import processes_to_start
-    from launcher.plan import Allocation, parse_duration, plan_text
+    from launcher.plan import Allocation, check_step_time, parse_duration, plan_text
 
     overrides = args.overrides + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
     cfg = load_config(args.config, overrides)
@@ -245,7 +255,7 @@ def run_plan(args: argparse.Namespace) -> int:
         args.nodes,
         args.gpus_per_node or processes_to_start(cfg.launch),
         parse_duration(args.time_limit) if args.time_limit else None,
-        args.step_time_s,
+        check_step_time(args.step_time_s),
         cpus_per_task=args.cpus_per_task,
         mem=args.mem,
     )

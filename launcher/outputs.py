@@ -147,8 +147,10 @@ def check_storage(output_dir: Path, checkpoint_bytes: int, cache_dirs: list[tupl
     the file system has room for one more checkpoint. RunFault (exit code 74) naming the folder otherwise."""
     for what, folder in [("output_dir", output_dir), *cache_dirs]:
         where = existing_parent(folder)
-        if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
-            why = "read-only file system" if where.is_dir() and os.statvfs(where).f_flag & os.ST_RDONLY else "permission denied"
+        if not where.is_dir():  # bad input (a path under a regular file), not a fault of the machine
+            raise UsageError(f"{what}: '{folder}' lies under '{where}', which is a file; set {what} to a path under a folder")
+        if not os.access(where, os.W_OK | os.X_OK):
+            why = "read-only file system" if os.statvfs(where).f_flag & os.ST_RDONLY else "permission denied"
             raise RunFault(f"{what}: '{folder}' cannot be written ({why} at '{where}'); make it writable or set {what} to another folder")
     where = existing_parent(output_dir)
     if free_bytes(where) < checkpoint_bytes:
