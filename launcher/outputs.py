@@ -158,8 +158,8 @@ def check_storage(output_dir: Path, checkpoint_bytes: int, cache_dirs: list[tupl
         )
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: Path) -> Path:
-    """Full, unwrapped weights as safetensors, plus the config that builds the model. Main process only."""
+def save_weights(state_dict: dict[str, torch.Tensor], directory: Path) -> Path:
+    """Full, unwrapped weights as safetensors (final/ of the built-in GPT: launcher.final). Main process only."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors, seen = {}, set()
     for name, tensor in state_dict.items():
@@ -170,5 +170,4 @@ def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: Pa
         tensors[name] = tensor
     path = directory / "model.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
-    (directory / "config.yaml").write_text(to_yaml(cfg))
     return path

@@ -21,6 +21,7 @@ import yaml
 from launcher.checkpoints import TrainerState, checkpoint_root, complete_checkpoints, resume_path, verify_checkpoint
 from launcher.config import Config, to_yaml
 from launcher.errors import UsageError
+from launcher.final import finished_config
 from launcher.lock import check_not_held
 from launcher.outputs import check_output_dir, holds_files
 
@@ -88,7 +89,7 @@ def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
             return finished
         checkpoint = resume_path("auto", out)
         if checkpoint is None:  # nothing of this launcher to continue: like any other folder
-            if (out / "final" / "model.safetensors").is_file() and not overwrite:
+            if finished_config(out) is not None and not overwrite:
                 raise UsageError(
                     f"output_dir: '{out}' holds a finished run without checkpoints, so resume=auto has nothing to continue;"
                     f" set output_dir=NEW_DIR, or pass --overwrite to train it again from scratch"
@@ -120,12 +121,8 @@ def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
 def finished_run(cfg: Config) -> Start | None:
     """With resume=auto: output_dir holds this run, finished (final/ written, with the same step bounds and nothing
     that would be refused as a change)."""
-    final = cfg.output_dir / "final"
-    if not (final / "model.safetensors").is_file():
-        return None
-    try:
-        old = yaml.safe_load((final / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+    old = finished_config(cfg.output_dir)
+    if old is None:
         return None
     differences = config_differences(old, cfg)
     if any(d.key in BOUNDS for d in differences) or refused(differences, cfg.resume_allow_changes):
