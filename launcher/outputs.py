@@ -20,6 +20,16 @@ from launcher.lock import LOCK_FILE
 RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "tensorboard", "plots", "logs", PREEMPTED_MARKER, NONFINITE_MARKER)
 
 
+def cleared_by_overwrite(output_dir: Path, path: Path) -> str | None:
+    """The entry of RUN_FILES whose removal by --overwrite would delete `path` (symlinks followed), or None."""
+    target = path.resolve()
+    for name in RUN_FILES:
+        removed = (output_dir / name).resolve()
+        if target == removed or removed in target.parents:
+            return name
+    return None
+
+
 def holds_files(output_dir: Path) -> bool:
     """output_dir exists and holds something besides a lock file."""
     return output_dir.is_dir() and any(p.name != LOCK_FILE for p in output_dir.iterdir())

@@ -220,6 +220,36 @@ def test_a_finished_lora_or_sharded_run_survives_resume_auto_byte_for_byte(tmp_p
         assert rewritten == {k.removeprefix("final/"): v for k, v in before.items() if k.startswith("final/") and k != "final/config.yaml"}
 
 
+def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path: Path, finished_hf):
+    """--overwrite with model.pretrained in OUTPUT_DIR/final, or data.path in a folder --overwrite clears: refused in
+    one line naming the key and the file, nothing deleted; a file of output_dir that --overwrite keeps may be read."""
+    config, out = finished_hf["sharded"]
+    out = copy_run(out, tmp_path)
+    before = disk_snapshot(tmp_path)
+    line = one_error_line(run_cli("train", str(config), f"output_dir={out}", f"model.pretrained={out}/final", "--overwrite"))
+    assert line == (
+        f"launcher: error: --overwrite would delete this run's own input: model.pretrained '{out}/final' (in {out}/final);"
+        " copy it out of output_dir first and point the key at the copy, or set output_dir=NEW_DIR"
+    )
+    assert disk_snapshot(tmp_path) == before
+
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    run = tmp_path / "out"
+    (run / "logs").mkdir(parents=True)
+    shutil.copy(tmp_path / "docs.jsonl", run / "logs" / "docs.jsonl")
+    link = tmp_path / "data-link"
+    link.symlink_to(run / "logs")  # a symlink to the folder is the same file
+    before = disk_snapshot(tmp_path)
+    for path in (run / "logs" / "docs.jsonl", link / "docs.jsonl"):
+        line = one_error_line(run_cli("train", str(config), f"data.path={path}", "--overwrite"))
+        assert f"--overwrite would delete this run's own input: data.path '{path}' (in {run}/logs);" in line
+        assert disk_snapshot(tmp_path) == before
+    (run / "mine").mkdir()
+    shutil.move(run / "logs" / "docs.jsonl", run / "mine" / "docs.jsonl")  # not a file of the launcher's: kept
+    check(run_cli("train", str(config), f"data.path={run}/mine/docs.jsonl", "--overwrite"))
+    assert (run / "mine" / "docs.jsonl").read_bytes() == (tmp_path / "docs.jsonl").read_bytes() and not (run / "logs").exists()
+
+
 def test_the_debug_summary_names_a_lora_runs_adapter(tmp_path: Path, tiny_hf):
     lora = {"r": 2, "alpha": 4, "target_modules": ["q_proj"]}
     config = write_config(tmp_path / "c.yaml", hf_config(tmp_path, tiny_hf["llama"], lora=lora))
