@@ -37,8 +37,11 @@ def write_final(directory: Path, cfg: Config, write: Callable[[Path], object]) -
     (directory / MARKER).unlink(missing_ok=True)  # a final/ being rewritten is incomplete until the marker is back
     write(directory)
     temporary = directory / f".{MARKER}.tmp"
-    temporary.write_text(to_yaml(cfg))
-    temporary.replace(directory / MARKER)
+    try:  # whole or not at all: a full disk halfway leaves no marker
+        temporary.write_text(to_yaml(cfg))
+        temporary.replace(directory / MARKER)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def finished_config(output_dir: Path) -> dict | None:
