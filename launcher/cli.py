@@ -207,8 +207,10 @@ def env_rank_is_main() -> bool:
 
 
 def report_finished(cfg) -> int:
+    from launcher.final import describe
+
     print(
-        f"output_dir '{cfg.output_dir}' holds this run, finished (final/model.safetensors); nothing to do."
+        f"output_dir '{cfg.output_dir}' holds this run, finished ({describe(cfg)}); nothing to do."
         f" Raise train.max_steps to train on from its last checkpoint, or set output_dir=NEW_DIR"
     )
     return EXIT_OK
@@ -318,11 +320,6 @@ def report(summary: dict, cfg) -> None:
     if summary["nonfinite"]:
         print(f"stopped at step {summary['steps']}: inf/nan loss or gradient (report on stderr and in {cfg.output_dir}/nonfinite.json)")
         return
-    final = (
-        "final/ (the LoRA adapter" + (", merged/ the merged model)" if cfg.export.merge_lora else ")")
-        if cfg.lora is not None
-        else "final/ (a Hugging Face model folder)"
-        if cfg.model.is_hf
-        else "final/model.safetensors"
-    )
-    print(f"outputs: {cfg.output_dir}/ (config.yaml, metrics.jsonl, {final})")
+    from launcher.final import describe
+
+    print(f"outputs: {cfg.output_dir}/ (config.yaml, metrics.jsonl, {describe(cfg)})")

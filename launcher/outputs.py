@@ -20,6 +20,16 @@ from launcher.lock import LOCK_FILE
 RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "tensorboard", "plots", "logs", PREEMPTED_MARKER, NONFINITE_MARKER)
 
 
+def cleared_by_overwrite(output_dir: Path, path: Path) -> str | None:
+    """The entry of RUN_FILES whose removal by --overwrite would delete `path` (symlinks followed), or None."""
+    target = path.resolve()
+    for name in RUN_FILES:
+        removed = (output_dir / name).resolve()
+        if target == removed or removed in target.parents:
+            return name
+    return None
+
+
 def holds_files(output_dir: Path) -> bool:
     """output_dir exists and holds something besides a lock file."""
     return output_dir.is_dir() and any(p.name != LOCK_FILE for p in output_dir.iterdir())
@@ -160,8 +170,8 @@ def check_storage(output_dir: Path, checkpoint_bytes: int, cache_dirs: list[tupl
         )
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: Path) -> Path:
-    """Full, unwrapped weights as safetensors, plus the config that builds the model. Main process only."""
+def save_weights(state_dict: dict[str, torch.Tensor], directory: Path) -> Path:
+    """Full, unwrapped weights as safetensors (final/ of the built-in GPT: launcher.final). Main process only."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors, seen = {}, set()
     for name, tensor in state_dict.items():
@@ -172,5 +182,4 @@ def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: Pa
         tensors[name] = tensor
     path = directory / "model.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
-    (directory / "config.yaml").write_text(to_yaml(cfg))
     return path
