@@ -51,11 +51,7 @@ def prepare_output_dir(cfg: Config, clear: bool, resume_step: int | None) -> Non
     out = cfg.output_dir
     if clear:
         for name in RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+            _remove(out / name)
     out.mkdir(parents=True, exist_ok=True)
     (out / PREEMPTED_MARKER).unlink(missing_ok=True)
     (out / NONFINITE_MARKER).unlink(missing_ok=True)
@@ -64,6 +60,18 @@ def prepare_output_dir(cfg: Config, clear: bool, resume_step: int | None) -> Non
         kept = metrics_until(metrics, resume_step) if resume_step is not None else ""
         _replace(metrics, kept)
     _replace(out / "config.yaml", to_yaml(cfg))
+
+
+def _remove(target: Path) -> None:
+    """Delete a previous run's file or folder. A folder that is a symbolic link (checkpoints/ put on another disk)
+    keeps the link, so the new run's files go where the user sent them, and loses its contents."""
+    if target.is_symlink() and target.is_dir():
+        for child in target.iterdir():
+            _remove(child)
+    elif target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
 
 
 def metrics_until(path: Path, step: int) -> str:

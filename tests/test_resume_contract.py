@@ -257,3 +257,16 @@ def test_the_debug_summary_names_a_lora_runs_adapter(tmp_path: Path, tiny_hf):
     summary = proc.stdout[proc.stdout.index("debug summary") :]
     assert f"outputs: {tmp_path}/out-debug/ (metrics.jsonl, final/ (the LoRA adapter, adapter_model.safetensors));" in summary
     assert (tmp_path / "out-debug" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_overwrite_keeps_a_symlinked_checkpoints_folder(tmp_path: Path, finished):
+    """checkpoints/ made a link to another disk: --overwrite empties what it points to and keeps the link, so the
+    new run's checkpoints go where the user sent them (rmtree refused the link with a traceback)."""
+    config, out = finished
+    run = copy_run(out, tmp_path)
+    scratch = tmp_path / "scratch"
+    shutil.move(run / "checkpoints", scratch)
+    (run / "checkpoints").symlink_to(scratch, target_is_directory=True)
+    (scratch / "someone-else.txt").write_text("gone with the old run")
+    check(run_cli("train", str(config), f"output_dir={run}", "--overwrite", "checkpoint.every_steps=4"))
+    assert (run / "checkpoints").is_symlink() and sorted(p.name for p in scratch.iterdir()) == ["step-000000004"]
