@@ -9,6 +9,9 @@ What each signal means:
   (PreemptMode=REQUEUE). When both arrive (preemption with `preempt_send_user_signal`), SIGTERM wins.
 - a first Ctrl-C (SIGINT): like SIGTERM; a second one ends the process at once (EXIT_ABORTED),
   without a checkpoint and without a traceback.
+- SIGHUP (the terminal that started the run was closed, or its ssh connection dropped): like SIGTERM. A
+  run whose console is gone stops at the next step boundary with a checkpoint rather than training on
+  unseen or dying without one; run it under nohup, tmux or SLURM to have it train on.
 
 Nothing heavy runs inside the handler. At each step boundary all ranks agree, with one small all-reduce
 on a CPU (gloo) group, on whether any rank was signalled (and how), whether rank 0's clock says a
@@ -29,6 +32,7 @@ from launcher.exits import EXIT_ABORTED
 INTERRUPTED = "launcher: interrupted: stopping after this step with a checkpoint (exit 75); Ctrl-C again to stop at once\n"
 ABORTED = "launcher: interrupted twice: stopped at once, without a checkpoint (the newest complete one is kept)\n"
 REQUEUE_SIGNAL_VARIABLE = "LAUNCHER_REQUEUE_SIGNAL"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # checkpoint and stop, no requeue
 
 
 def requeue_signal() -> signal.Signals:
@@ -36,7 +40,7 @@ def requeue_signal() -> signal.Signals:
     name = os.environ.get(REQUEUE_SIGNAL_VARIABLE, "USR1").upper()
     name = name if name.startswith("SIG") else "SIG" + name
     found = getattr(signal, name, None)
-    if not isinstance(found, signal.Signals) or found in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGSTOP):
+    if not isinstance(found, signal.Signals) or found in (*STOP_SIGNALS, signal.SIGKILL, signal.SIGSTOP):
         raise UsageError(
             f"{REQUEUE_SIGNAL_VARIABLE}: '{os.environ[REQUEUE_SIGNAL_VARIABLE]}' cannot be the requeue signal;"
             f" name another signal, such as USR1 or USR2"
@@ -60,17 +64,21 @@ class PreemptionFlag:
         self.requeue_signal = requeue_signal()
         self.received: list[int] = []  # signal numbers, in arrival order (a second one changes nothing, but Ctrl-C)
         self.on_abort = lambda: None  # what a second Ctrl-C does before the process ends (release the output_dir lock)
-        for signum in signals or (self.requeue_signal, signal.SIGTERM, signal.SIGINT):
+        for signum in signals or (self.requeue_signal, *STOP_SIGNALS):
             signal.signal(signum, self._handle)
         self._group = None
 
-    def connect(self) -> None:
-        """Once the process group exists (every rank calls it): the group the flags are agreed on."""
+    def connect(self, timeout_s: float) -> None:
+        """Once the process group exists (every rank calls it): the group the flags are agreed on. `timeout_s`
+        (distributed.timeout_s) bounds its all-reduce like the training's collectives: torch would give a new gloo
+        group 30 minutes, and a rank that stops responding between two steps would hold the others that long."""
+        from datetime import timedelta
+
         import torch.distributed as dist  # here, not at import: the handler is installed before torch loads
 
         if self._group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # a separate gloo group: the agreement is a CPU tensor even when training runs on NCCL
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     def _handle(self, signum, frame) -> None:
         speaks = os.environ.get("RANK", "0") == "0"  # every rank is told; one says so
