@@ -204,7 +204,7 @@ def relaunch(nproc: int, argv: list[str], preemption: PreemptionFlag, timeout_s:
     exit 0 after a deliberate end (preemption, bad input, a fault), so that torchrun reports it as no failure of its
     own; torchrun's own messages go to a file there (run_agent), and this process says in one line what ended a run
     that failed (report_failure). A stop signal sent to this process reaches each worker once it exists with its
-    handler (it announced itself), as itself (the requeue signal) or as SIGTERM (SIGTERM, SIGHUP, a first Ctrl-C):
+    handler (it announced itself), as itself (the requeue signal, SIGHUP) or as SIGTERM (SIGTERM, a first Ctrl-C):
     the workers stop at a step boundary after a checkpoint. torchrun itself is never signalled: it would end workers
     that are still starting (exit 241, no output). One that came during the pre-flight (`preemption`) ends the run
     here, before any process starts. A second Ctrl-C ends torchrun and the workers at once. torchrun runs in a session
@@ -215,7 +215,7 @@ def relaunch(nproc: int, argv: list[str], preemption: PreemptionFlag, timeout_s:
     import torch
 
     from launcher.exits import EXIT_ABORTED, EXIT_FAULT, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USAGE
-    from launcher.preemption import ABORTED, INTERRUPTED, STOP_SIGNALS, requeue_signal
+    from launcher.preemption import ABORTED, INTERRUPTED, STOP_SIGNALS, leave_closed_terminal, requeue_signal
 
     requeue = requeue_signal()
     control = Path(tempfile.mkdtemp(prefix="launcher-control-"))
@@ -230,9 +230,13 @@ def relaunch(nproc: int, argv: list[str], preemption: PreemptionFlag, timeout_s:
             if interrupts > 1 and child is not None:
                 os.killpg(child.pid, signal.SIGKILL)  # the workers end with torchrun (their parent-death signal)
                 return
-        for_workers.append(signum if signum == requeue else signal.SIGTERM)
-        # a worker reads this file once it announced itself; one that already did is signalled here (both: no harm)
-        _write_atomically(control / "signals", " ".join(str(int(s)) for s in for_workers))
+        if signum == signal.SIGHUP:
+            leave_closed_terminal()
+        for_workers.append(signum if signum in (requeue, signal.SIGHUP) else signal.SIGTERM)  # SIGHUP: theirs too
+        try:  # a worker reads this file once it announced itself; one that already did is signalled here (both: no harm)
+            _write_atomically(control / "signals", " ".join(str(int(s)) for s in for_workers))
+        except OSError:
+            return  # the run is over: the folder is gone
         for pid in _announced(control).values():
             try:
                 os.kill(pid, for_workers[-1])

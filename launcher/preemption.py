@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 from typing import NamedTuple
 
 from launcher.errors import UsageError
@@ -46,6 +47,23 @@ def requeue_signal() -> signal.Signals:
             f" name another signal, such as USR1 or USR2"
         )
     return found
+
+
+def leave_closed_terminal() -> None:
+    """After SIGHUP: a write to the terminal that hung up fails (EIO), and the next progress line would end the run
+    without its checkpoint. The standard streams that are a terminal (a character device other than /dev/null) go to
+    /dev/null from here on; pipes and files are kept, and each rank's log file keeps its output."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:
+                mode, device = os.fstat(fd).st_mode, os.fstat(fd).st_rdev
+            except OSError:
+                continue
+            if stat.S_ISCHR(mode) and device != os.fstat(devnull).st_rdev:
+                os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 class Agreement(NamedTuple):
@@ -91,6 +109,8 @@ class PreemptionFlag:
                 os._exit(EXIT_ABORTED)  # at once: no unwinding through the training step, no traceback
         if signum == signal.SIGINT and speaks:
             os.write(2, INTERRUPTED.encode())
+        if signum == signal.SIGHUP:
+            leave_closed_terminal()
         self.received.append(signum)
 
     def agreed(self, fault: bool = False, time_due: bool = False) -> Agreement:

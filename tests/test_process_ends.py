@@ -6,8 +6,11 @@ command returns only once no process of the run is left."""
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest
 
 from launcher.checkpoints import complete_checkpoints, verify_checkpoint
 
-from conftest import PYTHON, REPO, cpu_env, metrics, tiny_config, train_until_rows, write_config
+from conftest import PYTHON, REPO, cpu_env, metrics, tiny_config, train_until_rows, wait_for_rows, write_config
 
 EXIT_PREEMPTED, EXIT_RANK_LOST = 75, 76
 
@@ -129,6 +132,42 @@ def test_sighup_stops_the_workers_after_a_checkpoint_before_the_command_returns(
     verify_checkpoint(Path(marker["checkpoint"]))
     assert f"stopped after step {marker['step']}" in stdout
     assert not (out / "run.lock").exists()
+
+
+def test_a_closed_terminal_stops_the_run_after_a_checkpoint(config: Path, tmp_path: Path):
+    """The run's console is a terminal that goes away (its master end closed: a write to it fails with EIO), then
+    SIGHUP: the processes stop writing there, and the run still ends with its checkpoint (exit 75)."""
+    out = tmp_path / "out"
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "launcher", "train", str(config), "launch.nproc_per_node=2"], cwd=REPO, env=cpu_env(), stdout=terminal, stderr=terminal
+    )
+    os.close(terminal)
+    shown, reading = [], threading.Event()
+    reading.set()
+
+    def read_terminal():  # as a terminal does, so that the run never blocks on a full one
+        while reading.is_set():
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    shown.append(os.read(master, 65536))
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    wait_for_rows(out, 2, lambda: proc.poll() is None)
+    reading.clear()
+    reader.join(timeout=10)
+    os.close(master)  # the terminal is gone
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=240) == EXIT_PREEMPTED
+    assert not processes_of(config)
+    marker = json.loads((out / "preempted.json").read_text())
+    verify_checkpoint(Path(marker["checkpoint"]))
+    rank_0 = (out / "logs" / "rank-0.log").read_text()
+    assert f"stopped after step {marker['step']}" in rank_0 and "Traceback" not in rank_0
+    assert b"Traceback" not in b"".join(shown)
 
 
 def test_a_killed_worker_ends_the_run_with_one_line_naming_it(config: Path, tmp_path: Path):
