@@ -327,7 +327,7 @@ def report_failure(control: Path, code: int, timeout_s: float, output_dir: Path)
     elif first is not None:  # an internal error: the traceback of the rank where it happened
         sys.stderr.write(first["traceback"])
         print(
-            f"launcher: error: rank {first['rank']} failed: {first['error']} (its traceback is above; every rank's output is in {output_dir}/logs/)",
+            f"launcher: error: rank {first['rank']} failed: {first['error'].splitlines()[0]} (its traceback is above; every rank's output is in {output_dir}/logs/)",
             file=sys.stderr,
         )
         return code

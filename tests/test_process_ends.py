@@ -101,7 +101,8 @@ def test_a_stop_signal_during_the_preflight_ends_the_run_before_any_process_star
             f"launcher: stopped by {signum.name} during the pre-flight, before any process started: nothing was trained;"
             " run the command again to start (exit 75)"
         ]
-        assert not (tmp_path / "out").exists()
+        out = tmp_path / "out"  # no worker wrote there, and the output_dir lock (if the pre-flight took it) is released
+        assert not (out / "logs").exists() and not (out / "metrics.jsonl").exists() and not (out / "run.lock").exists()
 
 
 def test_a_signal_while_the_workers_start_stops_them_after_the_first_step(config: Path, tmp_path: Path):
