@@ -58,6 +58,17 @@ def handles(pid: int, signum: int) -> bool:
     return False
 
 
+def started_torchrun(pid: int) -> bool:
+    """Whether the command `pid` has started torchrun (launcher.distributed.run_agent) as its child."""
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if b"run_agent" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def processes_of(config: Path) -> dict[int, bytes]:
     """pid: environment of each live process whose command line names `config` (the command, torchrun, the workers)."""
     found = {}
@@ -109,7 +120,7 @@ def test_a_signal_while_the_workers_start_stops_them_after_the_first_step(config
     """SIGUSR1 as soon as torchrun is started: each worker gets it once its handler exists, and they stop at the first
     step boundary with a checkpoint, a requeue asked for."""
     proc = start(config)
-    wait_until(lambda: subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).returncode == 0, proc, "started torchrun")
+    wait_until(lambda: started_torchrun(proc.pid), proc, "started torchrun")
     proc.send_signal(signal.SIGUSR1)
     stdout, _ = ended(proc, config, EXIT_PREEMPTED)
     out = tmp_path / "out"
