@@ -18,7 +18,7 @@ import pytest
 
 from launcher.checkpoints import complete_checkpoints, verify_checkpoint
 
-from conftest import PYTHON, REPO, cpu_env, metrics, tiny_config, train_until_rows, wait_for_rows, write_config
+from conftest import EXIT_PROBE_MARK, PYTHON, REPO, cpu_env, metrics, tiny_config, train_until_rows, wait_for_rows, write_config
 
 EXIT_PREEMPTED, EXIT_RANK_LOST = 75, 76
 
@@ -93,7 +93,7 @@ def ended(proc: subprocess.Popen, config: Path, code: int, timeout_s: float = 24
     left = processes_of(config)  # at once: the command returned only after every process of the run
     assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-6000:]}"
     assert not left, f"processes of the run outlived the command: {sorted(left)}"
-    for word in ("Traceback", "ChildFailedError", "SignalException", "torch.distributed"):
+    for word in ("Traceback", "ChildFailedError", "SignalException", "torch.distributed", "torch/distributed", EXIT_PROBE_MARK):
         assert word not in stdout + stderr, stderr[-6000:]
     return stdout, stderr
 
