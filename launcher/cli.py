@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # first of all: a preemption signal that arrives before the handler exists kills the process
     preemption = PreemptionFlag()
-    from launcher.distributed import announce_to_parent, die_with_launcher, end_process, env_rank, exit_code_for_parent
+    from launcher.distributed import announce_to_parent, die_with_launcher, end_process, env_rank, exit_code_for_parent, report_crash_to_parent
 
     die_with_launcher()
     announce_to_parent()
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
         close_progress_bars()
         code = end_with_error(err, quiet=err.quiet)
+    except Exception:  # a worker of a plain multi-process run: its parent says what happened (the process ends here)
+        report_crash_to_parent()
+        raise
     return end_process(exit_code_for_parent(code))  # the ranks end together (after a barrier, or on an input or fault every rank raised)
 
 
@@ -160,7 +163,7 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     if not launched_by_a_launcher() and nproc > 1:
         from launcher.distributed import relaunch
 
-        return relaunch(nproc, argv)
+        return relaunch(nproc, argv, preemption, cfg.distributed.timeout_s, cfg.output_dir)
 
     from launcher.build import build_run
     from launcher.exits import end_run

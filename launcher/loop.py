@@ -78,7 +78,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     names, params = map(list, zip(*[(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]))
     micro_steps = run.plan.micro_steps_per_process  # gradient_accumulation_steps x the ranks this process plays
     if preemption is not None:
-        preemption.connect()
+        preemption.connect(cfg.distributed.timeout_s)
     first_eval = last_eval = None
     if run.eval_data is not None and cfg.eval.at_start and run.start_step == 0 and run.total_steps > 0:
         first_eval = last_eval = log_eval(run, metrics, step=0)
