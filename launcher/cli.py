@@ -309,7 +309,7 @@ def report(summary: dict, cfg) -> None:
             )
         else:
             print(
-                f"stopped after step {summary['steps']} (SIGTERM or Ctrl-C); checkpoint {checkpoint}; no requeue asked for;"
+                f"stopped after step {summary['steps']} (SIGTERM, SIGHUP or Ctrl-C); checkpoint {checkpoint}; no requeue asked for;"
                 f" run again with resume=auto to continue"
             )
         return
