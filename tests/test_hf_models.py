@@ -217,10 +217,18 @@ def test_export_loads_back_with_the_in_memory_models_logits(tiny_hf, tmp_path, f
         expected = model(ids).logits
         assert torch.equal(loaded(ids).logits, expected)
         assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # still tied
+        unique = len({t.data_ptr() for t in model.state_dict().values()})  # lm_head.weight is the embedding
+        assert len(final_weights(tmp_path / "out")) == unique == 28 and "lm_head.weight" not in final_weights(tmp_path / "out")
+
+        # a gathered state dict (DeepSpeed's fp32 master copies, FSDP2's) holds a copy per name: stored once all the same
+        export_hf(model, {k: t.clone() for k, t in model.state_dict().items()}, run.tokenizer, run.cfg, tmp_path / "copies")
+        assert len(load_file(str(tmp_path / "copies" / "model.safetensors"))) == unique
+        assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "copies")(ids).logits, expected)
 
         run.cfg.export.dtype, run.cfg.export.max_shard_size = "bf16", "150KB"
         export_hf(model, model.state_dict(), run.tokenizer, run.cfg, tmp_path / "bf16")
-        assert (tmp_path / "bf16" / "model.safetensors.index.json").is_file()  # sharded
+        index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())  # sharded
+        assert len(index["weight_map"]) == unique  # the cast to bf16 makes a copy per name: still stored once
         small = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
         assert small.dtype == torch.bfloat16
         torch.testing.assert_close(small(ids).logits.float(), expected, rtol=0.05, atol=0.05)

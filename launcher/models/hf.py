@@ -190,6 +190,7 @@ def _export_dtype(cfg: ExportConfig) -> torch.dtype:
 
 
 def _save_full(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, cfg: ExportConfig, directory: Path) -> None:
+    tensors = _tied_as_in(model, tensors)
     config = model.config
     use_cache, config.use_cache = config.use_cache, True  # generation wants the cache; training turned it off
     try:
@@ -200,6 +201,19 @@ def _save_full(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.
     written = json.loads((directory / "config.json").read_text())
     written["dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+
+
+def _tied_as_in(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every name of one parameter (tied weights: GPT-2's lm_head and its embedding) holds one tensor, as in the model,
+    so that save_pretrained stores it once and from_pretrained ties it again. A gathered state dict (DeepSpeed's
+    master copies, FSDP2's) or the cast to export.dtype gives each name a copy of its own, which it would store twice."""
+    first: dict[int, str] = {}
+    tensors = dict(tensors)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        source = first.setdefault(id(param), name)
+        if source != name and source in tensors and name in tensors:
+            tensors[name] = tensors[source]
+    return tensors
 
 
 def _point_adapter_at_base(directory: Path, cfg: Config) -> None:
