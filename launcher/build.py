@@ -32,6 +32,7 @@ from launcher.distributed import (
 )
 from launcher.errors import Problems, RunFault, UsageError
 from launcher.freezing import apply_freeze, parameter_table
+from launcher.library_output import rank_log, write_library_output_to
 from launcher.lock import OutputLock, describe
 from launcher.models import build_model, check_model_output, describe_model, initializers_skipped
 from launcher.optim import apply_hyperparameters, build_lr_schedule, build_optimizer
@@ -146,6 +147,7 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, 
 
     # every rank has checked output_dir and the checkpoint; the main process takes the lock and writes first
     lock = main_first(accelerator, lambda: open_output_dir(cfg, start))
+    write_library_output_to(cfg.output_dir, rank)  # the libraries' warnings so far, and later ones (not the console's)
     if world_size > 1:
         log_to_rank_file(cfg.output_dir, rank)
     accelerator.print(
@@ -221,7 +223,7 @@ def log_to_rank_file(output_dir: Path, rank: int) -> None:
     """From here on, this rank's stdout and stderr also go to output_dir/logs/rank-N.log (appended across restarts)."""
     try:
         (output_dir / "logs").mkdir(exist_ok=True)
-        log = open(output_dir / "logs" / f"rank-{rank}.log", "a", buffering=1)
+        log = open(rank_log(output_dir, rank), "a", buffering=1)
     except OSError:
         return  # a fault of output_dir is reported by the next write that needs it
     sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)

@@ -128,7 +128,9 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
         processes_to_start,
         restart_count,
     )
+    from launcher.library_output import keep_libraries_off_the_console
 
+    keep_libraries_off_the_console()  # before torch and the libraries are imported: the console holds the launcher's lines
     cfg = load_config(args.config, args.overrides + flag_overrides(args), job_values=True)  # before torch is imported
     cfg.fsdp = fsdp_from_accelerate(cfg.fsdp, cfg.deepspeed)  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
     import torch

@@ -15,7 +15,7 @@ from launcher.config import DataConfig, load_config
 from launcher.data import load_documents, prepare_splits, tokenize_into_blocks
 from launcher.tokenizer import HFTokenizer, load_tokenizer
 
-from conftest import check, disk_snapshot, final_weights, hf_config, metrics, run_cli, tiny_config, write_config, write_documents
+from conftest import check, disk_snapshot, final_weights, hf_config, library_lines, metrics, run_cli, tiny_config, write_config, write_documents
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face models need the hf extra: scripts/setup hf,dev")
 FROZEN = ["model.embed_tokens.*", "model.layers.0.self_attn.*"]  # Hugging Face names, as `launcher inspect` lists them
@@ -121,6 +121,16 @@ def test_hf_model_trains_the_same_however_the_global_batch_is_split(llama_runs, 
         for key, tensor in pretrained.items():  # frozen: bitwise the checkpoint's values; trained: moved
             frozen = key.startswith(("model.embed_tokens.", "model.layers.0.self_attn."))
             assert torch.equal(weights[key], tensor) == frozen, f"{name}: {key} {'changed' if frozen else 'did not change'}"
+
+
+def test_the_console_holds_the_launchers_lines_only(llama_runs):
+    """1- and 2-process runs (DDP, ZeRO-2/3): the libraries' warnings (torch's FutureWarnings under ZeRO, DeepSpeed's
+    "Setting accelerator to CPU") are in each rank's logs/rank-N.log, not on the console."""
+    for name, (out, proc) in llama_runs.items():
+        assert library_lines(proc) == [], name
+        if "ZeRO" in name:  # kept, not dropped: DeepSpeed's collectives raise torch's FutureWarnings, in each rank's log
+            logs = [(out / "logs" / f"rank-{rank}.log").read_text() for rank in range(2)]
+            assert all(re.search(r"site-packages/torch/\S+: FutureWarning: ", log) for log in logs), name
 
 
 def test_zero3_export_is_a_complete_model_folder(llama_runs, tiny_hf):

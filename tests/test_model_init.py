@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import PYTHON, REPO, check, cpu_env, metrics, tiny_config, write_config
+from conftest import PYTHON, REPO, check, cpu_env, library_lines, metrics, tiny_config, write_config
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face models need the hf extra: scripts/setup hf,dev")
 SEED = 3
@@ -47,7 +47,9 @@ def runs(tiny_hf, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProce
     for name, model in cases.items():
         folder = model.get("hf_config") or model["pretrained"]
         out = tmp / re.sub(r"\W+", "_", name)
-        config = tiny_config(tmp, model=model, seed=SEED, output_dir=str(out), train={"max_steps": 1}, eval={"at_start": True})
+        config = tiny_config(
+            tmp, model=model, seed=SEED, output_dir=str(out), train={"max_steps": 2}, eval={"at_start": True}, checkpoint={"every_steps": 1}
+        )
         config["tokenizer"] = folder
         proc = check(train_and_build(write_config(tmp / f"{out.name}.yaml", config), tmp / f"{out.name}.pt"))
         results[name] = (proc, out, torch.load(tmp / f"{out.name}.pt"))
@@ -90,3 +92,13 @@ def test_a_tensor_missing_from_a_pretrained_folder_is_initialized_and_named(runs
     assert abs(weights[MISSING].std().item() - 0.02) < 2e-3  # fresh, at the architecture's std (not memory left over)
     eval_loss = next(r["eval_loss"] for r in metrics(out) if r["step"] == 0 and "eval_loss" in r)
     assert abs(eval_loss - math.log(1025)) < 0.05, eval_loss
+
+
+def test_the_console_holds_the_launchers_lines_only(runs):
+    """GPT-2 (tied embeddings) checkpointed at both steps: accelerate's "Removed shared tensor" at each save, and every
+    other library's warning, are in logs/rank-0.log (each text once), not on the run's console."""
+    proc, out, _ = runs["gpt2 from config"]
+    run = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, proc.stderr[: proc.stderr.index("initial_weights: the run")])
+    assert "step 2/2" in run.stdout and library_lines(run) == [], run.stdout + run.stderr
+    log = (out / "logs" / "rank-0.log").read_text()
+    assert log.count("WARNING accelerate.utils.other: [RANK 0] Removed shared tensor {'lm_head.weight'} while saving.") == 1, log
