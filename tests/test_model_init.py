@@ -1,8 +1,9 @@
 """A model's initial weights are its architecture's own, whatever ran before in the process: `model.hf_config` equals
 `AutoModelForCausalLM.from_config` with the run's seed (the pre-flight's meta-device build must leave torch's
 initializers alone), and a pretrained folder missing a tensor is initialized as `from_pretrained` does, with a warning
-naming it. Each case is one real 1-process `launcher train` in a fresh process (where the pre-flight is the first to
-import transformers' modeling code), whose initial weights the same process then saves."""
+naming it (and a tensor no parameter takes). Each case is one real 1-process `launcher train` in a fresh process
+(where the pre-flight is the first to import transformers' modeling code), whose initial weights the same process
+then saves."""
 
 import math
 import re
@@ -18,6 +19,7 @@ from conftest import PYTHON, REPO, check, cpu_env, library_lines, metrics, tiny_
 transformers = pytest.importorskip("transformers", reason="Hugging Face models need the hf extra: scripts/setup hf,dev")
 SEED = 3
 MISSING = "model.layers.1.mlp.up_proj.weight"
+EXTRA = "model.layers.1.mlp.old_proj.weight"
 
 
 def train_and_build(config: Path, weights: Path) -> subprocess.CompletedProcess:
@@ -29,7 +31,8 @@ def train_and_build(config: Path, weights: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tiny_hf, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path, dict]]:
     """name: (the process, its output_dir, the initial weights): a Llama and a GPT-2 from their config.json
-    (model.hf_config, with the folder's tokenizer), and the tiny Llama pretrained from a copy missing one tensor."""
+    (model.hf_config, with the folder's tokenizer), and the tiny Llama pretrained from a copy missing one tensor and
+    holding one the model has no parameter for."""
     tmp = tmp_path_factory.mktemp("init")
     partial = tmp / "llama-missing-one"
     partial.mkdir()
@@ -37,6 +40,7 @@ def runs(tiny_hf, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProce
         (partial / file.name).write_bytes(file.read_bytes())
     tensors = load_file(str(tiny_hf["llama"] / "model.safetensors"))
     del tensors[MISSING]
+    tensors[EXTRA] = torch.zeros(3)  # a tensor no parameter takes (a converted checkpoint's leftover)
     save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
     cases = {
         "llama from config": {"hf_config": str(tiny_hf["llama"])},
@@ -80,7 +84,7 @@ def test_a_tensor_missing_from_a_pretrained_folder_is_initialized_and_named(runs
     warnings = [line for line in run_stderr.splitlines() if line.startswith("launcher: warning:")]
     assert warnings == [
         f"launcher: warning: model.pretrained: '{partial}' has no tensor for {MISSING}: initialized fresh, as from_pretrained does;"
-        " check that it is the model you meant"
+        f" and 1 tensor(s) that no parameter takes, ignored: {EXTRA}; check that it is the model you meant"
     ], proc.stderr
     torch.manual_seed(SEED)
     reference = transformers.AutoModelForCausalLM.from_pretrained(partial, dtype=torch.float32).state_dict()
