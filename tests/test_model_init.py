@@ -106,3 +106,22 @@ def test_the_console_holds_the_launchers_lines_only(runs):
     assert "step 2/2" in run.stdout and library_lines(run) == [], run.stdout + run.stderr
     log = (out / "logs" / "rank-0.log").read_text()
     assert log.count("WARNING accelerate.utils.other: [RANK 0] Removed shared tensor {'lm_head.weight'} while saving.") == 1, log
+
+
+def test_the_meta_build_changes_nothing_global_and_stays_cheap():
+    """In a fresh process: inside initializers_skipped torch.nn.init is torch's own (a module imported there keeps the
+    real functions), a real tensor is initialized as always, and the built-in GPT's meta build never imports
+    torch._dynamo (what initializing meta tensors would cost: 2-3 s of every process's start)."""
+    script = (
+        "import sys, torch\n"
+        "from launcher.models import initializers_skipped\n"
+        "from launcher.models.gpt import GPT\n"
+        "before = dict(vars(torch.nn.init))\n"
+        "with torch.device('meta'), initializers_skipped():\n"
+        "    inside = dict(vars(torch.nn.init))\n"
+        "    GPT(300, 32, 2, 2, 32, 0.0, False)\n"
+        "    real = torch.nn.init.ones_(torch.empty(3, device='cpu'))\n"
+        "print(inside == before == dict(vars(torch.nn.init)), real.tolist(), 'torch._dynamo' in sys.modules)\n"
+    )
+    proc = check(subprocess.run([PYTHON, "-c", script], cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120))
+    assert proc.stdout.split("\n")[0] == "True [1.0, 1.0, 1.0] False", proc.stdout
