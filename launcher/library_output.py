@@ -1,7 +1,7 @@
 """What libraries print during a run: kept off the console, written to the rank's log, output_dir/logs/rank-N.log.
 
 The console of `launcher train` holds the launcher's own lines. The warnings of torch, transformers, accelerate,
-DeepSpeed, datasets or peft (Python warnings, and their loggers' records below ERROR: accelerate's "Removed shared
+DeepSpeed, datasets or peft (Python warnings, and their loggers' WARNING records: accelerate's "Removed shared
 tensor" at a checkpoint of a model with tied weights, DeepSpeed's "Setting accelerator to CPU", torch's
 FutureWarnings under ZeRO-3) may matter when something goes wrong, so they are kept, each distinct text once per
 process: appended to the rank's log once output_dir is open (in a multi-process run that file also holds the rank's
@@ -27,10 +27,12 @@ _file = None
 
 
 class _LibraryLogger(logging.Logger):
-    """A logger whose records below ERROR go to the libraries' log instead of the handlers (the console)."""
+    """A logger whose WARNING records go to the rank's log instead of the handlers (the console). Others take their
+    usual way: errors to the console, and lower levels to what the library chose (torch's checkpoint logger sends
+    its DEBUG records to a NullHandler: nowhere)."""
 
     def handle(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.ERROR or self.disabled or not self.filter(record):
+        if not logging.WARNING <= record.levelno < logging.ERROR or self.disabled or not self.filter(record):
             return super().handle(record)
         _write(f"{record.levelname} {record.name}: {record.getMessage()}")
 
@@ -66,8 +68,8 @@ def _write(text: str) -> None:
 
 
 def keep_libraries_off_the_console() -> None:
-    """From here on (the start of `launcher train`, before the libraries are imported), libraries' warnings and log
-    records below ERROR are held for the log file."""
+    """From here on (the start of `launcher train`, before the libraries are imported), libraries' warnings and
+    WARNING log records are held for the rank's log."""
     warnings.showwarning = _show_warning
     logging.setLoggerClass(_LibraryLogger)
     for logger in list(logging.Logger.manager.loggerDict.values()):
