@@ -275,12 +275,13 @@ def take_lock(lock: OutputLock) -> None:
 
 
 def lock_and_plan(lock: OutputLock, cfg: Config, overwrite: bool) -> Start:
-    """Main process under a launcher: take output_dir's lock, then decide where the run starts while holding it."""
+    """Main process under a launcher: take output_dir's lock, then decide where the run starts while holding it (and
+    check the checkpoint's contents, unless the pre-flight of the `launcher train` that handed the lock over did)."""
     try:
         take_lock(lock)
     except OSError as err:  # checked writable before the model was built; it changed since
         raise storage_fault(err, existing_parent(cfg.output_dir), "opening output_dir") or err from None
-    return plan_start(cfg, overwrite, check_lock=False)
+    return plan_start(cfg, overwrite, check_lock=False, verify_contents=not lock.handed_over)
 
 
 def open_output_dir(cfg: Config, start: Start) -> None:

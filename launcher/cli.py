@@ -295,7 +295,7 @@ def preflight(cfg, overwrite: bool, world_size: int):
             except OSError:
                 pass  # output_dir cannot be made: the checks below say why (a fault of the machine, or bad input)
         if not valid or not problems.lines:  # else a live run holds output_dir: the rest is that run's business
-            start = problems.check(plan_start, cfg, overwrite, check_lock=not lock.held())
+            start = problems.check(plan_start, cfg, overwrite, check_lock=not lock.held(), verify_contents=True)
             if start is None or not start.finished:
                 if not problems.lines:  # a fault of the machine (exit 74) ends the run here, before reading the documents writes into the caches
                     check_storage_for(cfg, checked.model)

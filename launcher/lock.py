@@ -110,6 +110,7 @@ class OutputLock:
         self.record = _me()
         self.taken_over: dict | None = None  # the stale holder this run replaced, for the warning
         self.created: list[Path] = []  # the folders acquire() made (output_dir and missing parents), deepest first
+        self.handed_over = False  # taken over from the `launcher train` that started this process (its pre-flight's)
 
     def acquire(self) -> OutputLock:
         """Create the lock atomically; take over a stale one, or the one handed over by this process's `launcher
@@ -129,6 +130,7 @@ class OutputLock:
                     own = self.path.with_name(f"{LOCK_FILE}.handover-{os.getpid()}")
                     own.write_text(json.dumps(self.record) + "\n")
                     os.replace(own, self.path)
+                    self.handed_over = True
                     return self
                 check_not_held(self.path.parent) if holder_state(holder) != "stale" else None
                 stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")

@@ -18,7 +18,12 @@ TIMESTAMPS = ("tokens_per_s", "s_per_step")  # the only bytes of a run that depe
 
 def start(config: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [PYTHON, "-m", "launcher", "train", str(config), *overrides], cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [PYTHON, "-m", "launcher", "train", str(config), *overrides],
+        cwd=REPO,
+        env=cpu_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
