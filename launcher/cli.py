@@ -130,6 +130,7 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     cfg.fsdp = fsdp_from_accelerate(cfg.fsdp, cfg.deepspeed)  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
     import torch
 
+    from launcher.lock import HANDOVER, OutputLock
     from launcher.resume import plan_start
 
     overwrite = args.overwrite
@@ -149,17 +150,17 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     if cfg.checkpoint.every_minutes is None:
         cfg.checkpoint.every_minutes = default_checkpoint_minutes()  # 30 inside a SLURM job
     nproc = processes_to_start(cfg.launch)
-    checked, lock = None, None
+    checked = None
     if launched_by_a_launcher():  # every process checks the input (build_run); the main process reports it and takes the lock
-        start = plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
+        start, lock = plan_start(cfg, overwrite, check_lock=env_world_size() == 1), OutputLock(cfg.output_dir)
     else:  # every problem of the input in one report, once, before any process starts
         start, checked, lock = preflight(cfg, overwrite, nproc)
+    preemption.on_abort = lock.release  # a second Ctrl-C leaves output_dir free (nothing where this process holds nothing)
     if start.finished:
-        lock.release() if lock is not None else None
+        lock.release()
         return report_finished(cfg)
     if not launched_by_a_launcher() and nproc > 1:
         from launcher.distributed import relaunch
-        from launcher.lock import HANDOVER
 
         if lock.held():  # the workers' main process takes it over: output_dir is held from the pre-flight to the end
             os.environ[HANDOVER] = json.dumps(lock.record)
@@ -175,8 +176,6 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     torch.autograd.set_detect_anomaly(cfg.diagnostics.detect_anomaly)
     run = build_run(cfg, overwrite=overwrite, start=start, checked=checked, lock=lock)
     release_lock = run.lock.release if run.lock is not None else None
-    if release_lock is not None:
-        preemption.on_abort = release_lock
     try:
         if args.debug:
             from launcher.debug import open_debug_run, summary_text
