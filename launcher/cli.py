@@ -135,6 +135,7 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     cfg.fsdp = fsdp_from_accelerate(cfg.fsdp, cfg.deepspeed)  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
     import torch
 
+    from launcher.lock import HANDOVER, OutputLock
     from launcher.resume import plan_start
 
     overwrite = args.overwrite
@@ -156,26 +157,31 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     nproc = processes_to_start(cfg.launch)
     warn_unapplied_process_count(cfg.launch)
     checked = None
-    if launched_by_a_launcher():  # every process checks the input (build_run); the main process reports it
-        start = plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
+    if launched_by_a_launcher():  # every process checks the input (build_run); the main process reports it and takes the lock
+        start, lock = plan_start(cfg, overwrite, check_lock=env_world_size() == 1), OutputLock(cfg.output_dir)
     else:  # every problem of the input in one report, once, before any process starts
-        start, checked = preflight(cfg, overwrite, nproc)
+        start, checked, lock = preflight(cfg, overwrite, nproc)
+    preemption.on_abort = lock.release  # a second Ctrl-C leaves output_dir free (nothing where this process holds nothing)
     if start.finished:
+        lock.release()
         return report_finished(cfg)
     if not launched_by_a_launcher() and nproc > 1:
         from launcher.distributed import relaunch
 
-        return relaunch(nproc, argv, preemption, cfg.distributed.timeout_s, cfg.output_dir)
+        if lock.held():  # the workers' main process takes it over: output_dir is held from the pre-flight to the end
+            os.environ[HANDOVER] = json.dumps(lock.record)
+        try:
+            return relaunch(nproc, argv, preemption, cfg.distributed.timeout_s, cfg.output_dir)
+        finally:
+            lock.release()  # nothing once handed over; the lock of workers that never started
 
     from launcher.build import build_run
     from launcher.exits import end_run
     from launcher.loop import train
 
     torch.autograd.set_detect_anomaly(cfg.diagnostics.detect_anomaly)
-    run = build_run(cfg, overwrite=overwrite, start=start, checked=checked)
+    run = build_run(cfg, overwrite=overwrite, start=start, checked=checked, lock=lock)
     release_lock = run.lock.release if run.lock is not None else None
-    if release_lock is not None:
-        preemption.on_abort = release_lock
     try:
         if args.debug:
             from launcher.debug import open_debug_run, summary_text
@@ -283,22 +289,38 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def preflight(cfg, overwrite: bool, world_size: int):
-    """The checks a run would make before training, without starting it: the validation pass, where the run would
-    start (output_dir, resume), room on disk and writable caches, and the documents, the problems of the input in one
-    report. Returns the start and what the validation built (`build_run` reuses it in a single process)."""
-    from launcher.build import check_documents, check_storage_for, validate_run
+    """The checks a run would make before training, without starting it: the validation pass, output_dir's lock,
+    where the run would start (output_dir, resume), room on disk and writable caches, and the documents, the problems
+    of the input in one report. Returns the start, what the validation built (`build_run` reuses it in a single
+    process) and the lock, held unless output_dir could not be made (then build_run takes it)."""
+    from launcher.build import check_documents, check_storage_for, take_lock, validate_run
     from launcher.errors import Problems
+    from launcher.lock import OutputLock
     from launcher.resume import plan_start
 
     problems = Problems()
     checked = validate_run(cfg, world_size, problems)
-    start = problems.check(plan_start, cfg, overwrite, check_lock=True)
-    if start is None or not start.finished:
-        if not problems.lines:  # a fault of the machine (exit 74) ends the run here, before reading the documents writes into the caches
-            check_storage_for(cfg, checked.model)
-        problems.check(check_documents, cfg)
-    problems.report()
-    return start, checked
+    lock, start = OutputLock(cfg.output_dir), None
+    try:
+        # the start is decided under the lock, taken before anything touches output_dir: a run started beside this
+        # one is refused while this one holds it, or finds its files. A config refused anyway never holds it.
+        valid = not problems.lines
+        if valid:
+            try:
+                problems.check(take_lock, lock)
+            except OSError:
+                pass  # output_dir cannot be made: the checks below say why (a fault of the machine, or bad input)
+        if not valid or not problems.lines:  # else a live run holds output_dir: the rest is that run's business
+            start = problems.check(plan_start, cfg, overwrite, check_lock=not lock.held(), verify_contents=True)
+            if start is None or not start.finished:
+                if not problems.lines:  # a fault of the machine (exit 74) ends the run here, before reading the documents writes into the caches
+                    check_storage_for(cfg, checked.model)
+                problems.check(check_documents, cfg)
+        problems.report()
+    except BaseException:
+        lock.release()
+        raise
+    return start, checked, lock
 
 
 def report(summary: dict, cfg) -> None:

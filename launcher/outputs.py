@@ -31,8 +31,8 @@ def cleared_by_overwrite(output_dir: Path, path: Path) -> str | None:
 
 
 def holds_files(output_dir: Path) -> bool:
-    """output_dir exists and holds something besides a lock file."""
-    return output_dir.is_dir() and any(p.name != LOCK_FILE for p in output_dir.iterdir())
+    """output_dir exists and holds something besides a lock file (or one being taken over or handed over)."""
+    return output_dir.is_dir() and any(not p.name.startswith(LOCK_FILE) for p in output_dir.iterdir())
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:

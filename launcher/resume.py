@@ -74,10 +74,11 @@ class Difference:
         return f"{self.key} {self.old!r} -> {self.new!r}"
 
 
-def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
+def plan_start(cfg: Config, overwrite: bool, check_lock: bool, verify_contents: bool = False) -> Start:
     """Where the run starts: fresh, from a verified checkpoint, or not at all (finished). UsageError when it would
     destroy work or silently train something else than the checkpoint's run. `check_lock`: refuse an output_dir
-    a live run holds (in one process; ranks of a launched run leave it to the main process's lock)."""
+    a live run holds (in one process; ranks of a launched run leave it to the main process's lock).
+    `verify_contents`: check the checkpoint's CRC-32s too (it reads it whole: once per run, by the pre-flight)."""
     out = cfg.output_dir
     check_output_dir(out, overwrite=True)  # a file where a folder should be
     if check_lock:
@@ -104,7 +105,7 @@ def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
             return Start(clear=clears(cfg, overwrite))
     else:
         checkpoint = resume_path(cfg.resume, out)
-    start = Start(checkpoint, verify_checkpoint(checkpoint))
+    start = Start(checkpoint, verify_checkpoint(checkpoint, contents=verify_contents))
     if out.resolve() not in checkpoint.resolve().parents:  # another run's checkpoint: output_dir is new, or replaced
         check_output_dir(out, overwrite)
         start.clear = clears(cfg, overwrite, checkpoint)

@@ -323,6 +323,8 @@ LONGEST_FIRST = [
     "test_diagnostics",
     "test_data_sources",
     "test_checkpoint_crash",
+    "test_lock_race",
+    "test_checkpoint_checksums",
     "test_ddp",
 ]
 if os.environ.get("PYTEST_XDIST_WORKER"):
