@@ -247,7 +247,7 @@ def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path: Path, finished_hf
     (run / "mine").mkdir()
     shutil.move(run / "logs" / "docs.jsonl", run / "mine" / "docs.jsonl")  # not a file of the launcher's: kept
     check(run_cli("train", str(config), f"data.path={run}/mine/docs.jsonl", "--overwrite"))
-    assert (run / "mine" / "docs.jsonl").read_bytes() == (tmp_path / "docs.jsonl").read_bytes() and not (run / "logs").exists()
+    assert (run / "mine" / "docs.jsonl").read_bytes() == (tmp_path / "docs.jsonl").read_bytes() and not (run / "logs" / "docs.jsonl").exists()
 
 
 def test_the_debug_summary_names_a_lora_runs_adapter(tmp_path: Path, tiny_hf):
