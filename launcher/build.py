@@ -32,6 +32,7 @@ from launcher.distributed import (
 )
 from launcher.errors import Problems, RunFault, UsageError
 from launcher.freezing import apply_freeze, parameter_table
+from launcher.library_output import rank_log, write_library_output_to
 from launcher.lock import OutputLock, describe
 from launcher.models import build_model, check_model_output, describe_model, initializers_skipped
 from launcher.optim import apply_hyperparameters, build_lr_schedule, build_optimizer
@@ -97,11 +98,22 @@ def batch_plan(cfg: Config, processes: int) -> BatchPlan:
     return BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, simulated or processes, ranks_per_process=simulated or 1)
 
 
-def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, checked: Checked | None = None) -> Run:
-    """`start` (plan_start's answer) and `checked` (validate_run's) when the caller has them already."""
+def build_run(
+    cfg: Config, overwrite: bool = False, start: Start | None = None, checked: Checked | None = None, lock: OutputLock | None = None
+) -> Run:
+    """`start` (plan_start's answer) and `checked` (validate_run's) when the caller has them already. `lock`: output_dir's
+    lock when the pre-flight holds it already (and decided `start` under it); else the main process takes it here."""
+    lock = lock or OutputLock(cfg.output_dir)
+    try:
+        return _build_run(cfg, overwrite, start, checked, lock)
+    except BaseException:
+        lock.release()  # a run that does not start leaves output_dir free (and gone again if the lock made it)
+        raise
+
+
+def _build_run(cfg: Config, overwrite: bool, start: Start | None, checked: Checked | None, lock: OutputLock) -> Run:
     if checked is None:  # every problem of the input at once, before anything is written (the documents: when prepared)
         checked = validate_run(cfg, env_world_size())
-    # multi-process: the main process takes the lock below and tells every rank (a rank cannot tell its own run's lock)
     start = start or plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
     try:  # before a model is loaded: output_dir and caches writable, room for a checkpoint
         check_storage_for(cfg, checked.model)
@@ -117,6 +129,10 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, 
     )
     backend = make_backend(accelerator, cfg)
     rank, world_size = accelerator.process_index, accelerator.num_processes
+    if not lock.held():  # the same on every rank: held here only by a one-process run's pre-flight
+        # the main process locks output_dir before any write (the probe below, the data caches) and decides the start
+        # again under the lock: a run that started beside this one and wrote output_dir meanwhile is seen now
+        start = main_first(accelerator, lambda: lock_and_plan(lock, cfg, overwrite)) or start
     start = agree_on_start(accelerator, cfg, start)
     checkpoint = start.checkpoint
     identity = data_identity(cfg.data) if accelerator.is_main_process else {}  # of the bytes about to be read
@@ -147,8 +163,9 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, 
     if state:
         apply_hyperparameters(lr_schedule, cfg.train, total_steps)  # the config's values, not the checkpoint's
 
-    # every rank has checked output_dir and the checkpoint; the main process takes the lock and writes first
-    lock = main_first(accelerator, lambda: open_output_dir(cfg, start))
+    # every rank has checked output_dir and the checkpoint; the main process (holding the lock) writes first
+    main_first(accelerator, lambda: open_output_dir(cfg, start))
+    write_library_output_to(cfg.output_dir, rank)  # the libraries' warnings so far, and later ones (not the console's)
     if world_size > 1:
         log_to_rank_file(cfg.output_dir, rank)
     accelerator.print(
@@ -179,7 +196,7 @@ def build_run(cfg: Config, overwrite: bool = False, start: Start | None = None, 
         start_step=state.step if state else 0,
         skipped_steps=state.skipped_steps if state else 0,
         nonfinite_steps=state.nonfinite_steps if state else 0,
-        lock=lock,
+        lock=lock if accelerator.is_main_process else None,
         backend=backend,
         data_identity=identity,
     )
@@ -225,7 +242,7 @@ def log_to_rank_file(output_dir: Path, rank: int) -> None:
     """From here on, this rank's stdout and stderr also go to output_dir/logs/rank-N.log (appended across restarts)."""
     try:
         (output_dir / "logs").mkdir(exist_ok=True)
-        log = open(output_dir / "logs" / f"rank-{rank}.log", "a", buffering=1)
+        log = open(rank_log(output_dir, rank), "a", buffering=1)
     except OSError:
         return  # a fault of output_dir is reported by the next write that needs it
     sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
@@ -256,25 +273,31 @@ class _Tee:
         return getattr(self.stream, name)
 
 
-def open_output_dir(cfg: Config, start: Start) -> OutputLock:
-    """Main process, the run's first writes: take the lock, clear or branch the previous run, write config.yaml."""
+def take_lock(lock: OutputLock) -> None:
+    """Main process: hold output_dir (UsageError while a live run holds it); a stale lock is taken over with a warning."""
+    lock.acquire()
+    if lock.taken_over is not None:
+        print(f"launcher: warning: took over the lock of {describe(lock.taken_over)}, which is no longer running", file=sys.stderr)
+
+
+def lock_and_plan(lock: OutputLock, cfg: Config, overwrite: bool) -> Start:
+    """Main process under a launcher: take output_dir's lock, then decide where the run starts while holding it (and
+    check the checkpoint's contents, unless the pre-flight of the `launcher train` that handed the lock over did)."""
     try:
-        lock = OutputLock(cfg.output_dir).acquire()
+        take_lock(lock)
     except OSError as err:  # checked writable before the model was built; it changed since
         raise storage_fault(err, existing_parent(cfg.output_dir), "opening output_dir") or err from None
+    return plan_start(cfg, overwrite, check_lock=False, verify_contents=not lock.handed_over)
+
+
+def open_output_dir(cfg: Config, start: Start) -> None:
+    """Main process, holding the lock, the run's first writes: clear or branch the previous run, write config.yaml."""
     try:
-        if lock.taken_over is not None:
-            print(f"launcher: warning: took over the lock of {describe(lock.taken_over)}, which is no longer running", file=sys.stderr)
         if start.checkpoint is not None and not start.clear:
             set_aside_newer(cfg.output_dir, start.state.step)
         prepare_output_dir(cfg, start.clear, resume_step=start.state.step if start.state else None)
     except OSError as err:
-        lock.release()
         raise storage_fault(err, cfg.output_dir, "preparing output_dir") or err from None
-    except BaseException:
-        lock.release()
-        raise
-    return lock
 
 
 def check_storage_for(cfg: Config, model: nn.Module) -> None:
@@ -374,6 +397,14 @@ def inspection_model(cfg: Config, tokenizer: ByteTokenizer | HFTokenizer | None 
 def check_options(cfg: Config, uses_deepspeed: bool) -> None:
     """Options that depend on the backend or on an optional package, checked before anything starts."""
     problems = diagnostics_problems(backend_kind(cfg, uses_deepspeed), cfg.diagnostics)
+    if uses_deepspeed:
+        # Accelerate's DeepSpeed path also reads transformers' version: both are the deepspeed extra
+        missing = [name for name in ("deepspeed", "transformers") if not _importable(name)]
+        if missing:
+            problems.append(
+                f"deepspeed: DeepSpeed runs need the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}, not installed here;"
+                f" pip install -e '.[deepspeed]' (or scripts/setup deepspeed), or remove deepspeed to train with DDP"
+            )
     if problems:
         raise UsageError(*problems)
     if cfg.train.tensorboard:
@@ -383,6 +414,14 @@ def check_options(cfg: Config, uses_deepspeed: bool) -> None:
             raise UsageError(
                 "train.tensorboard: the tensorboard package is not installed; pip install -e '.[tensorboard]' or set it to false"
             ) from None
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _prepare_data_main_first(cfg: Config, accelerator: Accelerator, tokenizer: ByteTokenizer | HFTokenizer):

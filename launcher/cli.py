@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # first of all: a preemption signal that arrives before the handler exists kills the process
     preemption = PreemptionFlag()
-    from launcher.distributed import announce_to_parent, die_with_launcher, end_process, env_rank, exit_code_for_parent
+    from launcher.distributed import announce_to_parent, die_with_launcher, end_process, env_rank, exit_code_for_parent, report_crash_to_parent
 
     die_with_launcher()
     announce_to_parent()
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
         close_progress_bars()
         code = end_with_error(err, quiet=err.quiet)
+    except Exception:  # a worker of a plain multi-process run: its parent says what happened (the process ends here)
+        report_crash_to_parent()
+        raise
     return end_process(exit_code_for_parent(code))  # the ranks end together (after a barrier, or on an input or fault every rank raised)
 
 
@@ -125,11 +128,14 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
         processes_to_start,
         restart_count,
     )
+    from launcher.library_output import keep_libraries_off_the_console
 
+    keep_libraries_off_the_console()  # before torch and the libraries are imported: the console holds the launcher's lines
     cfg = load_config(args.config, args.overrides + flag_overrides(args), job_values=True)  # before torch is imported
     cfg.fsdp = fsdp_from_accelerate(cfg.fsdp, cfg.deepspeed)  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
     import torch
 
+    from launcher.lock import HANDOVER, OutputLock
     from launcher.resume import plan_start
 
     overwrite = args.overwrite
@@ -149,27 +155,33 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     if cfg.checkpoint.every_minutes is None:
         cfg.checkpoint.every_minutes = default_checkpoint_minutes()  # 30 inside a SLURM job
     nproc = processes_to_start(cfg.launch)
+    warn_unapplied_process_count(cfg.launch)
     checked = None
-    if launched_by_a_launcher():  # every process checks the input (build_run); the main process reports it
-        start = plan_start(cfg, overwrite, check_lock=env_world_size() == 1)
+    if launched_by_a_launcher():  # every process checks the input (build_run); the main process reports it and takes the lock
+        start, lock = plan_start(cfg, overwrite, check_lock=env_world_size() == 1), OutputLock(cfg.output_dir)
     else:  # every problem of the input in one report, once, before any process starts
-        start, checked = preflight(cfg, overwrite, nproc)
+        start, checked, lock = preflight(cfg, overwrite, nproc)
+    preemption.on_abort = lock.release  # a second Ctrl-C leaves output_dir free (nothing where this process holds nothing)
     if start.finished:
+        lock.release()
         return report_finished(cfg)
     if not launched_by_a_launcher() and nproc > 1:
         from launcher.distributed import relaunch
 
-        return relaunch(nproc, argv)
+        if lock.held():  # the workers' main process takes it over: output_dir is held from the pre-flight to the end
+            os.environ[HANDOVER] = json.dumps(lock.record)
+        try:
+            return relaunch(nproc, argv, preemption, cfg.distributed.timeout_s, cfg.output_dir)
+        finally:
+            lock.release()  # nothing once handed over; the lock of workers that never started
 
     from launcher.build import build_run
     from launcher.exits import end_run
     from launcher.loop import train
 
     torch.autograd.set_detect_anomaly(cfg.diagnostics.detect_anomaly)
-    run = build_run(cfg, overwrite=overwrite, start=start, checked=checked)
+    run = build_run(cfg, overwrite=overwrite, start=start, checked=checked, lock=lock)
     release_lock = run.lock.release if run.lock is not None else None
-    if release_lock is not None:
-        preemption.on_abort = release_lock
     try:
         if args.debug:
             from launcher.debug import open_debug_run, summary_text
@@ -190,6 +202,15 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     return code
 
 
+def warn_unapplied_process_count(launch) -> None:
+    """Under accelerate launch, torchrun or SLURM the launcher chose the process count: a different
+    launch.nproc_per_node in the config cannot take effect, so say so rather than ignore it."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    asked = launch.nproc_per_node
+    if local is not None and isinstance(asked, int) and "nproc_per_node" in launch.model_fields_set and asked != int(local) and env_rank_is_main():
+        print(f"launcher: warning: launch.nproc_per_node: {asked} not applied: the launcher that started this run gave {local} process(es) per node")
+
+
 def env_rank_is_main() -> bool:
     from launcher.distributed import env_rank
 
@@ -197,8 +218,10 @@ def env_rank_is_main() -> bool:
 
 
 def report_finished(cfg) -> int:
+    from launcher.final import describe
+
     print(
-        f"output_dir '{cfg.output_dir}' holds this run, finished (final/model.safetensors); nothing to do."
+        f"output_dir '{cfg.output_dir}' holds this run, finished ({describe(cfg)}); nothing to do."
         f" Raise train.max_steps to train on from its last checkpoint, or set output_dir=NEW_DIR"
     )
     return EXIT_OK
@@ -235,7 +258,7 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
 def run_plan(args: argparse.Namespace) -> int:
     from launcher.config import load_config
     from launcher.distributed import processes_to_start
-    from launcher.plan import Allocation, parse_duration, plan_text
+    from launcher.plan import Allocation, check_step_time, parse_duration, plan_text
 
     overrides = args.overrides + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
     cfg = load_config(args.config, overrides)
@@ -245,7 +268,7 @@ def run_plan(args: argparse.Namespace) -> int:
         args.nodes,
         args.gpus_per_node or processes_to_start(cfg.launch),
         parse_duration(args.time_limit) if args.time_limit else None,
-        args.step_time_s,
+        check_step_time(args.step_time_s),
         cpus_per_task=args.cpus_per_task,
         mem=args.mem,
     )
@@ -266,22 +289,38 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def preflight(cfg, overwrite: bool, world_size: int):
-    """The checks a run would make before training, without starting it: the validation pass, where the run would
-    start (output_dir, resume), room on disk and writable caches, and the documents, the problems of the input in one
-    report. Returns the start and what the validation built (`build_run` reuses it in a single process)."""
-    from launcher.build import check_documents, check_storage_for, validate_run
+    """The checks a run would make before training, without starting it: the validation pass, output_dir's lock,
+    where the run would start (output_dir, resume), room on disk and writable caches, and the documents, the problems
+    of the input in one report. Returns the start, what the validation built (`build_run` reuses it in a single
+    process) and the lock, held unless output_dir could not be made (then build_run takes it)."""
+    from launcher.build import check_documents, check_storage_for, take_lock, validate_run
     from launcher.errors import Problems
+    from launcher.lock import OutputLock
     from launcher.resume import plan_start
 
     problems = Problems()
     checked = validate_run(cfg, world_size, problems)
-    start = problems.check(plan_start, cfg, overwrite, check_lock=True)
-    if start is None or not start.finished:
-        if not problems.lines:  # a fault of the machine (exit 74) ends the run here, before reading the documents writes into the caches
-            check_storage_for(cfg, checked.model)
-        problems.check(check_documents, cfg)
-    problems.report()
-    return start, checked
+    lock, start = OutputLock(cfg.output_dir), None
+    try:
+        # the start is decided under the lock, taken before anything touches output_dir: a run started beside this
+        # one is refused while this one holds it, or finds its files. A config refused anyway never holds it.
+        valid = not problems.lines
+        if valid:
+            try:
+                problems.check(take_lock, lock)
+            except OSError:
+                pass  # output_dir cannot be made: the checks below say why (a fault of the machine, or bad input)
+        if not valid or not problems.lines:  # else a live run holds output_dir: the rest is that run's business
+            start = problems.check(plan_start, cfg, overwrite, check_lock=not lock.held(), verify_contents=True)
+            if start is None or not start.finished:
+                if not problems.lines:  # a fault of the machine (exit 74) ends the run here, before reading the documents writes into the caches
+                    check_storage_for(cfg, checked.model)
+                problems.check(check_documents, cfg)
+        problems.report()
+    except BaseException:
+        lock.release()
+        raise
+    return start, checked, lock
 
 
 def report(summary: dict, cfg) -> None:
@@ -294,7 +333,7 @@ def report(summary: dict, cfg) -> None:
             )
         else:
             print(
-                f"stopped after step {summary['steps']} (SIGTERM or Ctrl-C); checkpoint {checkpoint}; no requeue asked for;"
+                f"stopped after step {summary['steps']} (SIGTERM, SIGHUP or Ctrl-C); checkpoint {checkpoint}; no requeue asked for;"
                 f" run again with resume=auto to continue"
             )
         return
@@ -308,11 +347,6 @@ def report(summary: dict, cfg) -> None:
     if summary["nonfinite"]:
         print(f"stopped at step {summary['steps']}: inf/nan loss or gradient (report on stderr and in {cfg.output_dir}/nonfinite.json)")
         return
-    final = (
-        "final/ (the LoRA adapter" + (", merged/ the merged model)" if cfg.export.merge_lora else ")")
-        if cfg.lora is not None
-        else "final/ (a Hugging Face model folder)"
-        if cfg.model.is_hf
-        else "final/model.safetensors"
-    )
-    print(f"outputs: {cfg.output_dir}/ (config.yaml, metrics.jsonl, {final})")
+    from launcher.final import describe
+
+    print(f"outputs: {cfg.output_dir}/ (config.yaml, metrics.jsonl, {describe(cfg)})")

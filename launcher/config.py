@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import glob
 import math
+import os
 import re
 import typing
 from pathlib import Path
@@ -32,7 +33,41 @@ class Section(BaseModel):
         # pydantic reads true as 1: `max_steps: true` would train one step
         if isinstance(value, bool) and _takes_numbers(cls.model_fields[info.field_name].annotation):
             raise ValueError(f"{str(value).lower()} is not a number; give a number")
+        if isinstance(value, (str, Path)) and (info.field_name in PATH_TEXT_FIELDS or _takes_paths(cls.model_fields[info.field_name].annotation)):
+            return shell_path(str(value))
         return value
+
+
+# fields holding a path in a string (they also take a hub id or a word such as 'auto'; neither changes when expanded)
+PATH_TEXT_FIELDS = ("pretrained", "tokenizer", "chat_template", "resume")
+NAME_MAX, PATH_MAX = 255, 4095  # Linux's limits on one name and a whole path, in bytes
+
+
+def shell_path(text: str) -> str:
+    """A path as a shell would read it for the person who wrote it: `~` and `~user` expanded, `$VAR` and `${VAR}`
+    replaced (an unset variable is refused: a shell would make it empty, and the path something else). Names too long
+    for the file system are refused here, before any file call meets them (ENAMETOOLONG)."""
+    unset = [name for name in re.findall(r"\$\{?(\w+)\}?", text) if name not in os.environ]
+    if unset:
+        raise ValueError(f"'{text}' uses ${unset[0]}, which is not set in this environment; set it, or write the path out")
+    path = os.path.expanduser(os.path.expandvars(text))
+    longest = max(path.split("/"), key=lambda name: len(name.encode()))
+    if len(longest.encode()) > NAME_MAX:
+        raise ValueError(
+            f"the name '{longest[:40]}...' in '{path[:80]}...' has {len(longest.encode())} bytes, over the file system's {NAME_MAX}; use a shorter name"
+        )
+    if len(path.encode()) > PATH_MAX:
+        raise ValueError(f"the path '{path[:80]}...' has {len(path.encode())} bytes, over the system's {PATH_MAX}; use a shorter path")
+    for above in Path(path).parents:
+        if above.exists():
+            if not above.is_dir():  # nothing can be made (or found) under a regular file: bad input, not a fault of the disk
+                raise ValueError(f"'{path}' lies under '{above}', which is a file; give a path under a folder")
+            break
+    return path
+
+
+def _takes_paths(annotation) -> bool:
+    return annotation is Path or Path in typing.get_args(annotation)
 
 
 def _takes_numbers(annotation) -> bool:
@@ -152,7 +187,37 @@ class DataConfig(Section):
             raise ValueError("data.eval_path and data.eval_split both choose the evaluation set; keep one of them")
         if (self.eval_path is not None or self.eval_split is not None) and "eval_fraction" in self.model_fields_set and self.eval_fraction:
             raise ValueError("data.eval_fraction holds out training documents, but data.eval_path/eval_split gives an evaluation set; remove one")
+        unread = [f"data.{key}" for key in changed(self, FORMAT_FIELDS) if self.format not in FORMAT_FIELDS[key]]
+        if unread:
+            raise ValueError(
+                f"{', '.join(unread)}: not read with data.format: {self.format}; remove {'them' if len(unread) > 1 else 'it'}, or set data.format"
+            )
         return self
+
+    @property
+    def has_eval_set(self) -> bool:
+        return self.eval_path is not None or self.eval_split is not None or self.eval_fraction > 0
+
+
+# the data formats that read each field: a field of another format is refused rather than silently ignored
+FORMAT_FIELDS = {
+    "text_field": ("text",),
+    "prompt_field": ("prompt_completion",),
+    "completion_field": ("prompt_completion",),
+    "messages_field": ("chat",),
+    "chat_template": ("chat",),
+    "train_on": ("chat",),
+    "too_long": ("prompt_completion", "chat"),
+}
+
+
+def changed(section: BaseModel, names) -> list[str]:
+    """The fields among `names` given a value other than their default (a run's config.yaml, which lists every field
+    with its value, loads back as a config)."""
+    fields = type(section).model_fields
+    return [
+        name for name in names if name in section.model_fields_set and getattr(section, name) != fields[name].get_default(call_default_factory=True)
+    ]
 
 
 BUILTIN_GPT_KEYS = ("n_layer", "n_head", "d_model", "dropout")
@@ -235,7 +300,7 @@ class ModelConfig(Section):
         given = [f"model.{key}" for key in ("pretrained", "hf_config", "factory") if getattr(self, key) is not None]
         if len(given) > 1:
             raise ValueError(f"{' and '.join(given)} both choose the model; keep one of them")
-        builtin_set = [f"model.{key}" for key in BUILTIN_GPT_KEYS if key in self.model_fields_set]
+        builtin_set = [f"model.{key}" for key in changed(self, BUILTIN_GPT_KEYS)]
         if given and builtin_set:
             raise ValueError(f"{', '.join(builtin_set)}: only for the built-in GPT, but {given[0]} chooses another model; remove them")
         if not given and self.d_model % self.n_head:
@@ -397,6 +462,20 @@ class Config(Section):
                 raise ValueError("train.mixed_precision: fp16 needs a sharded loss scaler, which fsdp does not set up; use bf16")
             if self.train.compile:
                 raise ValueError("train.compile: not available with fsdp; set train.compile to false")
+        unused_eval = [f"eval.{key}" for key in changed(self.eval, ("every_steps", "micro_batch_size", "max_samples"))]  # at_start: false agrees
+        if unused_eval and not self.data.has_eval_set:
+            raise ValueError(
+                f"{', '.join(unused_eval)}: there is no evaluation set (data.eval_fraction is 0, no data.eval_path or eval_split);"
+                f" hold out documents with data.eval_fraction, or remove {'them' if len(unused_eval) > 1 else 'it'}"
+            )
+        if changed(self.diagnostics, ["dump_grad_steps"]) and not self.diagnostics.dump_grad:
+            raise ValueError(
+                "diagnostics.dump_grad_steps: says when to print diagnostics.dump_grad, which names no parameter; name one, or remove it"
+            )
+        if changed(self.export, ["max_shard_size"]) and not self.model.is_hf:
+            raise ValueError(
+                "export.max_shard_size: only Hugging Face exports are sharded (the built-in GPT writes one model.safetensors); remove it"
+            )
         if self.model.dtype == "bf16" and self.deepspeed is not None:
             raise ValueError(
                 "model.dtype: bf16 is pure 16-bit training; DeepSpeed keeps its own fp32 master weights: use train.mixed_precision: bf16 and model.dtype: fp32"
@@ -446,6 +525,8 @@ def load_config(path: str | Path, overrides: list[str] = (), job_values: bool = 
         raise UsageError(f"{path}: not valid YAML{at} ({problem}); fix the syntax there") from None
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    # top-level `x-` keys hold YAML anchors for merge keys (`x-defaults: &d {...}`, then `<<: *d`), as in Compose files
+    raw = {key: value for key, value in raw.items() if not (isinstance(key, str) and key.startswith("x-"))}
     problems = []
     for item in overrides:
         try:
@@ -499,6 +580,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges a mapping (flattened by the base class); its keys are not duplicates
             key = self.construct_object(key_node, deep=True)
             try:
                 first = seen.setdefault(key, key_node.start_mark.line + 1)

@@ -17,6 +17,7 @@ import torch
 
 from launcher.config import Config
 from launcher.errors import UsageError
+from launcher.final import describe
 
 DEBUG_MARKER = "debug.json"  # marks a debug run's output_dir, which the next debug run may replace
 
@@ -124,7 +125,7 @@ def summary_text(run, result: dict, before: dict[str, torch.Tensor], anomaly: bo
     if peaks:  # each row holds its interval's peak (the loop resets it)
         lines.append(f"  peak GPU memory {max(peaks):.2f} GiB")
     if result["weights"]:
-        lines.append(f"  outputs: {cfg.output_dir}/ (metrics.jsonl, final/model.safetensors); charts: launcher plot {cfg.output_dir}")
+        lines.append(f"  outputs: {cfg.output_dir}/ (metrics.jsonl, {describe(cfg)}); charts: launcher plot {cfg.output_dir}")
     return "\n".join(lines)
 
 

@@ -6,7 +6,11 @@
 3   stopped on an inf/nan loss or gradient (diagnostics.nonfinite: stop); the newest checkpoint is good
 74  a fault of the machine, not of the input (no space left, a read-only or vanished output_dir, an
     unwritable cache): one line; the newest complete checkpoint is kept, resume=auto continues
-75  stopped on purpose (SIGTERM, SIGUSR1, a first Ctrl-C) after a checkpoint: run again to continue
+75  stopped on purpose (SIGTERM, SIGUSR1, SIGHUP, a first Ctrl-C) after a checkpoint, or before training
+    when the signal came during the pre-flight: run again to continue
+76  a rank was lost: killed by a signal (kill -9, the OOM killer) or stopped responding for
+    distributed.timeout_s (SIGSTOP, a hang); the others were stopped; one line names the rank (a plain
+    multi-process `launcher train`); the newest complete checkpoint is kept, resume=auto continues
 130 a second Ctrl-C: stopped at once, without a checkpoint
 """
 
@@ -22,6 +26,7 @@ EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 EXIT_FAULT = 74  # sysexits' EX_IOERR
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped early on purpose, run it again to continue
+EXIT_RANK_LOST = 76  # the launcher's own (sysexits' EX_PROTOCOL means nothing here)
 EXIT_ABORTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
 
 # beside the run in output_dir; both are removed when the next run in that folder starts

@@ -7,6 +7,12 @@ pid is dead (or reused by another process), and a requeued SLURM job takes over 
 earlier incarnation; both with a warning. A lock held on another host by another job cannot be
 checked from here and is refused, with the file to delete if that run is gone. Multi-node runs hold
 one lock: only the global main process takes it.
+
+The lock is taken before anything touches output_dir, and where the run starts (fresh, resumed, refused) is
+decided under it: by the pre-flight of a plain `launcher train`, or, under an external launcher, by the main
+process as soon as the process group exists. A plain multi-process run hands its lock to its workers' main
+process (HANDOVER, the parent's record): that process rewrites the lock as its own, so the output_dir is held
+without a gap from the pre-flight to the end, and by a living process while the workers save.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from launcher.errors import UsageError
 
 LOCK_FILE = "run.lock"
+HANDOVER = "LAUNCHER_LOCK_HANDOVER"  # the lock record a plain `launcher train` hands to its workers' main process
 
 
 def _start_time(pid: int) -> str | None:
@@ -52,6 +59,14 @@ def read_holder(output_dir: Path) -> dict | None:
     return holder if isinstance(holder, dict) else {}
 
 
+def handed_to_me(holder: dict) -> bool:
+    """`holder` is the lock the `launcher train` that started this process handed over to it."""
+    try:
+        return bool(holder) and json.loads(os.environ.get(HANDOVER, "null")) == holder
+    except ValueError:
+        return False
+
+
 def holder_state(holder: dict) -> str:
     """'alive', 'stale' or 'unknown' (on another host: its processes cannot be seen from here)."""
     me = _me()
@@ -75,7 +90,7 @@ def describe(holder: dict) -> str:
 def check_not_held(output_dir: Path) -> None:
     """Refuse an output_dir that a live run holds (before anything is built); a stale lock is left for acquire()."""
     holder = read_holder(output_dir)
-    if holder is None:
+    if holder is None or handed_to_me(holder):
         return
     state = holder_state(holder)
     if state == "alive":
@@ -94,10 +109,16 @@ class OutputLock:
         self.path = output_dir / LOCK_FILE
         self.record = _me()
         self.taken_over: dict | None = None  # the stale holder this run replaced, for the warning
+        self.created: list[Path] = []  # the folders acquire() made (output_dir and missing parents), deepest first
+        self.handed_over = False  # taken over from the `launcher train` that started this process (its pre-flight's)
 
     def acquire(self) -> OutputLock:
-        """Create the lock atomically; take over a stale one; UsageError if a live run holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Create the lock atomically; take over a stale one, or the one handed over by this process's `launcher
+        train`; UsageError if a live run holds it."""
+        folder = self.path.parent.absolute()
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        self.created = [p for p in missing if p.is_dir()]
         for _ in range(3):  # a race with another run taking over the same stale lock: look again
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -105,6 +126,12 @@ class OutputLock:
                 holder = read_holder(self.path.parent)
                 if holder is None:
                     continue
+                if handed_to_me(holder):  # atomic: the file names the parent or this process, never neither
+                    own = self.path.with_name(f"{LOCK_FILE}.handover-{os.getpid()}")
+                    own.write_text(json.dumps(self.record) + "\n")
+                    os.replace(own, self.path)
+                    self.handed_over = True
+                    return self
                 check_not_held(self.path.parent) if holder_state(holder) != "stale" else None
                 stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
                 try:
@@ -124,8 +151,12 @@ class OutputLock:
         return read_holder(self.path.parent) == self.record
 
     def release(self) -> None:
+        """Remove the lock if it is still ours, and the folders acquire() made if they stayed empty (a refused run
+        leaves the disk as it found it)."""
         try:
             if self.held():
                 self.path.unlink()
+            for folder in self.created:
+                folder.rmdir()
         except OSError:
-            pass  # output_dir gone or read-only: nothing left to release
+            pass  # output_dir gone, read-only or holding files: nothing more to remove

@@ -30,6 +30,7 @@ from launcher.data import IGNORE_INDEX, Batch
 from launcher.diagnostics import GradNorms, NonFiniteWatch, format_stats, gradient_stats, is_dump_step, layer_norms
 from launcher.distributed import first_failed_rank
 from launcher.errors import RunFault
+from launcher.final import WEIGHTS, final_dir, write_final
 from launcher.flops import Mfu, make_mfu
 from launcher.metrics import MetricsLog, peak_memory_gb
 from launcher.models import logits_of
@@ -77,7 +78,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     names, params = map(list, zip(*[(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]))
     micro_steps = run.plan.micro_steps_per_process  # gradient_accumulation_steps x the ranks this process plays
     if preemption is not None:
-        preemption.connect()
+        preemption.connect(cfg.distributed.timeout_s)
     first_eval = last_eval = None
     if run.eval_data is not None and cfg.eval.at_start and run.start_step == 0 and run.total_steps > 0:
         first_eval = last_eval = log_eval(run, metrics, step=0)
@@ -311,12 +312,12 @@ def save_final_weights(run: Run, pending: BaseException | None = None):
                 raise pending
             if run.lock is not None and not run.lock.held():  # output_dir deleted under the run: do not make a new one
                 raise FileNotFoundError(errno.ENOENT, "output_dir vanished", str(run.cfg.output_dir))
-            path = run.cfg.output_dir / "final"
+            path = final_dir(run.cfg.output_dir)
             if is_hf_model(bare):  # a folder from_pretrained loads (or a LoRA adapter), with the tokenizer
-                export_hf(bare, state_dict, run.tokenizer, run.cfg, path)
-                (path / "config.yaml").write_text(to_yaml(run.cfg))
+                write_final(path, run.cfg, lambda folder: export_hf(bare, state_dict, run.tokenizer, run.cfg, folder))
             else:
-                path = save_weights(state_dict, run.cfg, path)
+                write_final(path, run.cfg, lambda folder: save_weights(state_dict, folder))
+                path = path / WEIGHTS
         except Exception as err:  # noqa: BLE001 - a fault of the machine, or a bug (re-raised by write_fault)
             error = err
     if first_failed_rank(run.accelerator, error is not None) is not None:  # also the barrier before any rank exits

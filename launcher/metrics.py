@@ -124,6 +124,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if not seconds < 100 * 86400:  # a run of absurd length (max_steps=10**16) still prints its progress
+        return f"{seconds / (365.25 * 86400):.3g} years" if math.isfinite(seconds) else "unknown"
     return str(datetime.timedelta(seconds=round(seconds)))
 
 

@@ -20,9 +20,19 @@ from launcher.lock import LOCK_FILE
 RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "tensorboard", "plots", "logs", PREEMPTED_MARKER, NONFINITE_MARKER)
 
 
+def cleared_by_overwrite(output_dir: Path, path: Path) -> str | None:
+    """The entry of RUN_FILES whose removal by --overwrite would delete `path` (symlinks followed), or None."""
+    target = path.resolve()
+    for name in RUN_FILES:
+        removed = (output_dir / name).resolve()
+        if target == removed or removed in target.parents:
+            return name
+    return None
+
+
 def holds_files(output_dir: Path) -> bool:
-    """output_dir exists and holds something besides a lock file."""
-    return output_dir.is_dir() and any(p.name != LOCK_FILE for p in output_dir.iterdir())
+    """output_dir exists and holds something besides a lock file (or one being taken over or handed over)."""
+    return output_dir.is_dir() and any(not p.name.startswith(LOCK_FILE) for p in output_dir.iterdir())
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -41,11 +51,7 @@ def prepare_output_dir(cfg: Config, clear: bool, resume_step: int | None) -> Non
     out = cfg.output_dir
     if clear:
         for name in RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+            _remove(out / name)
     out.mkdir(parents=True, exist_ok=True)
     (out / PREEMPTED_MARKER).unlink(missing_ok=True)
     (out / NONFINITE_MARKER).unlink(missing_ok=True)
@@ -54,6 +60,18 @@ def prepare_output_dir(cfg: Config, clear: bool, resume_step: int | None) -> Non
         kept = metrics_until(metrics, resume_step) if resume_step is not None else ""
         _replace(metrics, kept)
     _replace(out / "config.yaml", to_yaml(cfg))
+
+
+def _remove(target: Path) -> None:
+    """Delete a previous run's file or folder. A folder that is a symbolic link (checkpoints/ put on another disk)
+    keeps the link, so the new run's files go where the user sent them, and loses its contents."""
+    if target.is_symlink() and target.is_dir():
+        for child in target.iterdir():
+            _remove(child)
+    elif target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
 
 
 def metrics_until(path: Path, step: int) -> str:
@@ -147,8 +165,10 @@ def check_storage(output_dir: Path, checkpoint_bytes: int, cache_dirs: list[tupl
     the file system has room for one more checkpoint. RunFault (exit code 74) naming the folder otherwise."""
     for what, folder in [("output_dir", output_dir), *cache_dirs]:
         where = existing_parent(folder)
-        if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
-            why = "read-only file system" if where.is_dir() and os.statvfs(where).f_flag & os.ST_RDONLY else "permission denied"
+        if not where.is_dir():  # bad input (a path under a regular file), not a fault of the machine
+            raise UsageError(f"{what}: '{folder}' lies under '{where}', which is a file; set {what} to a path under a folder")
+        if not os.access(where, os.W_OK | os.X_OK):
+            why = "read-only file system" if os.statvfs(where).f_flag & os.ST_RDONLY else "permission denied"
             raise RunFault(f"{what}: '{folder}' cannot be written ({why} at '{where}'); make it writable or set {what} to another folder")
     where = existing_parent(output_dir)
     if free_bytes(where) < checkpoint_bytes:
@@ -158,8 +178,8 @@ def check_storage(output_dir: Path, checkpoint_bytes: int, cache_dirs: list[tupl
         )
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: Path) -> Path:
-    """Full, unwrapped weights as safetensors, plus the config that builds the model. Main process only."""
+def save_weights(state_dict: dict[str, torch.Tensor], directory: Path) -> Path:
+    """Full, unwrapped weights as safetensors (final/ of the built-in GPT: launcher.final). Main process only."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors, seen = {}, set()
     for name, tensor in state_dict.items():
@@ -170,5 +190,4 @@ def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: Pa
         tensors[name] = tensor
     path = directory / "model.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
-    (directory / "config.yaml").write_text(to_yaml(cfg))
     return path

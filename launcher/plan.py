@@ -7,6 +7,8 @@ same batch arithmetic (batches.py) and the same tokenized data, so its numbers a
 from __future__ import annotations
 
 import json
+import math
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -148,13 +150,24 @@ def _hms(seconds: float) -> str:
 
 
 def parse_duration(text: str) -> float:
-    """SLURM-style [D-]HH:MM:SS, HH:MM:SS, MM:SS or plain minutes."""
-    days, _, rest = text.rpartition("-")
-    try:
-        parts = [float(p) for p in rest.split(":")]
-        if not 1 <= len(parts) <= 3:
-            raise ValueError
-    except ValueError:
-        raise UsageError(f"--time-limit: '{text}' is not a time; use HH:MM:SS (SLURM's format), e.g. 04:00:00") from None
-    seconds = {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1], 3: lambda p: p[0] * 3600 + p[1] * 60 + p[2]}[len(parts)](parts)
-    return seconds + (float(days) * 86400 if days else 0.0)
+    """SLURM's time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes and
+    days-hours:minutes:seconds, in whole numbers; more than zero."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if match is None:
+        raise UsageError(f"--time-limit: '{text}' is not a time; use HH:MM:SS (SLURM's format), e.g. 04:00:00")
+    days, *parts = match.groups()
+    numbers = [int(p) for p in parts if p is not None]
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = int(days) * 86400 + sum(n * unit for n, unit in zip(numbers, (3600, 60, 1)))
+    else:  # MM, MM:SS or HH:MM:SS
+        seconds = sum(n * unit for n, unit in zip(numbers, {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(numbers)]))
+    if seconds <= 0:
+        raise UsageError(f"--time-limit: '{text}' is no time at all; give the job's time limit, e.g. 04:00:00")
+    return float(seconds)
+
+
+def check_step_time(step_time_s: float | None) -> float | None:
+    """--step-time-s: a finite number of seconds, more than zero."""
+    if step_time_s is not None and not (math.isfinite(step_time_s) and step_time_s > 0):
+        raise UsageError(f"--step-time-s: {step_time_s} is not a time a step can take; give the seconds of one optimizer step, e.g. 1.5")
+    return step_time_s

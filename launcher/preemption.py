@@ -9,6 +9,9 @@ What each signal means:
   (PreemptMode=REQUEUE). When both arrive (preemption with `preempt_send_user_signal`), SIGTERM wins.
 - a first Ctrl-C (SIGINT): like SIGTERM; a second one ends the process at once (EXIT_ABORTED),
   without a checkpoint and without a traceback.
+- SIGHUP (the terminal that started the run was closed, or its ssh connection dropped): like SIGTERM. A
+  run whose console is gone stops at the next step boundary with a checkpoint rather than training on
+  unseen or dying without one; run it under nohup, tmux or SLURM to have it train on.
 
 Nothing heavy runs inside the handler. At each step boundary all ranks agree, with one small all-reduce
 on a CPU (gloo) group, on whether any rank was signalled (and how), whether rank 0's clock says a
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 from typing import NamedTuple
 
 from launcher.errors import UsageError
@@ -29,6 +33,7 @@ from launcher.exits import EXIT_ABORTED
 INTERRUPTED = "launcher: interrupted: stopping after this step with a checkpoint (exit 75); Ctrl-C again to stop at once\n"
 ABORTED = "launcher: interrupted twice: stopped at once, without a checkpoint (the newest complete one is kept)\n"
 REQUEUE_SIGNAL_VARIABLE = "LAUNCHER_REQUEUE_SIGNAL"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # checkpoint and stop, no requeue
 
 
 def requeue_signal() -> signal.Signals:
@@ -36,12 +41,29 @@ def requeue_signal() -> signal.Signals:
     name = os.environ.get(REQUEUE_SIGNAL_VARIABLE, "USR1").upper()
     name = name if name.startswith("SIG") else "SIG" + name
     found = getattr(signal, name, None)
-    if not isinstance(found, signal.Signals) or found in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGSTOP):
+    if not isinstance(found, signal.Signals) or found in (*STOP_SIGNALS, signal.SIGKILL, signal.SIGSTOP):
         raise UsageError(
             f"{REQUEUE_SIGNAL_VARIABLE}: '{os.environ[REQUEUE_SIGNAL_VARIABLE]}' cannot be the requeue signal;"
             f" name another signal, such as USR1 or USR2"
         )
     return found
+
+
+def leave_closed_terminal() -> None:
+    """After SIGHUP: a write to the terminal that hung up fails (EIO), and the next progress line would end the run
+    without its checkpoint. The standard streams that are a terminal (a character device other than /dev/null) go to
+    /dev/null from here on; pipes and files are kept, and each rank's log file keeps its output."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:
+                mode, device = os.fstat(fd).st_mode, os.fstat(fd).st_rdev
+            except OSError:
+                continue
+            if stat.S_ISCHR(mode) and device != os.fstat(devnull).st_rdev:
+                os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 class Agreement(NamedTuple):
@@ -60,17 +82,21 @@ class PreemptionFlag:
         self.requeue_signal = requeue_signal()
         self.received: list[int] = []  # signal numbers, in arrival order (a second one changes nothing, but Ctrl-C)
         self.on_abort = lambda: None  # what a second Ctrl-C does before the process ends (release the output_dir lock)
-        for signum in signals or (self.requeue_signal, signal.SIGTERM, signal.SIGINT):
+        for signum in signals or (self.requeue_signal, *STOP_SIGNALS):
             signal.signal(signum, self._handle)
         self._group = None
 
-    def connect(self) -> None:
-        """Once the process group exists (every rank calls it): the group the flags are agreed on."""
+    def connect(self, timeout_s: float) -> None:
+        """Once the process group exists (every rank calls it): the group the flags are agreed on. `timeout_s`
+        (distributed.timeout_s) bounds its all-reduce like the training's collectives: torch would give a new gloo
+        group 30 minutes, and a rank that stops responding between two steps would hold the others that long."""
+        from datetime import timedelta
+
         import torch.distributed as dist  # here, not at import: the handler is installed before torch loads
 
         if self._group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # a separate gloo group: the agreement is a CPU tensor even when training runs on NCCL
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     def _handle(self, signum, frame) -> None:
         speaks = os.environ.get("RANK", "0") == "0"  # every rank is told; one says so
@@ -83,6 +109,8 @@ class PreemptionFlag:
                 os._exit(EXIT_ABORTED)  # at once: no unwinding through the training step, no traceback
         if signum == signal.SIGINT and speaks:
             os.write(2, INTERRUPTED.encode())
+        if signum == signal.SIGHUP:
+            leave_closed_terminal()
         self.received.append(signum)
 
     def agreed(self, fault: bool = False, time_due: bool = False) -> Agreement:

@@ -3,7 +3,8 @@
 - A run never deletes or overwrites files it did not write itself or in the run it resumes. A non-empty
   output_dir is refused unless there is a checkpoint of this launcher to resume from, or --overwrite.
 - `--overwrite` replaces the run in output_dir only when nothing is resumed from it: with `resume: auto`
-  it applies when output_dir holds no checkpoint; a resumed run deletes nothing.
+  it applies when output_dir holds no checkpoint; a resumed run deletes nothing. It never deletes the run's own
+  inputs (a model, tokenizer, data, DeepSpeed JSON, ... inside what it would remove): refused.
 - A finished run (final/ written with this config) is reported as finished and left as it is.
 - Resuming compares the config with the checkpoint's: cadences (logging, eval, checkpoints), diagnostics,
   the launch, the step bounds and the split of the global batch may change; any other difference (data,
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +26,9 @@ import yaml
 from launcher.checkpoints import TrainerState, checkpoint_root, complete_checkpoints, resume_path, verify_checkpoint
 from launcher.config import Config, to_yaml
 from launcher.errors import UsageError
+from launcher.final import finished_config
 from launcher.lock import check_not_held
-from launcher.outputs import check_output_dir, holds_files
+from launcher.outputs import check_output_dir, cleared_by_overwrite, holds_files
 
 # changing these does not change what a step computes (the global batch is checked on its own: its split
 # into micro-batch x accumulation x world size may change)
@@ -87,24 +90,25 @@ class DataChange(Difference):
         return f"{self.key} '{self.path}' holds other data than the checkpoint was trained on ({describe(self.old)} -> {describe(self.new)})"
 
 
-def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
+def plan_start(cfg: Config, overwrite: bool, check_lock: bool, verify_contents: bool = False) -> Start:
     """Where the run starts: fresh, from a verified checkpoint, or not at all (finished). UsageError when it would
     destroy work or silently train something else than the checkpoint's run. `check_lock`: refuse an output_dir
-    a live run holds (in one process; ranks of a launched run leave it to the main process's lock)."""
+    a live run holds (in one process; ranks of a launched run leave it to the main process's lock).
+    `verify_contents`: check the checkpoint's CRC-32s too (it reads it whole: once per run, by the pre-flight)."""
     out = cfg.output_dir
     check_output_dir(out, overwrite=True)  # a file where a folder should be
     if check_lock:
         check_not_held(out)
     if cfg.resume is None:
         check_output_dir(out, overwrite)
-        return Start(clear=overwrite and holds_files(out))
+        return Start(clear=clears(cfg, overwrite))
     if cfg.resume == "auto":
         finished = finished_run(cfg)
         if finished is not None:
             return finished
         checkpoint = resume_path("auto", out)
         if checkpoint is None:  # nothing of this launcher to continue: like any other folder
-            if (out / "final" / "model.safetensors").is_file() and not overwrite:
+            if finished_config(out) is not None and not overwrite:
                 raise UsageError(
                     f"output_dir: '{out}' holds a finished run without checkpoints, so resume=auto has nothing to continue;"
                     f" set output_dir=NEW_DIR, or pass --overwrite to train it again from scratch"
@@ -114,13 +118,13 @@ def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
                     f"output_dir: '{out}' is not empty and holds no checkpoint to resume (resume=auto);"
                     f" pass --overwrite to replace its run, or set output_dir=NEW_DIR"
                 )
-            return Start(clear=overwrite and holds_files(out))
+            return Start(clear=clears(cfg, overwrite))
     else:
         checkpoint = resume_path(cfg.resume, out)
-    start = Start(checkpoint, verify_checkpoint(checkpoint))
+    start = Start(checkpoint, verify_checkpoint(checkpoint, contents=verify_contents))
     if out.resolve() not in checkpoint.resolve().parents:  # another run's checkpoint: output_dir is new, or replaced
         check_output_dir(out, overwrite)
-        start.clear = overwrite and holds_files(out)
+        start.clear = clears(cfg, overwrite, checkpoint)
     elif overwrite:  # never: it would delete the checkpoint being resumed, or the run it continues
         start.notes.append("--overwrite ignored: this run continues output_dir's own run, and deletes nothing of it")
     start.changes, start.allowed = check_config(cfg, checkpoint, start.state)
@@ -133,15 +137,54 @@ def plan_start(cfg: Config, overwrite: bool, check_lock: bool) -> Start:
     return start
 
 
+def clears(cfg: Config, overwrite: bool, checkpoint: Path | None = None) -> bool:
+    """Whether the run starts by deleting the previous run's files (--overwrite, nothing resumed from them). UsageError
+    when that would delete one of this run's own inputs."""
+    if not (overwrite and holds_files(cfg.output_dir)):
+        return False
+    inputs = [(key, path, cleared_by_overwrite(cfg.output_dir, path)) for key, path in input_paths(cfg, checkpoint)]
+    doomed = [f"{key} '{path}' (in {cfg.output_dir}/{name})" for key, path, name in inputs if name is not None]
+    if doomed:
+        raise UsageError(
+            f"--overwrite would delete this run's own input: {'; '.join(doomed)}; copy it out of output_dir first"
+            f" and point the key at the copy, or set output_dir=NEW_DIR"
+        )
+    return True
+
+
+def input_paths(cfg: Config, checkpoint: Path | None) -> list[tuple[str, Path]]:
+    """The local files and folders a run reads, each with the key naming it (a glob: each file it matches)."""
+    named = [
+        ("model.pretrained", cfg.model.pretrained),
+        ("model.hf_config", cfg.model.hf_config if isinstance(cfg.model.hf_config, Path) else None),
+        ("tokenizer", cfg.tokenizer),
+        ("data.path", cfg.data.path),
+        ("data.eval_path", cfg.data.eval_path),
+        ("data.name", cfg.data.name),  # a local folder of data files, or a hub name (then no path here)
+        ("data.chat_template", cfg.data.chat_template if cfg.data.chat_template != "default" else None),
+        ("deepspeed", cfg.deepspeed),
+        ("resume", checkpoint),
+    ]
+    if cfg.model.factory is not None:  # the module's file, where the factory's import would find it
+        module = cfg.model.factory.split(":")[0].replace(".", "/")
+        folders = [d for d in (cfg.config_dir, Path.cwd()) if d is not None]
+        named += [("model.factory", d / f"{module}{suffix}") for d in folders for suffix in (".py", "")]
+    paths = []
+    for key, value in named:
+        if value is None:
+            continue
+        if key in ("data.path", "data.eval_path") and any(c in str(value) for c in "*?["):
+            paths += [(key, Path(match)) for match in sorted(glob.glob(str(value), recursive=True))]
+        elif Path(value).exists():
+            paths.append((key, Path(value)))
+    return paths
+
+
 def finished_run(cfg: Config) -> Start | None:
     """With resume=auto: output_dir holds this run, finished (final/ written, with the same step bounds and nothing
     that would be refused as a change)."""
-    final = cfg.output_dir / "final"
-    if not (final / "model.safetensors").is_file():
-        return None
-    try:
-        old = yaml.safe_load((final / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+    old = finished_config(cfg.output_dir)
+    if old is None:
         return None
     differences = config_differences(old, cfg)
     if any(d.key in BOUNDS for d in differences) or refused(differences, cfg.resume_allow_changes):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -128,6 +129,15 @@ def no_teardown_with_groups(proc: subprocess.CompletedProcess) -> subprocess.Com
     late = [line for line in (proc.stderr or "").splitlines() if line.startswith(EXIT_PROBE_MARK)]
     assert not late, "\n".join(late)
     return proc
+
+
+LIBRARY_NOISE = re.compile(r"\b(Future|User|Deprecation|Runtime)Warning\b|\[WARNING\]|^WARNING|^\[transformers\]|Removed shared tensor")
+
+
+def library_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The lines of a run's console (stdout and stderr) that a library printed: its warnings belong in
+    output_dir/logs/rank-N.log, not on the console."""
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if LIBRARY_NOISE.search(line)]
 
 
 def write_documents(path: Path, n_docs: int, seed: int = 0, min_chars: int = 5, max_chars: int = 120) -> Path:
@@ -313,6 +323,8 @@ LONGEST_FIRST = [
     "test_diagnostics",
     "test_data_sources",
     "test_checkpoint_crash",
+    "test_lock_race",
+    "test_checkpoint_checksums",
     "test_ddp",
 ]
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -108,3 +108,25 @@ class Hanging(GPT):
 
 def hanging_gpt(vocab_size: int, seq_len: int, **kwargs) -> nn.Module:
     return Hanging(vocab_size, seq_len, **kwargs)
+
+
+class Raising(GPT):
+    """The built-in GPT whose `forward`-th training forward (1-based) on global rank `rank` raises: a bug of the
+    launcher, as the ranks see it."""
+
+    def __init__(self, vocab_size: int, seq_len: int, rank: int, forward: int, **kwargs):
+        super().__init__(vocab_size, seq_len, **kwargs)
+        self.fail_rank, self.fail_forward, self.forwards = rank, forward, 0
+
+    def forward(self, input_ids):
+        import os
+
+        if self.training and int(os.environ.get("RANK", 0)) == self.fail_rank:
+            self.forwards += 1
+            if self.forwards == self.fail_forward + 1:  # the first forward settles DDP's buckets
+                raise ValueError(f"planted bug in forward {self.fail_forward}")
+        return super().forward(input_ids)
+
+
+def raising_gpt(vocab_size: int, seq_len: int, **kwargs) -> nn.Module:
+    return Raising(vocab_size, seq_len, **kwargs)

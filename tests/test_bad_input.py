@@ -1,11 +1,12 @@
 """Bad input: one line naming the key or file and the fix, exit code 2, no traceback, nothing on disk changed."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import disk_snapshot, run_cli, tiny_config, write_config
+from conftest import PYTHON, REPO, cpu_env, disk_snapshot, run_cli, tiny_config, write_config
 
 CASES = {
     # name: (overrides, expected text in the one line)
@@ -79,6 +80,17 @@ CASES = {
     "fsdp unknown key": (["fsdp={reshard: false}"], "unknown key 'fsdp.reshard'; did you mean 'fsdp.reshard_after_forward'?"),
     "fsdp with fp16": (["fsdp={}", "train.mixed_precision=fp16"], "train.mixed_precision: fp16 needs a sharded loss scaler"),
     "fsdp with compile": (["fsdp={}", "train.compile=true"], "train.compile: not available with fsdp"),
+    # paths: as a shell reads them, and names the file system cannot hold
+    "unset variable in a path": (["data.path=$LAUNCHER_NO_SUCH_VARIABLE/docs.jsonl"], "data.path: '$LAUNCHER_NO_SUCH_VARIABLE/docs.jsonl' uses"),
+    "output_dir name too long": ([f"output_dir=out/{'o' * 300}"], "output_dir: the name 'oooo"),
+    "data.path name too long": ([f"data.path={'d' * 300}.jsonl"], "over the file system's 255; use a shorter name"),
+    "output_dir under a file": (["output_dir=README.md/out"], "output_dir: 'README.md/out' lies under 'README.md', which is a file"),
+    "cache_dir under a file": (["data.cache_dir=README.md/cache"], "data.cache_dir: 'README.md/cache' lies under 'README.md', which is a file"),
+    # settings that cannot take effect in this run
+    "field of another format": (["data.format=chat", "data.prompt_field=question"], "data.prompt_field: not read with data.format: chat"),
+    "eval without an eval set": (["data.eval_fraction=0", "eval.every_steps=2"], "eval.every_steps: there is no evaluation set"),
+    "dump steps without names": (["--dump-grad-steps", "1,2"], "diagnostics.dump_grad_steps: says when to print diagnostics.dump_grad"),
+    "shards of the built-in GPT": (["export.max_shard_size=1GB"], "export.max_shard_size: only Hugging Face exports are sharded"),
 }
 
 # DeepSpeed JSON files with malformed values (written into the test's folder)
@@ -117,6 +129,17 @@ YAML_CASES = {
     "tab indentation": ("train:\n\tmax_steps: 3\n", "not valid YAML at line 2"),
 }
 
+# `launcher plan` arguments that are no time
+PLAN_CASES = {
+    "step time 0": (["--step-time-s", "0"], "--step-time-s: 0.0 is not a time a step can take"),
+    "step time nan": (["--step-time-s", "nan"], "--step-time-s: nan is not a time"),
+    "step time negative": (["--step-time-s", "-1"], "--step-time-s: -1.0 is not a time"),
+    "step time infinite": (["--step-time-s", "inf"], "--step-time-s: inf is not a time"),
+    "time limit nan": (["--time-limit", "nan"], "--time-limit: 'nan' is not a time; use HH:MM:SS"),
+    "time limit zero": (["--time-limit", "00:00:00"], "--time-limit: '00:00:00' is no time at all"),
+    "time limit bad days": (["--time-limit", "x-01:00:00"], "--time-limit: 'x-01:00:00' is not a time"),
+}
+
 
 def assert_refused(proc, tmp_path: Path, before: dict, expected: str) -> None:
     assert proc.returncode == 2, proc.stderr
@@ -125,6 +148,79 @@ def assert_refused(proc, tmp_path: Path, before: dict, expected: str) -> None:
     assert lines[0].startswith("launcher: error: ") and expected in lines[0], lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert disk_snapshot(tmp_path, folders=True) == before
+
+
+@pytest.mark.parametrize("name", PLAN_CASES)
+def test_plan_arguments_that_are_no_time_give_one_line_and_exit_2(tmp_path: Path, name: str):
+    arguments, expected = PLAN_CASES[name]
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    before = disk_snapshot(tmp_path, folders=True)
+    assert_refused(run_cli("plan", str(config), "--time-limit", "01:00:00", "--step-time-s", "2", *arguments), tmp_path, before, expected)
+
+
+def test_deepspeed_without_its_package_names_the_extra(tmp_path: Path):
+    """A machine without DeepSpeed: a package `deepspeed` whose import fails as a missing one does."""
+    (tmp_path / "site" / "deepspeed").mkdir(parents=True)
+    (tmp_path / "site" / "deepspeed" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'deepspeed'\", name='deepspeed')\n")
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, deepspeed=str(REPO / "configs" / "deepspeed" / "zero2.json")))
+    before = disk_snapshot(tmp_path, folders=True)
+    proc = subprocess.run(
+        [PYTHON, "-m", "launcher", "train", str(config)],
+        cwd=tmp_path,
+        env=cpu_env(PYTHONPATH=f"{tmp_path / 'site'}:{REPO}"),
+        capture_output=True,
+        text=True,
+    )
+    assert_refused(proc, tmp_path, before, "deepspeed: DeepSpeed runs need the deepspeed package, not installed here; pip install -e '.[deepspeed]'")
+
+
+def test_a_cache_variable_under_a_file_is_bad_input(tmp_path: Path):
+    """LAUNCHER_CACHE (no config key) under a regular file: bad input (exit 2) naming the variable, not a fault of the disk."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    before = disk_snapshot(tmp_path, folders=True)
+    proc = subprocess.run(
+        [PYTHON, "-m", "launcher", "train", str(config)], cwd=REPO, env=cpu_env(LAUNCHER_CACHE=str(config / "cache")), capture_output=True, text=True
+    )
+    assert_refused(proc, tmp_path, before, f"LAUNCHER_CACHE: '{config / 'cache'}' lies under '{config}', which is a file")
+
+
+def test_paths_mean_what_they_mean_in_a_shell(tmp_path: Path, monkeypatch):
+    """`~` and `$VAR` in a path are expanded as a shell would, for every path key."""
+    from launcher.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("LAUNCHER_TEST_RUNS", str(tmp_path / "runs"))
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    cfg = load_config(config, ["output_dir=$LAUNCHER_TEST_RUNS/a", "data.path=~/docs.jsonl", "data.cache_dir=${LAUNCHER_TEST_RUNS}/cache"])
+    assert (cfg.output_dir, cfg.data.path, cfg.data.cache_dir) == (tmp_path / "runs" / "a", tmp_path / "docs.jsonl", tmp_path / "runs" / "cache")
+
+
+def test_yaml_merge_keys_work(tmp_path: Path):
+    """`<<: *anchor` is YAML; top-level `x-` keys hold anchors. An explicit key beside a merge overrides it."""
+    from launcher.config import load_config
+
+    text = write_config(tmp_path / "base.yaml", tiny_config(tmp_path)).read_text()
+    (tmp_path / "c.yaml").write_text(text + "x-cadence: &cadence {every_steps: 2, keep_last: 1}\ncheckpoint:\n  <<: *cadence\n  keep_last: 3\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.checkpoint.every_steps, cfg.checkpoint.keep_last) == (2, 3)
+
+
+def test_a_runs_own_config_yaml_loads_back(tmp_path: Path):
+    """Every key is written to config.yaml with its value: the values that do not apply to this run (the built-in
+    GPT's sizes beside a Hugging Face model, another format's fields) are their defaults and are not refused."""
+    from launcher.config import Config, load_config, to_yaml
+
+    for raw in ({"model": {"hf_config": {"model_type": "gpt2"}}}, {"data": {"format": "chat", "eval_fraction": 0}}):
+        cfg = Config.model_validate({**raw, "train": {"max_steps": 3}})
+        (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+        assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_a_huge_run_length_prints_its_progress(tmp_path: Path):
+    """train.max_steps=10**16 is a valid (if absurd) bound: the progress line's time left must not overflow."""
+    from launcher.metrics import _duration
+
+    assert _duration(3.0e17) == "9.51e+09 years" and _duration(3725) == "1:02:05" and _duration(float("inf")) == "unknown"
 
 
 def test_the_table_holds_at_least_40_bad_inputs():

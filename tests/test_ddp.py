@@ -83,7 +83,9 @@ def test_eval_loss_is_exact_across_ranks(tmp_path: Path):
         tiny_config(tmp_path, data={"eval_fraction": 0.3}, eval={"at_start": True, "micro_batch_size": 3}, train={"max_steps": 1}),
     )
     check(run_cli("train", str(config), f"output_dir={tmp_path / 'one'}"))
-    check(run_cli("train", str(config), f"output_dir={tmp_path / 'two'}", nproc=2))
+    # a process count in the config that torchrun overrides is said, not silently ignored
+    two_run = check(run_cli("train", str(config), f"output_dir={tmp_path / 'two'}", "launch.nproc_per_node=3", nproc=2))
+    assert two_run.stdout.count("launcher: warning: launch.nproc_per_node: 3 not applied: the launcher that started this run gave 2") == 1
     one = [r for r in metrics(tmp_path / "one") if "eval_loss" in r]
     two = [r for r in metrics(tmp_path / "two") if "eval_loss" in r]
     assert one[0]["eval_tokens"] == two[0]["eval_tokens"]

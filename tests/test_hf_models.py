@@ -15,7 +15,7 @@ from launcher.config import DataConfig, load_config
 from launcher.data import load_documents, prepare_splits, tokenize_into_blocks
 from launcher.tokenizer import HFTokenizer, load_tokenizer
 
-from conftest import check, disk_snapshot, final_weights, hf_config, metrics, run_cli, tiny_config, write_config, write_documents
+from conftest import check, disk_snapshot, final_weights, hf_config, library_lines, metrics, run_cli, tiny_config, write_config, write_documents
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face models need the hf extra: scripts/setup hf,dev")
 FROZEN = ["model.embed_tokens.*", "model.layers.0.self_attn.*"]  # Hugging Face names, as `launcher inspect` lists them
@@ -123,6 +123,16 @@ def test_hf_model_trains_the_same_however_the_global_batch_is_split(llama_runs, 
             assert torch.equal(weights[key], tensor) == frozen, f"{name}: {key} {'changed' if frozen else 'did not change'}"
 
 
+def test_the_console_holds_the_launchers_lines_only(llama_runs):
+    """1- and 2-process runs (DDP, ZeRO-2/3): the libraries' warnings (torch's FutureWarnings under ZeRO, DeepSpeed's
+    "Setting accelerator to CPU") are in each rank's logs/rank-N.log, not on the console."""
+    for name, (out, proc) in llama_runs.items():
+        assert library_lines(proc) == [], name
+        if "ZeRO" in name:  # kept, not dropped: DeepSpeed's collectives raise torch's FutureWarnings, in each rank's log
+            logs = [(out / "logs" / f"rank-{rank}.log").read_text() for rank in range(2)]
+            assert all(re.search(r"site-packages/torch/\S+: FutureWarning: ", log) for log in logs), name
+
+
 def test_zero3_export_is_a_complete_model_folder(llama_runs, tiny_hf):
     out, _ = llama_runs["ZeRO-3, 2 ranks x 2"]
     final = out / "final"
@@ -217,10 +227,18 @@ def test_export_loads_back_with_the_in_memory_models_logits(tiny_hf, tmp_path, f
         expected = model(ids).logits
         assert torch.equal(loaded(ids).logits, expected)
         assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # still tied
+        unique = len({t.data_ptr() for t in model.state_dict().values()})  # lm_head.weight is the embedding
+        assert len(final_weights(tmp_path / "out")) == unique == 28 and "lm_head.weight" not in final_weights(tmp_path / "out")
+
+        # a gathered state dict (DeepSpeed's fp32 master copies, FSDP2's) holds a copy per name: stored once all the same
+        export_hf(model, {k: t.clone() for k, t in model.state_dict().items()}, run.tokenizer, run.cfg, tmp_path / "copies")
+        assert len(load_file(str(tmp_path / "copies" / "model.safetensors"))) == unique
+        assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "copies")(ids).logits, expected)
 
         run.cfg.export.dtype, run.cfg.export.max_shard_size = "bf16", "150KB"
         export_hf(model, model.state_dict(), run.tokenizer, run.cfg, tmp_path / "bf16")
-        assert (tmp_path / "bf16" / "model.safetensors.index.json").is_file()  # sharded
+        index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())  # sharded
+        assert len(index["weight_map"]) == unique  # the cast to bf16 makes a copy per name: still stored once
         small = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
         assert small.dtype == torch.bfloat16
         torch.testing.assert_close(small(ids).logits.float(), expected, rtol=0.05, atol=0.05)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check, disk_snapshot, final_weights, metrics, run_cli, tiny_config, write_config
+from conftest import check, disk_snapshot, final_weights, hf_config, metrics, run_cli, tiny_config, write_config
 
 
 def one_error_line(proc, code: int = 2) -> str:
@@ -175,3 +175,98 @@ def test_a_checkpoint_missing_a_ranks_rng_state_is_refused_and_kept(tmp_path: Pa
     line = one_error_line(run_cli("train", str(config), "resume=auto", "train.max_steps=6"))
     assert f"checkpoint '{newest}' is incomplete: rank 1's RNG state (random_states_1.pkl) is missing" in line
     assert disk_snapshot(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def finished_hf(tiny_hf, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Finished 2-step runs of the tiny Llama, each with a checkpoint at its end, whose final/ holds no
+    model.safetensors: 'lora' (the adapter and merged/, itself sharded) and 'sharded' (the full model in shards)."""
+    runs = {}
+    for name, sections in {
+        "lora": {"lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]}, "export": {"merge_lora": True, "max_shard_size": "100KB"}},
+        "sharded": {"export": {"max_shard_size": "100KB"}},
+    }.items():
+        tmp = tmp_path_factory.mktemp(name)
+        config = write_config(tmp / "c.yaml", hf_config(tmp, tiny_hf["llama"], train={"max_steps": 2}, checkpoint={"every_steps": 2}, **sections))
+        check(run_cli("train", str(config)))
+        runs[name] = config, tmp / "out"
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["lora", "sharded"])
+def test_a_finished_lora_or_sharded_run_survives_resume_auto_byte_for_byte(tmp_path: Path, finished_hf, kind):
+    config, out = finished_hf[kind]
+    out = copy_run(out, tmp_path)
+    weights = {"lora": ["adapter_model.safetensors", "merged/model.safetensors.index.json"], "sharded": ["model.safetensors.index.json"]}
+    assert all((out / "final" / name).is_file() for name in weights[kind]) and not (out / "final" / "model.safetensors").exists()
+    assert len(list((out / "final" / ("merged" if kind == "lora" else "")).glob("model-0000?-of-00006.safetensors"))) == 6  # 820 KB in 100 KB
+    before = disk_snapshot(out)
+    for _ in range(2):
+        proc = check(run_cli("train", str(config), f"output_dir={out}", "resume=auto"))
+        assert f"output_dir '{out}' holds this run, finished (" in proc.stdout and "resumed from" not in proc.stdout
+        assert disk_snapshot(out) == before
+    if kind == "lora":
+        assert "finished (final/ (the LoRA adapter, adapter_model.safetensors, and merged/, the merged model)); nothing to do" in proc.stdout
+        shutil.rmtree(out / "checkpoints")  # without checkpoints: still this run, finished (not "holds no checkpoint")
+        before = disk_snapshot(out)
+        assert "holds this run, finished" in check(run_cli("train", str(config), f"output_dir={out}", "resume=auto")).stdout
+        assert disk_snapshot(out) == before
+    else:  # a shard lost (or not yet written): final/ is incomplete, and the run resumes from its checkpoint
+        (out / "final" / "model-00006-of-00006.safetensors").unlink()
+        proc = check(run_cli("train", str(config), f"output_dir={out}", "resume=auto"))
+        assert f"resumed from {out / 'checkpoints' / 'step-000000002'} at step 2" in proc.stdout
+        rewritten = disk_snapshot(out / "final")
+        assert rewritten.pop("config.yaml")  # the marker, written last (it names this output_dir and resume=auto)
+        assert rewritten == {k.removeprefix("final/"): v for k, v in before.items() if k.startswith("final/") and k != "final/config.yaml"}
+
+
+def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path: Path, finished_hf):
+    """--overwrite with model.pretrained in OUTPUT_DIR/final, or data.path in a folder --overwrite clears: refused in
+    one line naming the key and the file, nothing deleted; a file of output_dir that --overwrite keeps may be read."""
+    config, out = finished_hf["sharded"]
+    out = copy_run(out, tmp_path)
+    before = disk_snapshot(tmp_path)
+    line = one_error_line(run_cli("train", str(config), f"output_dir={out}", f"model.pretrained={out}/final", "--overwrite"))
+    assert line == (
+        f"launcher: error: --overwrite would delete this run's own input: model.pretrained '{out}/final' (in {out}/final);"
+        " copy it out of output_dir first and point the key at the copy, or set output_dir=NEW_DIR"
+    )
+    assert disk_snapshot(tmp_path) == before
+
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    run = tmp_path / "out"
+    (run / "logs").mkdir(parents=True)
+    shutil.copy(tmp_path / "docs.jsonl", run / "logs" / "docs.jsonl")
+    link = tmp_path / "data-link"
+    link.symlink_to(run / "logs")  # a symlink to the folder is the same file
+    before = disk_snapshot(tmp_path)
+    for path in (run / "logs" / "docs.jsonl", link / "docs.jsonl"):
+        line = one_error_line(run_cli("train", str(config), f"data.path={path}", "--overwrite"))
+        assert f"--overwrite would delete this run's own input: data.path '{path}' (in {run}/logs);" in line
+        assert disk_snapshot(tmp_path) == before
+    (run / "mine").mkdir()
+    shutil.move(run / "logs" / "docs.jsonl", run / "mine" / "docs.jsonl")  # not a file of the launcher's: kept
+    check(run_cli("train", str(config), f"data.path={run}/mine/docs.jsonl", "--overwrite"))
+    assert (run / "mine" / "docs.jsonl").read_bytes() == (tmp_path / "docs.jsonl").read_bytes() and not (run / "logs" / "docs.jsonl").exists()
+
+
+def test_the_debug_summary_names_a_lora_runs_adapter(tmp_path: Path, tiny_hf):
+    lora = {"r": 2, "alpha": 4, "target_modules": ["q_proj"]}
+    config = write_config(tmp_path / "c.yaml", hf_config(tmp_path, tiny_hf["llama"], lora=lora))
+    proc = check(run_cli("train", str(config), "--debug", "--debug-steps", "1"))
+    summary = proc.stdout[proc.stdout.index("debug summary") :]
+    assert f"outputs: {tmp_path}/out-debug/ (metrics.jsonl, final/ (the LoRA adapter, adapter_model.safetensors));" in summary
+    assert (tmp_path / "out-debug" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_overwrite_keeps_a_symlinked_checkpoints_folder(tmp_path: Path, finished):
+    """checkpoints/ made a link to another disk: --overwrite empties what it points to and keeps the link, so the
+    new run's checkpoints go where the user sent them (rmtree refused the link with a traceback)."""
+    config, out = finished
+    run = copy_run(out, tmp_path)
+    scratch = tmp_path / "scratch"
+    shutil.move(run / "checkpoints", scratch)
+    (run / "checkpoints").symlink_to(scratch, target_is_directory=True)
+    (scratch / "someone-else.txt").write_text("gone with the old run")
+    check(run_cli("train", str(config), f"output_dir={run}", "--overwrite", "checkpoint.every_steps=4"))
+    assert (run / "checkpoints").is_symlink() and sorted(p.name for p in scratch.iterdir()) == ["step-000000004"]

@@ -125,7 +125,7 @@ def test_real_preemption_with_a_slow_save(cluster, reference, tmp_path: Path):
     log = log_of(tmp_path, job)
     assert state == "COMPLETED", log[-4000:]
     assert cluster.wait(high, 60) == "COMPLETED"
-    assert "slow save: 35 s more" in log and "(SIGTERM or Ctrl-C)" in log, log[-4000:]
+    assert "slow save: 35 s more" in log and "(SIGTERM, SIGHUP or Ctrl-C)" in log, log[-4000:]
     assert f"job {job} restart 0: stopped after a preemption with a checkpoint: requeued" in log, log[-4000:]
     assert "warning: 1 CPU(s) for 2 processes per node" in log
     stopped_at = int(log.split("stopped after step ")[1].split(" ")[0])

@@ -49,15 +49,18 @@ def test_only_a_restarted_job_resumes_implicitly(monkeypatch):
 
 @pytest.fixture
 def restore_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
 
 
-def test_each_signal_has_its_meaning(restore_handlers, monkeypatch):
+def test_each_signal_has_its_meaning(restore_handlers, monkeypatch, capfd):
     flag = PreemptionFlag()
     assert flag.agreed() == (False, False, False, False)
+    os.kill(os.getpid(), signal.SIGHUP)  # a closed terminal (capfd: the streams are files here, and are kept)
+    assert flag.agreed() == (True, False, False, False)  # stop, no requeue: like SIGTERM
+    flag = PreemptionFlag()
     os.kill(os.getpid(), signal.SIGUSR1)
     assert flag.agreed(time_due=True) == (True, True, False, True)  # stop, requeue
     os.kill(os.getpid(), signal.SIGTERM)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from launcher.config import ModelConfig
 from launcher.errors import UsageError
@@ -37,20 +38,27 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, weights: bool =
     return model.to(DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else model
 
 
+class _MetaInitSkipped(TorchFunctionMode):
+    """Calls of `torch.nn.init`'s functions on meta tensors return the tensor untouched. A mode, not a patch of
+    `torch.nn.init`: nothing global changes, so a module imported meanwhile (transformers keeps references to
+    torch's initializers at import) records the real functions, and a real tensor is initialized as always."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" and getattr(func, "__name__", "").endswith("_"):
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def initializers_skipped():
-    """`torch.nn.init`'s initializers do nothing inside: for a model built on the meta device, whose values never
-    exist. Initializing a meta tensor runs torch's Python reference kernels, whose first use imports
+    """`torch.nn.init`'s initializers do nothing inside on meta tensors: for a model built on the meta device, whose
+    values never exist. Initializing a meta tensor runs torch's Python reference kernels, whose first use imports
     torch._dynamo (2-3 s of every process's start, for numbers that are thrown away)."""
-    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
-    saved = {name: getattr(nn.init, name) for name in names}
-    for name in names:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
+    with _MetaInitSkipped():
         yield
-    finally:
-        for name, function in saved.items():
-            setattr(nn.init, name, function)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

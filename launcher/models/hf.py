@@ -9,6 +9,7 @@ the meta device, so they read no weights and allocate nothing.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -71,7 +72,8 @@ def build_hf_model(cfg: ModelConfig, seq_len: int, weights: bool, vocab_size: in
         config.vocab_size = vocab_size  # an inline architecture takes the tokenizer's size unless it names one
     try:
         if weights and cfg.pretrained is not None:
-            model = transformers.AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=config, dtype=dtype)
+            model, loading = transformers.AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=config, dtype=dtype, output_loading_info=True)
+            _warn_about_loading(cfg.pretrained, loading)
         else:
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     except UsageError:
@@ -89,6 +91,24 @@ def build_hf_model(cfg: ModelConfig, seq_len: int, weights: bool, vocab_size: in
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _warn_about_loading(source, loading: dict) -> None:
+    """One line (main process) naming the parameters the folder has no tensor for, which from_pretrained initialized
+    as the architecture does (seeded: the same on every rank), and the folder's tensors no parameter takes. A fine-tune
+    may mean it (a new head); a truncated or converted checkpoint does not, and a silent fresh tensor would hide it."""
+    from launcher.distributed import env_rank
+
+    missing, unexpected = sorted(loading.get("missing_keys") or ()), sorted(loading.get("unexpected_keys") or ())
+    if env_rank() != 0 or not (missing or unexpected):
+        return
+
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    parts = [f"no tensor for {names(missing)}: initialized fresh, as from_pretrained does"] if missing else []
+    parts += [f"{len(unexpected)} tensor(s) that no parameter takes, ignored: {names(unexpected)}"] if unexpected else []
+    print(f"launcher: warning: model.pretrained: '{source}' has " + "; and ".join(parts) + "; check that it is the model you meant", file=sys.stderr)
 
 
 def fit_embeddings(model: nn.Module, vocab_size: int, cfg: Config) -> None:
@@ -170,6 +190,7 @@ def _export_dtype(cfg: ExportConfig) -> torch.dtype:
 
 
 def _save_full(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, cfg: ExportConfig, directory: Path) -> None:
+    tensors = _tied_as_in(model, tensors)
     config = model.config
     use_cache, config.use_cache = config.use_cache, True  # generation wants the cache; training turned it off
     try:
@@ -180,6 +201,19 @@ def _save_full(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.
     written = json.loads((directory / "config.json").read_text())
     written["dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+
+
+def _tied_as_in(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every name of one parameter (tied weights: GPT-2's lm_head and its embedding) holds one tensor, as in the model,
+    so that save_pretrained stores it once and from_pretrained ties it again. A gathered state dict (DeepSpeed's
+    master copies, FSDP2's) or the cast to export.dtype gives each name a copy of its own, which it would store twice."""
+    first: dict[int, str] = {}
+    tensors = dict(tensors)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        source = first.setdefault(id(param), name)
+        if source != name and source in tensors and name in tensors:
+            tensors[name] = tensors[source]
+    return tensors
 
 
 def _point_adapter_at_base(directory: Path, cfg: Config) -> None:
