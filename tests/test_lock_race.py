@@ -87,7 +87,7 @@ def test_two_runs_started_together_ten_times_one_trains_and_its_files_are_its_ow
 def test_a_two_process_run_holds_the_lock_from_its_pre_flight_on(tmp_path: Path):
     """A plain `launcher train` with 2 processes locks output_dir in its pre-flight, before torchrun starts the workers,
     and hands the lock to the workers' main process: there is no moment without a holder for a second run to use."""
-    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 3}, launch={"nproc_per_node": 2}))
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 60}, launch={"nproc_per_node": 2}))
     out = tmp_path / "out"
     first = start(config)
     taken = holder(out)
@@ -96,7 +96,7 @@ def test_a_two_process_run_holds_the_lock_from_its_pre_flight_on(tmp_path: Path)
     second = finish(start(config, "launch.nproc_per_node=1"))
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert f"output_dir: '{out}' is in use by a run on {socket.gethostname()} (pid " in second.stderr
-    wait_for_rows(out, 1, lambda: first.poll() is None)
+    wait_for_rows(out, 1, lambda: first.poll() is None)  # 59 steps are left: the lock is still held when it is read
     worker = holder(out)["pid"]
     assert parent_pid(parent_pid(worker)) == first.pid  # handed over: rank 0, a child of torchrun, a child of the first
     result = check(finish(first))
