@@ -14,10 +14,11 @@ from safetensors.torch import save_file
 from launcher.config import Config, to_yaml
 from launcher.errors import RunFault, UsageError
 from launcher.exits import NONFINITE_MARKER, PREEMPTED_MARKER
+from launcher.final import FINAL, WEIGHTS
 from launcher.lock import LOCK_FILE
 
 # --overwrite removes only these
-RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "tensorboard", "plots", "logs", PREEMPTED_MARKER, NONFINITE_MARKER)
+RUN_FILES = ("config.yaml", "metrics.jsonl", FINAL, "checkpoints", "tensorboard", "plots", "logs", PREEMPTED_MARKER, NONFINITE_MARKER)
 
 
 def cleared_by_overwrite(output_dir: Path, path: Path) -> str | None:
@@ -188,6 +189,6 @@ def save_weights(state_dict: dict[str, torch.Tensor], directory: Path) -> Path:
             tensor = tensor.clone()
         seen.add(tensor.data_ptr())
         tensors[name] = tensor
-    path = directory / "model.safetensors"
+    path = directory / WEIGHTS
     save_file(tensors, str(path), metadata={"format": "pt"})
     return path
