@@ -39,6 +39,7 @@ from launcher.optim import apply_hyperparameters, build_lr_schedule, build_optim
 from launcher.outputs import FAULTS, check_storage, existing_parent, free_text, prepare_output_dir, storage_fault
 from launcher.resume import Start, check_end, check_samples, plan_start
 from launcher.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from launcher.trackers import tracker_problems
 
 
 @dataclass
@@ -405,15 +406,9 @@ def check_options(cfg: Config, uses_deepspeed: bool) -> None:
                 f"deepspeed: DeepSpeed runs need the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}, not installed here;"
                 f" pip install -e '.[deepspeed]' (or scripts/setup deepspeed), or remove deepspeed to train with DDP"
             )
+    problems += tracker_problems(cfg)  # train.tensorboard, train.trackers: packages installed, tracking URI well formed
     if problems:
         raise UsageError(*problems)
-    if cfg.train.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UsageError(
-                "train.tensorboard: the tensorboard package is not installed; pip install -e '.[tensorboard]' or set it to false"
-            ) from None
 
 
 def _importable(module: str) -> bool:

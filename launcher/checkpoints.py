@@ -45,6 +45,7 @@ class TrainerState:
     crc32: dict[str, str] = field(default_factory=dict)  # every file's CRC-32 (hex), checked by a resume's pre-flight
     data: dict[str, dict] = field(default_factory=dict)  # the identity of data.path / data.eval_path (launcher.data.identity)
     train_samples: int | None = None  # the run's training samples: another number on resume means other data
+    trackers: dict[str, str] = field(default_factory=dict)  # tracker name: its run id (launcher.trackers), so a resume continues it
 
 
 def checkpoint_root(output_dir: Path) -> Path:

@@ -13,10 +13,13 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from launcher.trackers import Trackers
 
 
 class MetricsLog:
@@ -31,6 +34,7 @@ class MetricsLog:
         tensorboard_dir: Path | None = None,
         out: TextIO | None = None,
         err: TextIO | None = None,
+        trackers: Trackers | None = None,
     ):
         self.total_steps = total_steps
         self.path = path
@@ -41,6 +45,7 @@ class MetricsLog:
         self.lines = out if is_main_process and (not out.isatty() or not show_bar) else None
         self.started_s = time.monotonic()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not show_bar, file=err)
+        self.trackers = trackers  # W&B, MLflow (launcher.trackers): each row is queued for them, never waited on
         self.tensorboard = None
         if tensorboard_dir is not None and is_main_process:
             from torch.utils.tensorboard import SummaryWriter
@@ -57,6 +62,8 @@ class MetricsLog:
         except OSError as err:  # a torn last line may remain: a resume cuts metrics.jsonl back to its checkpoint
             self.fault = err
             return
+        if self.trackers is not None:
+            self.trackers.log(row)
         if self.tensorboard is not None:
             for tag, value in _scalars(row):
                 self.tensorboard.add_scalar(tag, value, global_step=row["step"])
