@@ -13,13 +13,10 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import torch
 from tqdm.auto import tqdm
-
-if TYPE_CHECKING:
-    from launcher.trackers import Trackers
 
 
 class MetricsLog:
@@ -34,7 +31,7 @@ class MetricsLog:
         tensorboard_dir: Path | None = None,
         out: TextIO | None = None,
         err: TextIO | None = None,
-        trackers: Trackers | None = None,
+        trackers=None,  # launcher.trackers.Trackers (which imports this module for `scalars`)
     ):
         self.total_steps = total_steps
         self.path = path
@@ -65,7 +62,7 @@ class MetricsLog:
         if self.trackers is not None:
             self.trackers.log(row)
         if self.tensorboard is not None:
-            for tag, value in _scalars(row):
+            for tag, value in scalars(row):
                 self.tensorboard.add_scalar(tag, value, global_step=row["step"])
         if self.lines is not None and ("loss" in row or "eval_loss" in row):
             print(self.progress_line(row), file=self.lines, flush=True)
@@ -142,13 +139,13 @@ def close_progress_bars() -> None:
         bar.close()
 
 
-def _scalars(row: dict, prefix: str = ""):
+def scalars(row: dict, prefix: str = ""):
     """(tag, number) pairs of a metrics row; nested rows (per-layer norms, gradient statistics) as tag/sub/..."""
     for key, value in row.items():
         if key == "step":
             continue
         if isinstance(value, dict):
-            yield from _scalars(value, f"{prefix}{key}/")
+            yield from scalars(value, f"{prefix}{key}/")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             yield f"{prefix}{key}", value
 

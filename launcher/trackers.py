@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from launcher.checkpoints import STATE_FILE, complete_checkpoints
 from launcher.config import Config, MlflowConfig, TrainConfig, WandbConfig
+from launcher.metrics import scalars
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.trackers; the extra that installs each has its name
 MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -290,17 +291,6 @@ def flatten(values: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def scalars(row: dict, prefix: str = ""):
-    """(name, number) pairs of a metrics row; nested rows (per-layer norms, gradient statistics) as name/sub/..."""
-    for key, value in row.items():
-        if key == "step":
-            continue
-        if isinstance(value, dict):
-            yield from scalars(value, f"{prefix}{key}/")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            yield f"{prefix}{key}", value
 
 
 def _reason(err: BaseException) -> str:

@@ -230,3 +230,14 @@ def test_bad_tracker_settings_are_one_line_and_exit_2_before_training(tmp_path: 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().endswith(line), proc.stderr[-2000:]
     assert disk_snapshot(tmp_path) == before
+
+
+def test_a_tracker_server_that_cannot_be_reached_at_the_start_is_one_warning(tmp_path: Path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    config = tiny_config(tmp_path, train={"trackers": ["mlflow"], "max_steps": 4, "log_every": 1}, mlflow={"tracking_uri": uri})
+    proc = check(run_cli("train", str(write_config(tmp_path / "c.yaml", config))))
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("launcher: warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("launcher: warning: mlflow: could not start its run ("), warnings
+    assert warnings[0].endswith("); training goes on, metrics.jsonl has every row")
+    assert [r["step"] for r in metrics(tmp_path / "out") if "loss" in r] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "out" / "trackers.json").read_text()) == {"mlflow": {}}  # no run: a restart tries again
