@@ -117,6 +117,11 @@ class TrainConfig(Section):
         description="also write the metrics as TensorBoard event files to output_dir/tensorboard (the tensorboard extra)",
         json_schema_extra=FREE_ON_RESUME,
     )
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="experiment trackers that also get every metrics row (each its extra): tensorboard, wandb, mlflow",
+        json_schema_extra=FREE_ON_RESUME,
+    )
     overfit_batches: int | None = Field(
         None, ge=1, description="train on the first N optimizer steps' batches over and over (the can-it-learn check); null: all data"
     )
@@ -415,6 +420,26 @@ class DistributedConfig(Section):
     )
 
 
+class WandbConfig(Section):
+    project: str = Field("launcher", min_length=1, description="the W&B project of the run")
+    entity: str | None = Field(None, min_length=1, description="the W&B team or user; null: the account's default")
+    name: str | None = Field(None, min_length=1, description="the W&B run's display name; null: output_dir's folder name")
+    tags: list[str] = Field(default_factory=list, description="tags of the W&B run")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files under output_dir/wandb to `wandb sync` later (no network); online: to the W&B server"
+    )
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = Field(
+        None,
+        min_length=1,
+        description="http(s)://host:port, sqlite:///path.db, file:///folder or postgresql://...; null: sqlite in output_dir/mlflow.db",
+    )
+    experiment: str = Field("launcher", min_length=1, description="the MLflow experiment (created when missing)")
+    run_name: str | None = Field(None, min_length=1, description="the MLflow run's name; null: output_dir's folder name")
+
+
 SEED_MAX = 2**31 - 1  # numpy seeds take 32 bits, and each rank adds its rank to the seed
 
 
@@ -455,6 +480,8 @@ class Config(Section):
         description="keys (or sections) whose values may differ from the resumed checkpoint's, e.g. [train.learning_rate]; the new values take effect",
         json_schema_extra=FREE_ON_RESUME,
     )
+    wandb: WandbConfig = Field(default_factory=WandbConfig, json_schema_extra=FREE_ON_RESUME)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, json_schema_extra=FREE_ON_RESUME)
     launch: LaunchConfig = Field(default_factory=LaunchConfig, json_schema_extra=FREE_ON_RESUME)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, json_schema_extra=FREE_ON_RESUME)
 

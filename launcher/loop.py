@@ -38,6 +38,7 @@ from launcher.models import logits_of
 from launcher.models.hf import export_hf, is_hf_model
 from launcher.outputs import save_weights, storage_fault
 from launcher.preemption import Agreement, PreemptionFlag
+from launcher.trackers import open_trackers, uses_tensorboard
 
 
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -69,12 +70,15 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
     An inf/nan loss or gradient stops the run (no checkpoint after it) or skips the step, per diagnostics.nonfinite.
     """
     acc, model, optimizer, cfg, backend = run.accelerator, run.model, run.optimizer, run.cfg, run.backend
-    tensorboard = cfg.output_dir / "tensorboard" if cfg.train.tensorboard else None
+    tensorboard = cfg.output_dir / "tensorboard" if uses_tensorboard(cfg.train) else None
     mfu, mfu_line = make_mfu(
         acc.unwrap_model(model), cfg.data.seq_len, acc.device, cfg.train.mixed_precision, cfg.train.peak_tflops, acc.num_processes
     )
     acc.print(mfu_line)  # before the progress bar starts drawing
-    metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps, run.start_step, tensorboard)
+    facts = {"world_size": acc.num_processes, "global_batch_size": run.plan.global_batch_size, "backend": backend.name}
+    facts["trainable_parameters"] = sum(p.numel() for p in acc.unwrap_model(model).parameters() if p.requires_grad)
+    trackers = open_trackers(cfg, run.start_step, facts) if acc.is_main_process else None  # W&B, MLflow: one run per output_dir
+    metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps, run.start_step, tensorboard, trackers=trackers)
     names, params = map(list, zip(*[(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]))
     micro_steps = run.plan.micro_steps_per_process  # gradient_accumulation_steps x the ranks this process plays
     if preemption is not None:
@@ -155,7 +159,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
         if run.eval_data is not None and cfg.eval.every_steps and steps_done % cfg.eval.every_steps == 0:
             last_eval = log_eval(run, metrics, steps_done)
         if preempted or due:
-            checkpoint = save_run_checkpoint(run, steps_done, skipped_steps, nonfinite_steps, metrics.fault)
+            checkpoint = save_run_checkpoint(run, steps_done, skipped_steps, nonfinite_steps, metrics.fault, trackers and trackers.run_ids())
             clock.saved()
         if preempted:
             break
@@ -168,6 +172,8 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
             last_eval = log_eval(run, metrics, run.total_steps)
         outcome.weights = save_final_weights(run, metrics.fault)
         outcome.eval_loss = last_eval and last_eval[1]
+    if trackers is not None:
+        trackers.end({"preempted": preempted, "eval_loss": outcome.eval_loss, "final": outcome.weights and str(outcome.weights)})
     metrics.close()
     return outcome
 
@@ -263,7 +269,9 @@ def evaluate(run: Run) -> float:
         model.train(was_training)
 
 
-def save_run_checkpoint(run: Run, steps_done: int, skipped_steps: int, nonfinite_steps: int, pending: BaseException | None) -> Path:
+def save_run_checkpoint(
+    run: Run, steps_done: int, skipped_steps: int, nonfinite_steps: int, pending: BaseException | None, trackers: dict | None = None
+) -> Path:
     """Every rank, at a step boundary: the checkpoint of the state after `steps_done` steps (atomic; a failed write on
     any rank ends every rank with the fault, `pending` one of this step's that already failed); returns its folder."""
     cfg, plan = run.cfg, run.plan
@@ -278,6 +286,7 @@ def save_run_checkpoint(run: Run, steps_done: int, skipped_steps: int, nonfinite
         data=run.data_identity,
         train_samples=len(run.train_data),
         backend_kind=run.backend.kind.value,
+        trackers=trackers or {},
     )
 
     def fault(err: BaseException):

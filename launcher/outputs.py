@@ -20,6 +20,7 @@ from launcher.lock import LOCK_FILE
 
 # --overwrite removes only these
 RUN_FILES = ("config.yaml", "metrics.jsonl", FINAL, "checkpoints", "tensorboard", "plots", "logs", PREEMPTED_MARKER, NONFINITE_MARKER)
+RUN_FILES += ("trackers.json", "wandb", "mlflow.db")  # launcher.trackers: a new run in this output_dir gets new tracker runs
 
 
 def cleared_by_overwrite(output_dir: Path, path: Path) -> str | None:

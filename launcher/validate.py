@@ -21,6 +21,7 @@ from launcher.errors import Problems, UsageError
 from launcher.memory import checkpoint_bytes
 from launcher.outputs import check_storage
 from launcher.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from launcher.trackers import tracker_problems
 
 
 def batch_layout(cfg: Config, processes: int) -> BatchLayout:
@@ -93,12 +94,6 @@ def check_documents(cfg: Config) -> None:
 def check_options(cfg: Config, uses_deepspeed: bool) -> None:
     """Options that depend on the backend or on an optional package, checked before anything starts."""
     problems = backend_problems(backend_kind(cfg, uses_deepspeed), cfg.diagnostics)
+    problems += tracker_problems(cfg)  # train.tensorboard, train.trackers: packages installed, tracking URI well formed
     if problems:
         raise UsageError(*problems)
-    if cfg.train.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UsageError(
-                "train.tensorboard: the tensorboard package is not installed; pip install -e '.[tensorboard]' or set it to false"
-            ) from None
