@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from launcher.config import DataConfig
 from launcher.data import Encoder, chat_template, prepare_splits, tokenize_into_blocks
-from launcher.data.formats import TARGET
+from launcher.data.formats import TARGET, unknown_markers
 from launcher.errors import UsageError
-from launcher.tokenizer import ByteTokenizer
+from launcher.tokenizer import ByteTokenizer, HFTokenizer
 
 from conftest import check, disk_snapshot, hf_config, metrics, run_cli, tiny_config, write_config
 
@@ -65,7 +65,7 @@ def trained_text(conversations: list[list[dict]], **data) -> list[str]:
     return [text.replace("\x00", EOS) for text in trained]
 
 
-def test_named_templates_render_their_families_published_text(tiny_hf, tmp_path):
+def test_named_templates_render_their_families_published_text(tiny_hf, chat_tokenizers, tmp_path):
     """The launcher's rendering is the pinned text, and a tokenizer saved with the template renders the same with
     apply_chat_template (transformers' own Jinja), with and without the generation prompt."""
     from transformers import AutoTokenizer
@@ -83,6 +83,15 @@ def test_named_templates_render_their_families_published_text(tiny_hf, tmp_path)
         loaded = AutoTokenizer.from_pretrained(tmp_path / name)
         assert loaded.apply_chat_template(CONVERSATION, tokenize=False) == pinned, name
         assert loaded.apply_chat_template(CONVERSATION[1:2], tokenize=False, add_generation_prompt=True) == PINNED_PROMPTS[name], name
+    # a tokenizer without the family's special tokens trains them as pieces: said, once; with them, nothing said
+    plain = HFTokenizer(AutoTokenizer.from_pretrained(tiny_hf["llama"]), "tiny")
+    assert unknown_markers(DataConfig(format="chat", chat_template="chatml"), plain) == (
+        "launcher: warning: data.chat_template: chatml's <|im_start|>, <|im_end|> are not tokens of tokenizer 'tiny' (each becomes"
+        " several pieces); it trains, but not with the family's ids: use the family's tokenizer, or add them as special tokens"
+        " (model.resize_embeddings: true)"
+    )
+    chatml = HFTokenizer(AutoTokenizer.from_pretrained(chat_tokenizers["chatml"]), "chatml")
+    assert unknown_markers(DataConfig(format="chat", chat_template="chatml"), chatml) is None
     with pytest.raises(UsageError) as err:
         chat_template(DataConfig(format="chat", chat_template="chatm"), tokenizer)
     assert err.value.lines[0] == (
@@ -230,6 +239,7 @@ def test_sharegpt_trains_on_exactly_the_assistant_tokens(sharegpt_runs, tiny_hf)
     runs, splits = sharegpt_runs
     proc, out = runs["1 rank x 4"]
     assert f"data: evaluating on the 'test' split of '{out.parent / 'sharegpt'}'" in proc.stdout
+    assert "launcher: warning: data.chat_template: chatml's <|im_start|>, <|im_end|> are not tokens" in proc.stdout
     rows = {name: metrics(run_out) for name, (_, run_out) in runs.items()}
     evals = {name: [r for r in got if "eval_loss" in r] for name, got in rows.items()}
     assert [r["step"] for r in evals["1 rank x 4"]] == [0, 2]

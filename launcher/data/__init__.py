@@ -13,7 +13,7 @@ from collections.abc import Callable
 import datasets
 
 from launcher.config import DataConfig
-from launcher.data.formats import DEFAULT_CHAT_TEMPLATE, Encoder, chat_template, trained_template
+from launcher.data.formats import DEFAULT_CHAT_TEMPLATE, Encoder, chat_template, trained_template, unknown_markers
 from launcher.data.packing import SampleCounts, count_samples, layout_rows, tokenize_samples
 from launcher.data.sources import (
     builtin_corpus_file,
@@ -112,6 +112,8 @@ def prepare_splits(
     """Tokenized training and evaluation rows (the documents of `split_sources`)."""
     tokenizer = tokenizer or ByteTokenizer()
     train_docs, eval_docs = split_sources(cfg, seed, report)
+    if report is not None and (warning := unknown_markers(cfg, tokenizer)):
+        report(warning)
     train_blocks = tokenize_into_blocks(train_docs, cfg.seq_len, cfg.pack, tokenizer, cfg, "training", report)
     if len(train_blocks) == 0:
         raise UsageError("data.path: the training split has no text; use a larger file or a smaller data.eval_fraction")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from launcher.config import DataConfig
 from launcher.data.messages import MessageMap
-from launcher.data.templates import DEFAULT_CHAT_TEMPLATE, NAMED_TEMPLATES
+from launcher.data.templates import DEFAULT_CHAT_TEMPLATE, MARKERS, NAMED_TEMPLATES
 from launcher.errors import UsageError
 
 CONTEXT, TARGET, START = 0, 1, 2
@@ -58,6 +58,22 @@ def chat_template(cfg: DataConfig, tokenizer) -> str:
 def trained_template(cfg: DataConfig, tokenizer) -> str | None:
     """The chat template a run trains with (format chat), to write into its exported tokenizer; None otherwise."""
     return chat_template(cfg, tokenizer) if cfg.format == "chat" else None
+
+
+def unknown_markers(cfg: DataConfig, tokenizer) -> str | None:
+    """A warning when a named template's special tokens are not single tokens of the (Hugging Face) tokenizer: the
+    model then learns them as pieces, and generation does not stop at the family's end-of-turn id."""
+    markers = MARKERS.get(cfg.chat_template) if cfg.format == "chat" else None
+    if not markers or getattr(tokenizer, "tokenizer", None) is None:
+        return None
+    split = [m for m, ids in zip(markers, tokenizer.encode_texts(list(markers), special_tokens=False)) if len(ids) != 1]
+    if not split:
+        return None
+    return (
+        f"launcher: warning: data.chat_template: {cfg.chat_template}'s {', '.join(split)} {'is not a token' if len(split) == 1 else 'are not tokens'}"
+        f" of tokenizer '{tokenizer.source}' (each becomes several pieces); it trains, but not with the family's ids: use the"
+        " family's tokenizer, or add them as special tokens (model.resize_embeddings: true)"
+    )
 
 
 def compile_template(template: str):

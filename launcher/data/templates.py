@@ -74,3 +74,12 @@ GEMMA = (
 )
 
 NAMED_TEMPLATES = {"chatml": CHATML, "qwen": QWEN, "llama3": LLAMA3, "mistral": MISTRAL, "gemma": GEMMA, "default": DEFAULT_CHAT_TEMPLATE}
+
+# the family's special tokens each named template writes: a tokenizer should have each as one token
+MARKERS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "qwen": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "mistral": ("<s>", "</s>"),
+    "gemma": ("<bos>", "<start_of_turn>", "<end_of_turn>"),
+}
