@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import torch
 
-from launcher.batches import BatchPlan, epoch_order, rank_micro_batches, step_window
+from launcher.batches import BatchLayout, epoch_order, rank_micro_batches, step_window
 from launcher.data.formats import START, TARGET
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (padding, prompts, non-assistant turns)
@@ -113,7 +113,7 @@ class TrainData:
     def __init__(
         self,
         blocks: datasets.Dataset,
-        plan: BatchPlan,
+        plan: BatchLayout,
         process_index: int,
         seed: int,
         shuffle: bool,
