@@ -1,4 +1,4 @@
-"""`launcher train|inspect|plan CONFIG [key=value ...]`, `launcher plot OUTPUT_DIR`, `launcher make-tiny-model DIR`:
+"""`launcher train|inspect|plan|preview CONFIG [key=value ...]`, `launcher plot OUTPUT_DIR`, `launcher make-tiny-model DIR`:
 parse, build, run. Bad input: one line per problem, exit 2."""
 
 from __future__ import annotations
@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--step-time-s", type=float, help="estimated seconds per optimizer step")
     plan.add_argument("--cpus-per-task", type=int, help="CPUs per node for the sbatch line (default: --exclusive, whole nodes)")
     plan.add_argument("--mem", help="memory per node for the sbatch line, e.g. 200G (default: 0, all of it)")
+    preview = commands.add_parser("preview", help="the first samples as the model sees them: trained tokens marked, rows, cuts, counts")
+    preview.add_argument("config", help="YAML config file")
+    preview.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    preview.add_argument("--n", type=int, default=5, help="samples to show (default 5)")
+    preview.add_argument("--split", choices=["train", "eval"], default="train", help="the training or the evaluation samples (default train)")
+    preview.add_argument("--ids", action="store_true", help="also print each sample's token ids")
     tiny = commands.add_parser("make-tiny-model", help="write a tiny Hugging Face model and tokenizer folder (for examples and tests; no download)")
     tiny.add_argument("output_dir", help="the folder to write (it must not exist)")
     tiny.add_argument("--arch", choices=["llama", "gpt2"], default="llama", help="llama (BOS added, pad token) or gpt2 (no BOS, no pad token)")
@@ -76,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(misplaced)}")
     if rest:
         args.overrides = args.overrides + rest
-    if args.command in ("inspect", "plan", "plot", "make-tiny-model"):
+    if args.command in ("inspect", "plan", "plot", "make-tiny-model", "preview"):
         try:
-            return {"inspect": run_inspect, "plan": run_plan, "plot": run_plot, "make-tiny-model": run_make_tiny_model}[args.command](args)
+            commands = {"inspect": run_inspect, "plan": run_plan, "plot": run_plot, "make-tiny-model": run_make_tiny_model, "preview": run_preview}
+            return commands[args.command](args)
         except UsageError as err:
             return end_with_error(err)
     from launcher.preemption import PreemptionFlag
@@ -103,6 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         report_crash_to_parent()
         raise
     return end_process(exit_code_for_parent(code))  # the ranks end together (after a barrier, or on an input or fault every rank raised)
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    from launcher.config import load_config
+    from launcher.preview import preview
+
+    cfg = load_config(args.config, args.overrides)
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    preview(cfg, args.n, args.split, args.ids, sys.stdout, colour)
+    return EXIT_OK
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:

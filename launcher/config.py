@@ -160,12 +160,26 @@ class DataConfig(Section):
     prompt_field: str = Field("prompt", min_length=1, description="column holding the prompt (format prompt_completion)")
     completion_field: str = Field("completion", min_length=1, description="column holding the completion (format prompt_completion)")
     messages_field: str = Field("messages", min_length=1, description="column holding the conversation, a list of {role, content} (format chat)")
+    message_fields: dict[Literal["role", "content"], str] = Field(
+        default_factory=dict, description="format chat: the message keys holding role and content, e.g. {role: from, content: value} (ShareGPT)"
+    )
+    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=dict, description="format chat: the data's roles as system/user/assistant/tool, e.g. {human: user, gpt: assistant} (ShareGPT)"
+    )
     chat_template: str | None = Field(
         None,
         min_length=1,
-        description="format chat: null: the tokenizer's own template (the byte-level tokenizer: the default); 'default': the launcher's; or a .jinja file",
+        description="format chat: null: the tokenizer's own template (byte-level: 'default'); a name (chatml, qwen, llama3, mistral, gemma,"
+        " default); or a .jinja file. Written into the exported tokenizer",
     )
-    train_on: Literal["assistant", "all"] = Field("assistant", description="format chat: the loss counts assistant turns only, or every token")
+    train_on: Literal["assistant", "all", "last_assistant"] = Field(
+        "assistant", description="format chat: the loss counts assistant turns, every token, or the last assistant turn only"
+    )
+    train_field: str | None = Field(
+        None,
+        min_length=1,
+        description="format chat: a message key (e.g. train, weight) whose false/0 takes that turn out of the loss and true/1 puts it in",
+    )
     too_long: Literal["truncate", "drop"] = Field(
         "truncate",
         description="prompt_completion and chat samples longer than seq_len + 1 tokens: cut the end off, or drop the sample (both counted)",
@@ -224,6 +238,9 @@ FORMAT_FIELDS = {
     "messages_field": ("chat",),
     "chat_template": ("chat",),
     "train_on": ("chat",),
+    "message_fields": ("chat",),
+    "roles": ("chat",),
+    "train_field": ("chat",),
     "too_long": ("prompt_completion", "chat"),
 }
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from launcher.build import Run
 from launcher.checkpoints import TrainerState, save_checkpoint
 from launcher.config import CheckpointConfig, to_yaml
-from launcher.data import IGNORE_INDEX, Batch
+from launcher.data import IGNORE_INDEX, Batch, trained_template
 from launcher.diagnostics import GradNorms, NonFiniteWatch, format_stats, gradient_stats, is_dump_step, layer_norms
 from launcher.distributed import first_failed_rank
 from launcher.errors import RunFault
@@ -315,7 +315,11 @@ def save_final_weights(run: Run, pending: BaseException | None = None):
                 raise FileNotFoundError(errno.ENOENT, "output_dir vanished", str(run.cfg.output_dir))
             path = final_dir(run.cfg.output_dir)
             if is_hf_model(bare):  # a folder from_pretrained loads (or a LoRA adapter), with the tokenizer
-                write_final(path, run.cfg, lambda folder: export_hf(bare, state_dict, run.tokenizer, run.cfg, folder))
+                write_final(
+                    path,
+                    run.cfg,
+                    lambda folder: export_hf(bare, state_dict, run.tokenizer, run.cfg, folder, trained_template(run.cfg.data, run.tokenizer)),
+                )
             else:
                 write_final(path, run.cfg, lambda folder: save_weights(state_dict, folder))
                 path = path / WEIGHTS

@@ -43,6 +43,10 @@ class SampleCounts:
     truncated: int = 0  # cut to fit a row, targets left
     dropped_too_long: int = 0  # longer than a row under too_long: drop
     dropped_no_target: int = 0  # no target token within the row
+    no_target: int = 0  # no target token at all (before any cut)
+    all_targets: int = 0  # every token a target but the first
+    tokens: int = 0  # in all samples, before any cut
+    targets: int = 0
 
     def describe(self, what: str) -> str | None:
         if not (self.truncated or self.dropped_too_long or self.dropped_no_target):
@@ -127,6 +131,11 @@ def count_samples(samples: datasets.Dataset, width: int, too_long: str) -> Sampl
         position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
         kept = np.concatenate([[0], np.cumsum((flat == TARGET) & (position < width))])
         targets_kept = kept[offsets[1:]] - kept[offsets[:-1]]  # targets within the first `width` tokens
+        every = np.concatenate([[0], np.cumsum(flat == TARGET)])
+        targets = every[offsets[1:]] - every[offsets[:-1]]
+        counts.no_target += int((targets == 0).sum())
+        counts.tokens, counts.targets = counts.tokens + len(flat), counts.targets + int(every[-1])
+        counts.all_targets += int(((targets == lengths - 1) & (lengths > 1)).sum())
         too_long_mask = lengths > width
         if too_long == "drop":
             counts.dropped_too_long += int(too_long_mask.sum())
@@ -196,8 +205,17 @@ def text_rows(pieces: list, width: int, pack: bool) -> list[tuple[np.ndarray, No
 
 
 def masked_rows(pieces: list, width: int, pack: bool, too_long: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    rows, ids_in_row, kinds_in_row, used = [], [], [], 0
-    for ids, kinds in pieces:
+    return [
+        (np.concatenate([pieces[i][0][:width] for i in members]), np.concatenate([pieces[i][1][:width] for i in members]))
+        for members in row_members(pieces, width, pack, too_long)
+    ]
+
+
+def row_members(pieces: list, width: int, pack: bool, too_long: str) -> list[list[int]]:
+    """The samples (indexes into `pieces`, in order) each row holds; a sample longer than a row is cut to `width`
+    (too_long: truncate) or left out (drop), and one with no target within the row is left out."""
+    rows, members, used = [], [], 0
+    for i, (ids, kinds) in enumerate(pieces):
         if len(ids) > width:
             if too_long == "drop":
                 continue
@@ -205,16 +223,15 @@ def masked_rows(pieces: list, width: int, pack: bool, too_long: str) -> list[tup
         if not (kinds == TARGET).any():
             continue
         if not pack:
-            rows.append((ids, kinds))
+            rows.append([i])
             continue
         if used + len(ids) > width:
-            rows.append((np.concatenate(ids_in_row), np.concatenate(kinds_in_row)))
-            ids_in_row, kinds_in_row, used = [], [], 0
-        ids_in_row.append(ids)
-        kinds_in_row.append(kinds)
+            rows.append(members)
+            members, used = [], 0
+        members.append(i)
         used += len(ids)
-    if ids_in_row:
-        rows.append((np.concatenate(ids_in_row), np.concatenate(kinds_in_row)))
+    if members:
+        rows.append(members)
     return rows
 
 

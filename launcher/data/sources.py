@@ -18,10 +18,10 @@ from datasets.fingerprint import Hasher
 
 from launcher.config import DATA_SUFFIXES, DataConfig
 from launcher.data.identity import files_identity
+from launcher.data.messages import MessageMap
 from launcher.errors import UsageError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -73,12 +73,17 @@ def load_documents(cfg: DataConfig, evaluation: bool = False) -> datasets.Datase
     for canonical, field_key in FORMAT_FIELDS[cfg.format].items():
         field = "text" if files and files[0].suffix == ".txt" and canonical == "text" else getattr(cfg, field_key)
         if field not in docs.column_names:
+            if cfg.format == "text" and (chat := next((c for c in ("messages", "conversations") if c in docs.column_names), None)):
+                raise UsageError(
+                    f"data.format: '{where}' has no column '{field}' but a '{chat}' column of conversations; set data.format: chat"
+                    + ("" if chat == "messages" else f" and data.messages_field: {chat}")
+                )
             raise UsageError(
                 f"data.{field_key}: '{where}' has no column '{field}' (columns: {', '.join(docs.column_names)});"
                 f" set data.{field_key} to the column that holds it"
             )
         if canonical == "messages":
-            check_messages(docs, field, key, where)
+            check_messages(docs, field, key, where, cfg)
         else:
             check_text_column(docs, field, key, where, files, field_key)
         columns[field] = canonical
@@ -176,6 +181,21 @@ def load_saved(path: Path, key: str, split: tuple[str, str]) -> datasets.Dataset
     return saved
 
 
+def saved_eval_split(cfg: DataConfig) -> str | None:
+    """The split of a DatasetDict data.path folder that evaluates when no evaluation set is chosen (data.eval_path,
+    data.eval_split, a data.eval_fraction other than the default): its 'test' split, else its 'validation' split."""
+    if cfg.name is not None or cfg.path is None or cfg.eval_path is not None or cfg.eval_split is not None or cfg.eval_fraction != 0.05:
+        return None
+    listing = cfg.path / "dataset_dict.json"
+    if not (cfg.path.is_dir() and listing.is_file()):
+        return None
+    try:
+        splits = json.loads(listing.read_text())["splits"]
+    except (ValueError, KeyError, TypeError):
+        return None  # load_saved names the unreadable folder
+    return next((split for split in ("test", "validation") if split in splits and split != cfg.split), None)
+
+
 def check_not_empty(file: Path, key: str) -> None:
     """A file with no text at all would make an empty split much later; say so now, naming the file."""
     with file.open("rb") as f:
@@ -241,8 +261,10 @@ def check_text_column(
     )
 
 
-def check_messages(docs: datasets.Dataset, field: str, key: str, where: str) -> None:
-    """Format chat: every row is a list of {role, content} strings with a known role and at least one assistant turn."""
+def check_messages(docs: datasets.Dataset, field: str, key: str, where: str, cfg: DataConfig) -> None:
+    """Format chat: every row is a list of messages that map (messages.py) to {role, content} strings with a known
+    role, and has at least one assistant turn."""
+    mapping = MessageMap(cfg)
     for row, messages in enumerate(docs[field], 1):
         if not isinstance(messages, list) or not messages:
             raise UsageError(
@@ -250,13 +272,10 @@ def check_messages(docs: datasets.Dataset, field: str, key: str, where: str) -> 
                 " give every row a list of {role, content} messages"
             )
         for number, message in enumerate(messages, 1):
-            role = message.get("role") if isinstance(message, dict) else None
-            content = message.get("content") if isinstance(message, dict) else None
-            if not isinstance(role, str) or not isinstance(content, str):
-                raise UsageError(f"{key}: row {row} of '{where}': message {number} needs a string 'role' and 'content'; fix that message")
-            if role not in CHAT_ROLES:
-                raise UsageError(f"{key}: row {row} of '{where}': message {number} has the unknown role '{role}'; use one of {', '.join(CHAT_ROLES)}")
-        if not any(m["role"] == "assistant" for m in messages):
+            if problem := mapping.problem(number, message):
+                name, _, rest = problem.partition(": ")
+                raise UsageError(f"{name}: row {row} of '{where}': {rest}")
+        if not any(m["role"] == "assistant" for m in mapping.canonical(messages)[0]):
             raise UsageError(f"{key}: row {row} of '{where}' has no assistant turn, so nothing in it would be trained on; add one or remove the row")
 
 
