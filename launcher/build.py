@@ -18,7 +18,8 @@ from launcher.backends import Backend, backend_kind, diagnostics_problems, make_
 from launcher.batches import BatchPlan
 from launcher.checkpoints import load_checkpoint, set_aside_newer
 from launcher.config import Config
-from launcher.data import EvalData, TrainData, cache_root, data_identity, load_documents, prepare_splits
+from launcher.data import EvalData, TrainData, cache_root, data_identity, load_documents, make_mixture, prepare_splits
+from launcher.data.mixture import source_config
 from launcher.diagnostics import check_dump_names
 from launcher.distributed import (
     check_hardware,
@@ -139,7 +140,8 @@ def _build_run(cfg: Config, overwrite: bool, start: Start | None, checked: Check
     train_blocks, eval_blocks = _prepare_data_main_first(cfg, accelerator, tokenizer)  # a data error leaves output_dir untouched
 
     pin = accelerator.device.type == "cuda"
-    train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin, cfg.train.overfit_batches, tokenizer.pad_id)
+    mixture = make_mixture(cfg.data, train_blocks, cfg.seed)  # data.sources: which rows each epoch takes
+    train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin, cfg.train.overfit_batches, tokenizer.pad_id, mixture)
     eval_data = None
     if eval_blocks is not None and len(eval_blocks):
         eval_mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
@@ -176,7 +178,7 @@ def _build_run(cfg: Config, overwrite: bool, start: Start | None, checked: Check
     accelerator.print(
         f"{world_size} process(es), {torch.get_num_threads()} CPU thread(s) each (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
     )
-    for line in backend.notes:
+    for line in [*backend.notes, *([mixture.describe()] if mixture is not None else [])]:
         accelerator.print(line)
     if state:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
@@ -376,7 +378,10 @@ def validate_run(cfg: Config, world_size: int, problems: Problems | None = None)
 def check_documents(cfg: Config) -> None:
     """The training (and evaluation) documents load: files exist, formats and fields are right."""
     problems = Problems()
-    problems.check(load_documents, cfg.data)
+    for i in range(len(cfg.data.sources or ())):  # a mixture: each source as it will be read
+        problems.check(load_documents, source_config(cfg.data, i))
+    if cfg.data.sources is None:
+        problems.check(load_documents, cfg.data)
     if cfg.data.eval_path is not None or cfg.data.eval_split is not None:
         problems.check(load_documents, cfg.data, evaluation=True)
     problems.report()

@@ -10,8 +10,8 @@
   the launch, the step bounds and the split of the global batch may change; any other difference (data,
   model, optimizer and schedule values, seed, ...) is refused in one line listing each, unless
   `resume_allow_changes` names it: then the new value takes effect and the run header says so.
-- The data is part of the config: the checkpoint records the identity of the files of data.path and
-  data.eval_path (launcher.data.identity: size and content) and the number of training samples; other
+- The data is part of the config: the checkpoint records the identity of the files of data.path,
+  data.eval_path and each data.sources path (launcher.data.identity: size and content) and the number of training samples; other
   bytes there, or another number of samples, are refused like a changed data.path.
 """
 
@@ -164,6 +164,7 @@ def input_paths(cfg: Config, checkpoint: Path | None) -> list[tuple[str, Path]]:
         ("data.chat_template", cfg.data.chat_template if cfg.data.chat_template != "default" else None),
         ("deepspeed", cfg.deepspeed),
         ("resume", checkpoint),
+        *((f"data.sources.{i}.path", source.path) for i, source in enumerate(cfg.data.sources or ())),
     ]
     if cfg.model.factory is not None:  # the module's file, where the factory's import would find it
         module = cfg.model.factory.split(":")[0].replace(".", "/")
@@ -173,7 +174,7 @@ def input_paths(cfg: Config, checkpoint: Path | None) -> list[tuple[str, Path]]:
     for key, value in named:
         if value is None:
             continue
-        if key in ("data.path", "data.eval_path") and any(c in str(value) for c in "*?["):
+        if (key in ("data.path", "data.eval_path") or key.startswith("data.sources.")) and any(c in str(value) for c in "*?["):
             paths += [(key, Path(match)) for match in sorted(glob.glob(str(value), recursive=True))]
         elif Path(value).exists():
             paths.append((key, Path(value)))
@@ -223,14 +224,10 @@ def data_differences(cfg: Config, state: TrainerState | None) -> list[DataChange
     the record existed: none)."""
     if state is None or not state.data:
         return []
-    from launcher.data.sources import data_identity  # reads a few blocks of each file (identity.py)
+    from launcher.data.sources import data_identity, data_path  # reads a few blocks of each file (identity.py)
 
     now = data_identity(cfg.data)
-    return [
-        DataChange(key, old, now[key], str(getattr(cfg.data, key.removeprefix("data."))))
-        for key, old in state.data.items()
-        if key in now and now[key] != old
-    ]
+    return [DataChange(key, old, now[key], str(data_path(cfg.data, key))) for key, old in state.data.items() if key in now and now[key] != old]
 
 
 def config_differences(old: dict | None, cfg: Config) -> list[Difference]:

@@ -14,6 +14,7 @@ import datasets
 
 from launcher.config import DataConfig
 from launcher.data.formats import DEFAULT_CHAT_TEMPLATE, Encoder, chat_template
+from launcher.data.mixture import Mixture, make_mixture, mixture_splits
 from launcher.data.packing import count_samples, layout_rows, tokenize_samples
 from launcher.data.sources import (
     builtin_corpus_file,
@@ -35,6 +36,7 @@ __all__ = [
     "ByteTokenizer",
     "EvalData",
     "HFTokenizer",
+    "Mixture",
     "RowStore",
     "TrainData",
     "Window",
@@ -44,6 +46,7 @@ __all__ = [
     "data_identity",
     "first_bad_json_row",
     "load_documents",
+    "make_mixture",
     "prepare_splits",
     "rows_to_batch",
     "sample_lengths",
@@ -88,6 +91,8 @@ def prepare_splits(
     the held-out fraction of the training documents (None when data.eval_fraction is 0)."""
     datasets.disable_progress_bars()
     tokenizer = tokenizer or ByteTokenizer()
+    if cfg.sources is not None:  # each source on its own, then tagged and concatenated
+        return mixture_splits(cfg, lambda one: prepare_splits(one, seed, tokenizer, report))
     docs = load_documents(cfg)
     if cfg.eval_path is not None or cfg.eval_split is not None:
         train_docs, eval_docs = docs, load_documents(cfg, evaluation=True)
