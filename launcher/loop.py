@@ -32,6 +32,7 @@ from launcher.distributed import first_failed_rank
 from launcher.errors import RunFault
 from launcher.final import WEIGHTS, final_dir, write_final
 from launcher.flops import Mfu, make_mfu
+from launcher.generate import write_generations
 from launcher.metrics import MetricsLog, peak_memory_gb
 from launcher.models import logits_of
 from launcher.models.hf import export_hf, is_hf_model
@@ -175,6 +176,9 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         if run.eval_data is not None and run.total_steps > 0 and (last_eval is None or last_eval[0] != run.total_steps):
             last_eval = log_eval(run, metrics, run.total_steps)
         summary.update(weights=save_final_weights(run, metrics.fault), eval_loss=last_eval and last_eval[1])
+    if run.train_data.mixture is not None and steps_done > run.start_step:  # data.sources: what the steps sampled, against the plan
+        acc.print(run.train_data.mixture.describe_sampled(f"steps {run.start_step + 1}-{steps_done}"))
+        metrics.write({"step": steps_done, "mixture_sampled": run.train_data.mixture.sampled()})
     metrics.close()
     return summary
 
@@ -297,6 +301,8 @@ def save_run_checkpoint(run: Run, steps_done: int, skipped_steps: int, nonfinite
 def log_eval(run: Run, metrics: MetricsLog, step: int) -> tuple[int, float]:
     eval_loss = evaluate(run)
     metrics.write({"step": step, "eval_loss": eval_loss, "eval_tokens": run.eval_data.target_tokens})
+    # eval.generate: the main process's answers to samples.jsonl (a failed write stops the run like one of metrics.jsonl)
+    metrics.fault = metrics.fault or write_generations(run, step, metrics.tensorboard)
     return step, eval_loss
 
 
