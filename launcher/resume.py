@@ -264,12 +264,13 @@ def check_samples(start: Start, train_samples: int, cfg: Config) -> None:
     """Once the data is tokenized: another number of training samples than the checkpoint's means other data (a
     change identity.py cannot see, or a source it does not cover: data.name), unless a change was allowed."""
     recorded = start.state.train_samples if start.state is not None else None
-    key = "data.name" if cfg.data.name is not None else "data.path"
+    key = "data.name" if cfg.data.name is not None else "data.sources" if cfg.data.sources is not None else "data.path"
     if recorded is None or recorded == train_samples or start.allowed or _matches(key, cfg.resume_allow_changes):
         return
+    where = ", ".join(str(s.path) for s in cfg.data.sources) if key == "data.sources" else getattr(cfg.data, key.removeprefix("data."))
     raise UsageError(
         f"resume: checkpoint '{start.checkpoint}' was trained on {recorded} training samples, this run has {train_samples}:"
-        f" the data of {key} '{getattr(cfg.data, key.removeprefix('data.')) or 'the built-in corpus'}' changed; restore the data,"
+        f" the data of {key} '{where or 'the built-in corpus'}' changed; restore the data,"
         f" or allow the change with resume_allow_changes=[{key}], or set output_dir=NEW_DIR for a new run"
     )
 

@@ -100,6 +100,11 @@ class Mixture:
     def epoch_size(self) -> int:
         return int(self.per_epoch.sum())
 
+    @property
+    def target_tokens_per_epoch(self) -> int:
+        """Expected: an epoch's rows of each source times the mean target tokens of that source's rows."""
+        return int(round(float((self.per_epoch * self.mean_targets).sum())))
+
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Row indices of the epoch, in the order its steps take them."""
         parts = [self.offsets[i] + self.stream(i, epoch * c, (epoch + 1) * c) for i, c in enumerate(self.per_epoch)]
