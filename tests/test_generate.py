@@ -3,12 +3,15 @@ numbers are those of the same run without it (2 DDP ranks: the unwrapped module 
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.config import load_config
+from launcher.config import DataConfig, load_config
+from launcher.data import EvalData, prepare_splits
 from launcher.errors import UsageError
+from launcher.generate import held_out_prompt_ids
 from launcher.models import logits_of
 from launcher.models.gpt import GPT
 
@@ -80,3 +83,15 @@ def test_bad_generate_settings_are_one_line(tmp_path, overrides, error):
     with pytest.raises(UsageError) as err:
         load_config(path, overrides)
     assert len(err.value.lines) == 1 and err.value.lines[0].startswith(f"{path}: {error}"), err.value.lines
+
+
+def test_prompts_from_the_evaluation_set_are_what_precedes_the_answer(tmp_path):
+    """prompt_completion (and chat): the ids before the first target; text: the first half of the row."""
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}? ", "completion": f"answer {i}"}) + "\n" for i in range(4)))
+    held_out = prepare_splits(DataConfig(path=data, format="prompt_completion", seq_len=32, eval_fraction=0), seed=1)[0]
+    prompts = held_out_prompt_ids(EvalData(held_out, 0, 1, 2, None, False), 3)
+    assert [bytes(p).decode() for p in prompts] == ["question 0? ", "question 1? ", "question 2? "]
+    text = prepare_splits(DataConfig(path=data, text_field="prompt", seq_len=32, pack=False, eval_fraction=0), seed=1)[0]
+    first = EvalData(text, 0, 1, 2, None, False).store.rows(np.arange(1))
+    assert held_out_prompt_ids(EvalData(text, 0, 1, 2, None, False), 1) == [first["input_ids"][0, : first["length"][0] // 2].tolist()]
