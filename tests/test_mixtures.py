@@ -79,7 +79,11 @@ def test_weights_3_to_1_sample_75_percent_of_tokens_over_200_steps_on_any_split_
 def runs(sources) -> dict:
     """8 steps of a 3:1 mixture: straight on 1 rank; on 2 ranks; 4 steps with a checkpoint, then resumed to 8."""
     tmp_path = sources["tmp"]
-    config = tiny_config(tmp_path, data=mixture_data(sources), train={"max_steps": 8, "lr_schedule": "constant", "warmup_steps": 0, "log_every": 4})
+    config = tiny_config(
+        tmp_path,
+        data=mixture_data(sources),
+        train={"max_steps": 8, "learning_rate": 3e-3, "lr_schedule": "constant", "warmup_steps": 0, "log_every": 1},
+    )
     path = write_config(tmp_path / "c.yaml", config)
     one = check(run_cli("train", str(path), f"output_dir={tmp_path / 'one'}"))
     two = check(run_cli("train", str(path), f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=1", nproc=2))
@@ -109,7 +113,7 @@ def test_the_plan_is_printed_at_start_and_what_was_sampled_at_the_end(runs, sour
 
 def test_the_mixture_equals_itself_on_1_and_2_ranks(runs):
     one, two = final_weights(runs["tmp"] / "one"), final_weights(runs["tmp"] / "two")
-    for name, tensor in one.items():  # 8 AdamW steps at lr 1e-2 carry the ranks' summation order to ~1e-5
+    for name, tensor in one.items():  # the ranks sum in another order: 1e-5, as in test_exact_accumulation
         torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     rows_one, rows_two = metrics(runs["tmp"] / "one"), metrics(runs["tmp"] / "two")
     assert [r["loss"] for r in rows_two if "loss" in r] == pytest.approx([r["loss"] for r in rows_one if "loss" in r], rel=1e-6)
