@@ -126,7 +126,7 @@ class LauncherSide:
         return sum(r["s_per_step"] * (step - prev) for r, prev, step in zip(rows, steps, steps[1:]))
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return load_file(self.summary["weights"])
+        return load_file(self.summary.weights)
 
 
 def materialize(train_data, steps: int, device: torch.device) -> list[tuple[list, int]]:

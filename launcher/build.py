@@ -20,7 +20,7 @@ from launcher.bare_model import build_bare_model
 from launcher.batches import BatchLayout
 from launcher.checkpoints import load_checkpoint, set_aside_newer
 from launcher.config import Config
-from launcher.data import EvalData, TrainData, data_identity, prepare_splits
+from launcher.data import EvalData, TrainData, data_identity, make_mixture, prepare_splits
 from launcher.distributed import env_rank, env_world_size, first_failed_rank, make_accelerator, seed_rank_streams
 from launcher.errors import RunFault, UsageError
 from launcher.freezing import parameter_table
@@ -99,7 +99,8 @@ def _build_run(cfg: Config, overwrite: bool, start: StartingPoint | None, checke
     train_blocks, eval_blocks = _prepare_data_main_first(cfg, accelerator, tokenizer)  # a data error leaves output_dir untouched
 
     pin = accelerator.device.type == "cuda"
-    train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin, cfg.train.overfit_batches, tokenizer.pad_id)
+    mixture = make_mixture(cfg.data, train_blocks, cfg.seed)  # data.sources: which rows each epoch takes
+    train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin, cfg.train.overfit_batches, tokenizer.pad_id, mixture)
     eval_data = None
     if eval_blocks is not None and len(eval_blocks):
         eval_mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
@@ -136,7 +137,7 @@ def _build_run(cfg: Config, overwrite: bool, start: StartingPoint | None, checke
     accelerator.print(
         f"{world_size} process(es), {torch.get_num_threads()} CPU thread(s) each (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
     )
-    for line in backend.notes:
+    for line in [*backend.notes, *([mixture.describe()] if mixture is not None else [])]:
         accelerator.print(line)
     if state:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")

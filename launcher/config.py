@@ -132,11 +132,50 @@ class TrainConfig(Section):
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
 
+class GenerateConfig(Section):
+    prompts: list[str] | None = Field(
+        None, min_length=1, description="the prompts, as text (format chat: each one a user turn); null: the first eval.generate.n held-out samples"
+    )
+    n: int = Field(2, ge=1, description="prompts taken from the evaluation set when eval.generate.prompts is null")
+    max_new_tokens: int = Field(32, ge=1, description="tokens generated per prompt (fewer when the model writes EOS)")
+
+
 class EvalConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="optimizer steps between evaluations; null: only at the end")
     at_start: bool = Field(True, description="also evaluate the initial weights (step 0)")
     micro_batch_size: int | None = Field(None, ge=1, description="samples per process per eval batch; null: train.micro_batch_size")
     max_samples: int | None = Field(None, ge=1, description="evaluate on the first N held-out samples only; null: all")
+    generate: GenerateConfig | None = Field(
+        None, description="at each evaluation, also write the model's greedy answers to prompts to output_dir/samples.jsonl; null: none"
+    )
+
+
+class SourceConfig(Section):
+    """One source of a data.sources mixture: its files, its share, and the data.* keys it sets for itself (null: data's)."""
+
+    path: Path = Field(description="a data file, folder, glob or save_to_disk folder, as data.path takes")
+    weight: float | None = Field(None, gt=0, description="sampling weight: the source's share of the target tokens is weight / sum of weights")
+    epochs: float | None = Field(None, gt=0, description="instead of weight: passes over the source per epoch of the mixture (e.g. 2, or 0.5)")
+    format: Literal["text", "prompt_completion", "chat"] | None = Field(None, description="data.format for this source")
+    split: str | None = Field(None, min_length=1, description="data.split for this source (a DatasetDict save_to_disk folder)")
+    text_field: str | None = Field(None, min_length=1, description="data.text_field for this source")
+    prompt_field: str | None = Field(None, min_length=1, description="data.prompt_field for this source")
+    completion_field: str | None = Field(None, min_length=1, description="data.completion_field for this source")
+    messages_field: str | None = Field(None, min_length=1, description="data.messages_field for this source")
+    too_long: Literal["truncate", "drop"] | None = Field(None, description="data.too_long for this source")
+
+    @field_validator("path")
+    @classmethod
+    def _existing_path(cls, path: Path) -> Path:
+        try:
+            return DataConfig._existing_data(path)
+        except ValueError as err:  # a source has no built-in corpus to fall back to
+            raise ValueError(str(err).removesuffix(", or null for the built-in corpus")) from None
+
+    @property
+    def data_keys(self) -> dict:
+        """The data.* keys this source sets for itself."""
+        return {key: value for key, value in self if key not in ("weight", "epochs") and value is not None}
 
 
 class DataConfig(Section):
@@ -192,6 +231,9 @@ class DataConfig(Section):
     cache_dir: Path | None = Field(
         None, description="where tokenized data is cached; null: ~/.cache/launcher (or $LAUNCHER_CACHE)", json_schema_extra=FREE_ON_RESUME
     )
+    sources: list[SourceConfig] | None = Field(
+        None, min_length=1, description="instead of path/name: a mixture, each source {path, weight or epochs, per-source data keys}"
+    )
 
     @field_validator("path", "eval_path")
     @classmethod
@@ -218,6 +260,8 @@ class DataConfig(Section):
             raise ValueError("data.eval_path and data.eval_split both choose the evaluation set; keep one of them")
         if (self.eval_path is not None or self.eval_split is not None) and "eval_fraction" in self.model_fields_set and self.eval_fraction:
             raise ValueError("data.eval_fraction holds out training documents, but data.eval_path/eval_split gives an evaluation set; remove one")
+        if self.sources is not None:
+            check_sources(self)
         unread = [f"data.{key}" for key in changed(self, FORMAT_FIELDS) if self.format not in FORMAT_FIELDS[key]]
         if unread:
             raise ValueError(
@@ -228,6 +272,28 @@ class DataConfig(Section):
     @property
     def has_eval_set(self) -> bool:
         return self.eval_path is not None or self.eval_split is not None or self.eval_fraction > 0
+
+
+def check_sources(cfg: DataConfig) -> None:
+    """data.sources: no other training source beside it, weights or epochs given alike, each key read by its format."""
+    if cfg.path is not None or cfg.name is not None:
+        raise ValueError(f"data.{'path' if cfg.path is not None else 'name'} and data.sources both choose the training data; keep one of them")
+    if cfg.eval_split is not None:
+        raise ValueError(
+            "data.eval_split: a mixture has no one split to evaluate; give data.eval_path, or hold out data.eval_fraction of each source"
+        )
+    shares = [("weight" if s.weight is not None else "") + ("epochs" if s.epochs is not None else "") for s in cfg.sources]
+    if len(set(shares)) > 1 or shares[0] not in ("weight", "epochs"):
+        raise ValueError(
+            "data.sources: give every source a weight (its share of tokens), or every source epochs (passes per epoch); not both, not mixed"
+        )
+    for i, source in enumerate(cfg.sources):
+        form = source.format or cfg.format
+        unread = [f"data.sources.{i}.{key}" for key in source.data_keys if key in FORMAT_FIELDS and form not in FORMAT_FIELDS[key]]
+        if unread:
+            raise ValueError(
+                f"{', '.join(unread)}: not read with format {form}; remove {'them' if len(unread) > 1 else 'it'}, or set that source's format"
+            )
 
 
 # the data formats that read each field: a field of another format is refused rather than silently ignored
@@ -535,11 +601,18 @@ class Config(Section):
                 raise ValueError("train.mixed_precision: fp16 needs a sharded loss scaler, which fsdp does not set up; use bf16")
             if self.train.compile:
                 raise ValueError("train.compile: not available with fsdp; set train.compile to false")
-        unused_eval = [f"eval.{key}" for key in changed(self.eval, ("every_steps", "micro_batch_size", "max_samples"))]  # at_start: false agrees
+        unused_eval = [
+            f"eval.{key}" for key in changed(self.eval, ("every_steps", "micro_batch_size", "max_samples", "generate"))
+        ]  # at_start: false agrees
         if unused_eval and not self.data.has_eval_set:
             raise ValueError(
                 f"{', '.join(unused_eval)}: there is no evaluation set (data.eval_fraction is 0, no data.eval_path or eval_split);"
                 f" hold out documents with data.eval_fraction, or remove {'them' if len(unused_eval) > 1 else 'it'}"
+            )
+        if self.eval.generate is not None and (self.fsdp is not None or self.deepspeed is not None):
+            raise ValueError(
+                f"eval.generate: not available with {'fsdp' if self.fsdp is not None else 'deepspeed'} (each generated token would need"
+                " every rank's forward); remove eval.generate, or train with DDP"
             )
         if changed(self.diagnostics, ["dump_grad_steps"]) and not self.diagnostics.dump_grad:
             raise ValueError(
@@ -715,13 +788,13 @@ def _explain(path: Path, error: dict) -> str:
 def _section_at(loc: list[str]) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc:
+        if part.isdigit():
+            continue  # an item of a list of sections (data.sources.0)
         field = model.model_fields.get(part)
-        # an optional section (lora, fsdp) is `Section | None`
-        kinds = [
-            a
-            for a in (getattr(field, "annotation", None), *typing.get_args(getattr(field, "annotation", None)))
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
+        # an optional section (lora, fsdp) is `Section | None`; a list of sections (data.sources) `list[Section] | None`
+        annotation = getattr(field, "annotation", None)
+        args = typing.get_args(annotation)
+        kinds = [a for a in (annotation, *args, *(x for a in args for x in typing.get_args(a))) if isinstance(a, type) and issubclass(a, BaseModel)]
         if not kinds:
             return None
         model = kinds[0]
@@ -743,13 +816,22 @@ def to_yaml(config: Config) -> str:
 
 def sections_and_fields(model: type[BaseModel] = None, prefix: str = ""):
     """(dotted key, field, its section class or None) of every field, depth first in declaration order; a section
-    field (train, lora, fsdp, ...) comes before its own keys."""
+    field (train, lora, fsdp, ...) comes before its own keys, and a list of sections (data.sources) before the keys
+    of its items (data.sources[].path)."""
     for name, info in (model or Config).model_fields.items():
         key = prefix + name
-        section = next((a for a in (info.annotation, *typing.get_args(info.annotation)) if isinstance(a, type) and issubclass(a, Section)), None)
+        kinds = [info.annotation, *typing.get_args(info.annotation)]
+        section = next((a for a in kinds if isinstance(a, type) and issubclass(a, Section)), None)
+        items = next((typing.get_args(a)[0] for a in kinds if typing.get_origin(a) is list and _is_section(typing.get_args(a)[0])), None)
         yield key, info, section
         if section is not None:
             yield from sections_and_fields(section, key + ".")
+        elif items is not None:
+            yield from sections_and_fields(items, key + "[].")
+
+
+def _is_section(kind) -> bool:
+    return isinstance(kind, type) and issubclass(kind, Section)
 
 
 def free_on_resume_keys() -> tuple[str, ...]:

@@ -54,7 +54,7 @@ def _kind(annotation) -> str:
         return f"list of {_kind(args[0])}"
     if origin is dict:
         return "mapping"
-    return getattr(annotation, "__name__", str(annotation)).replace("Config", " section").lower().strip()
+    return "mapping"  # a section of keys (listed after it)
 
 
 def config_table() -> str:

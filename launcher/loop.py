@@ -33,6 +33,7 @@ from launcher.errors import RunFault
 from launcher.exits import RunOutcome
 from launcher.final import WEIGHTS, final_dir, write_final
 from launcher.flops import Mfu, make_mfu
+from launcher.generate import write_generations
 from launcher.metrics import MetricsLog, peak_memory_gb
 from launcher.models import logits_of
 from launcher.models.hf import export_hf, is_hf_model
@@ -172,6 +173,9 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
             last_eval = log_eval(run, metrics, run.total_steps)
         outcome.weights = save_final_weights(run, metrics.fault)
         outcome.eval_loss = last_eval and last_eval[1]
+    if run.train_data.mixture is not None and steps_done > run.start_step:  # data.sources: what the steps sampled, against the plan
+        acc.print(run.train_data.mixture.describe_sampled(f"steps {run.start_step + 1}-{steps_done}"))
+        metrics.write({"step": steps_done, "mixture_sampled": run.train_data.mixture.sampled()})
     if trackers is not None:
         trackers.end({"preempted": preempted, "eval_loss": outcome.eval_loss, "final": outcome.weights and str(outcome.weights)})
     metrics.close()
@@ -298,6 +302,8 @@ def save_run_checkpoint(
 def log_eval(run: Run, metrics: MetricsLog, step: int) -> tuple[int, float]:
     eval_loss = evaluate(run)
     metrics.write({"step": step, "eval_loss": eval_loss, "eval_tokens": run.eval_data.target_tokens})
+    # eval.generate: the main process's answers to samples.jsonl (a failed write stops the run like one of metrics.jsonl)
+    metrics.fault = metrics.fault or write_generations(run, step, metrics.tensorboard)
     return step, eval_loss
 
 

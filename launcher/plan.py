@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from launcher.backends.deepspeed_config import zero_stage
 from launcher.config import Config
-from launcher.data import prepare_splits, target_counts
+from launcher.data import make_mixture, prepare_splits, target_counts
 from launcher.errors import Problems, UsageError
 from launcher.formatting import bytes_text
 from launcher.freezing import parameter_table
@@ -41,10 +41,11 @@ def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Alloca
     problems.report()
     ds_config, batch, model = checked.deepspeed, checked.plan, checked.model
     train_blocks, eval_blocks = prepare_splits(cfg.data, cfg.seed, checked.tokenizer)
-    n_train = len(train_blocks)
+    mixture = make_mixture(cfg.data, train_blocks, cfg.seed)  # data.sources: an epoch is the mixture's rows, not the sources'
+    n_train = mixture.epoch_size if mixture is not None else len(train_blocks)
     steps_per_epoch = batch.steps_per_epoch(n_train)
     total_steps = batch.total_steps(n_train, cfg.train.max_steps, cfg.train.epochs)
-    targets_per_epoch = int(target_counts(train_blocks).sum())
+    targets_per_epoch = mixture.target_tokens_per_epoch if mixture is not None else int(target_counts(train_blocks).sum())
 
     lines = [
         f"world size {world_size} = {alloc.nodes} node(s) x {alloc.processes_per_node} process(es)",
@@ -53,6 +54,7 @@ def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Alloca
         f" ({cfg.data.seq_len} per sample); {targets_per_epoch / steps_per_epoch:,.0f} target tokens on average",
         f"{n_train} training samples, {steps_per_epoch} steps per epoch, {total_steps} steps"
         f" ({total_steps / steps_per_epoch:.2f} epochs); {len(eval_blocks) if eval_blocks is not None else 0} held-out samples",
+        *([mixture.describe()] if mixture is not None else []),
         "",
         parameter_table(model),
         "",

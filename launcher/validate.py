@@ -16,6 +16,7 @@ from launcher.bare_model import inspection_model
 from launcher.batches import BatchLayout
 from launcher.config import Config
 from launcher.data import cache_root, load_documents
+from launcher.data.mixture import source_config
 from launcher.distributed import check_hardware
 from launcher.errors import Problems, UsageError
 from launcher.memory import checkpoint_bytes
@@ -85,7 +86,10 @@ def validate_run(cfg: Config, world_size: int, problems: Problems | None = None)
 def check_documents(cfg: Config) -> None:
     """The training (and evaluation) documents load: files exist, formats and fields are right."""
     problems = Problems()
-    problems.check(load_documents, cfg.data)
+    for i in range(len(cfg.data.sources or ())):  # a mixture: each source as it will be read
+        problems.check(load_documents, source_config(cfg.data, i))
+    if cfg.data.sources is None:
+        problems.check(load_documents, cfg.data)
     if cfg.data.eval_path is not None or cfg.data.eval_split is not None:
         problems.check(load_documents, cfg.data, evaluation=True)
     problems.report()

@@ -14,6 +14,7 @@ import datasets
 
 from launcher.config import DataConfig
 from launcher.data.formats import DEFAULT_CHAT_TEMPLATE, Encoder, chat_template, trained_template, unknown_markers
+from launcher.data.mixture import Mixture, make_mixture, mixture_splits
 from launcher.data.packing import SampleCounts, count_samples, layout_rows, tokenize_samples
 from launcher.data.sources import (
     builtin_corpus_file,
@@ -36,6 +37,7 @@ __all__ = [
     "ByteTokenizer",
     "EvalData",
     "HFTokenizer",
+    "Mixture",
     "RowStore",
     "TrainData",
     "Window",
@@ -46,6 +48,7 @@ __all__ = [
     "data_identity",
     "first_bad_json_row",
     "load_documents",
+    "make_mixture",
     "prepare_splits",
     "rows_to_batch",
     "sample_lengths",
@@ -111,6 +114,8 @@ def prepare_splits(
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Tokenized training and evaluation rows (the documents of `split_sources`)."""
     tokenizer = tokenizer or ByteTokenizer()
+    if cfg.sources is not None:  # each source on its own, then tagged and concatenated
+        return mixture_splits(cfg, lambda one: prepare_splits(one, seed, tokenizer, report))
     train_docs, eval_docs = split_sources(cfg, seed, report)
     if report is not None and (warning := unknown_markers(cfg, tokenizer)):
         report(warning)

@@ -157,7 +157,15 @@ def data_identity(cfg: DataConfig) -> dict[str, dict]:
     """What identifies the data read from files (data.path, data.eval_path; identity.py), recorded in checkpoints:
     a resume on other bytes is refused. data.name is identified by datasets (a hub revision)."""
     sources = {"data.path": cfg.path if cfg.name is None else None, "data.eval_path": cfg.eval_path}
+    sources.update({f"data.sources.{i}.path": source.path for i, source in enumerate(cfg.sources or ())})  # a mixture's weights: config.yaml
     return {key: identity for key, path in sources.items() if path is not None and (identity := files_identity(source_files(path)))}
+
+
+def data_path(cfg: DataConfig, key: str) -> Path | None:
+    """The path a data_identity key names: data.path, data.eval_path or data.sources.N.path."""
+    if key.startswith("data.sources."):
+        return cfg.sources[int(key.split(".")[2])].path if cfg.sources and int(key.split(".")[2]) < len(cfg.sources) else None
+    return getattr(cfg, key.removeprefix("data."))
 
 
 def load_saved(path: Path, key: str, split: tuple[str, str]) -> datasets.Dataset:

@@ -14,6 +14,7 @@ import torch
 
 from launcher.batches import BatchLayout, epoch_order, rank_micro_batches, step_window
 from launcher.data.formats import START, TARGET
+from launcher.data.mixture import Mixture
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (padding, prompts, non-assistant turns)
 
@@ -120,17 +121,20 @@ class TrainData:
         pin: bool,
         overfit_batches: int | None = None,
         pad_id: int = 0,
+        mixture: Mixture | None = None,
     ):
         self.store, self.plan, self.seed, self.shuffle, self.pin = RowStore(blocks, pad_id), plan, seed, shuffle, pin
+        self.mixture = mixture  # data.sources: its epochs replace the plain permutation of the rows
         # the ranks this process plays: its own, or all of them one after the other when simulating
         self.ranks = range(process_index * plan.ranks_per_process, (process_index + 1) * plan.ranks_per_process)
         self.target_counts = self.store.target_counts
-        self.steps_per_epoch = plan.steps_per_epoch(len(self.store))
+        self.steps_per_epoch = plan.steps_per_epoch(len(self))
         self.overfit_batches = overfit_batches
         self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
-        return len(self.store)
+        """Samples per epoch."""
+        return self.mixture.epoch_size if self.mixture is not None else len(self.store)
 
     def window(self, step: int) -> Window:
         """Micro-batches of optimizer step `step` for the ranks this process plays (rank by rank), and the
@@ -139,8 +143,11 @@ class TrainData:
             step = step % min(self.overfit_batches, self.steps_per_epoch)
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, epoch_order(len(self.store), self.seed, epoch, self.shuffle)
+            order = self.mixture.epoch_order(epoch) if self.mixture is not None else epoch_order(len(self.store), self.seed, epoch, self.shuffle)
+            self._epoch, self._order = epoch, order
         window = step_window(self._order, step_in_epoch, self.plan.global_batch_size)
+        if self.mixture is not None:
+            self.mixture.record(window)
         micro = [
             rows_to_batch(self.store.rows(idx), self.plan.micro_batch_size, self.store.width, self.pin, self.store.pad_id)
             for rank in self.ranks
