@@ -372,37 +372,3 @@ class Fsdp2Backend(Backend):
         dcp.load(state, checkpoint_id=str(folder / self.SHARDED))
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer.optimizer, state["optimizer"])
-
-
-def memory_per_rank(model: nn.Module, world_size: int) -> dict[str, tuple[int, int, int]]:
-    """Bytes per rank of the parameters, their gradients and the AdamW state (two moments per trainable element),
-    under each backend, from the model's shapes and dtypes (the meta model will do); activations not counted.
-
-    DDP keeps all three whole on every rank. FSDP2 shards each parameter along dim 0, padded to a multiple of the
-    world size, and its gradients and moments alike (exact: a test compares a CPU run's allocations). ZeRO-1/2/3
-    partition flat buffers evenly and keep an fp32 master copy beside the moments (12 bytes per trainable element
-    in the optimizer state); DeepSpeed's own communication buffers are not counted, so those rows are estimates.
-    """
-    params = list(model.parameters())
-    trainable = [p for p in params if p.requires_grad]
-
-    def whole(ps) -> int:
-        return sum(p.numel() * p.element_size() for p in ps)
-
-    def shard(p) -> int:
-        shape = p.shape if p.dim() else torch.Size([1])
-        rows = -(-shape[0] // world_size)
-        return rows * shape[1:].numel() * p.element_size()
-
-    def split(n_bytes: int) -> int:
-        return -(-n_bytes // world_size)
-
-    n_trainable = sum(p.numel() for p in trainable)
-    fsdp_moments = 2 * sum(shard(p) for p in trainable)
-    return {
-        "DDP": (whole(params), whole(trainable), 2 * whole(trainable)),
-        "ZeRO-1": (whole(params), whole(trainable), split(12 * n_trainable)),
-        "ZeRO-2": (whole(params), split(whole(trainable)), split(12 * n_trainable)),
-        "ZeRO-3": (split(whole(params)), split(whole(trainable)), split(12 * n_trainable)),
-        "FSDP2": (sum(shard(p) for p in params), sum(shard(p) for p in trainable), fsdp_moments),
-    }

@@ -95,7 +95,13 @@ def batch_plan(cfg: Config, processes: int) -> BatchPlan:
     simulated = cfg.launch.simulate_world_size
     if simulated and processes > 1:
         raise UsageError(f"launch.simulate_world_size runs one process, but {processes} were launched; start one process (launch.nproc_per_node: 1)")
-    return BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, simulated or processes, ranks_per_process=simulated or 1)
+    plan = BatchPlan(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, simulated or processes, ranks_per_process=simulated or 1)
+    if cfg.train.global_batch_size not in (None, plan.global_batch_size):
+        raise UsageError(
+            f"train.global_batch_size: {cfg.train.global_batch_size}, but {plan.describe()}; set train.micro_batch_size: auto"
+            f" to split it, or make the product equal"
+        )
+    return plan
 
 
 def build_run(
@@ -176,7 +182,7 @@ def _build_run(cfg: Config, overwrite: bool, start: Start | None, checked: Check
     accelerator.print(
         f"{world_size} process(es), {torch.get_num_threads()} CPU thread(s) each (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
     )
-    for line in backend.notes:
+    for line in [*backend.notes, *checked.notes]:
         accelerator.print(line)
     if state:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
@@ -303,11 +309,9 @@ def open_output_dir(cfg: Config, start: Start) -> None:
 def check_storage_for(cfg: Config, model: nn.Module) -> None:
     """Writable output_dir and caches, and room for one checkpoint (estimated from `model`'s shapes: the inspection
     model, on the meta device where it can be)."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # AdamW's two fp32 moments; DeepSpeed under bf16/fp16 also keeps fp32 master weights
-    optimizer = trainable * (12 if cfg.deepspeed is not None and cfg.train.mixed_precision != "no" else 8)
-    check_storage(cfg.output_dir, weights + optimizer, cache_dirs(cfg))
+    from launcher.memory import checkpoint_bytes
+
+    check_storage(cfg.output_dir, checkpoint_bytes(model, cfg.deepspeed is not None, cfg.train.mixed_precision), cache_dirs(cfg))
 
 
 def cache_dirs(cfg: Config) -> list[tuple[str, Path]]:
@@ -348,6 +352,7 @@ class Checked:
     deepspeed: dict | None  # the resolved DeepSpeed config ("auto" filled), if DeepSpeed runs
     model: nn.Module  # names, shapes and freeze status: on the meta device, or a factory's real model on CPU
     frozen: set[str]
+    notes: list[str] = field(default_factory=list)  # what was decided automatically (micro_batch_size: auto), to print
 
 
 def validate_run(cfg: Config, world_size: int, problems: Problems | None = None) -> Checked | None:
@@ -361,16 +366,33 @@ def validate_run(cfg: Config, world_size: int, problems: Problems | None = None)
     problems = problems if problems is not None else Problems()
     found_before = len(problems.lines)
     problems.check(check_hardware, cfg.train)
-    ds_config = problems.check(resolved_deepspeed_config, cfg.deepspeed, cfg.train, world_size)
+    # an automatic micro-batch (or FSDP2 sync) is decided from the model's shapes first: the batch checks need it
+    auto = cfg.train.micro_batch_size == "auto" or (cfg.fsdp is not None and cfg.fsdp.sync_every_micro_step == "auto")
+    if not auto:
+        ds_config = problems.check(resolved_deepspeed_config, cfg.deepspeed, cfg.train, world_size)
     problems.check(check_options, cfg, uses_deepspeed=deepspeed_json(cfg.deepspeed) is not None)
-    plan = problems.check(batch_plan, cfg, world_size)
+    if not auto:
+        plan = problems.check(batch_plan, cfg, world_size)
     tokenizer = problems.check(load_tokenizer, cfg)
     built = problems.check(inspection_model, cfg, tokenizer) if tokenizer is not None else None
+    notes = []
+    if auto and built is not None:
+        from launcher.memory import resolve_auto
+
+        notes = problems.check(resolve_auto, cfg, built[0], simulated_or(cfg, world_size)) or []
+        if not (cfg.train.micro_batch_size == "auto" or (cfg.fsdp is not None and cfg.fsdp.sync_every_micro_step == "auto")):
+            ds_config = problems.check(resolved_deepspeed_config, cfg.deepspeed, cfg.train, world_size)
+            plan = problems.check(batch_plan, cfg, world_size)
     if own:
         problems.report()
     if len(problems.lines) > found_before:
         return None
-    return Checked(tokenizer, plan, ds_config, *built)
+    return Checked(tokenizer, plan, ds_config, *built, notes=notes)
+
+
+def simulated_or(cfg: Config, world_size: int) -> int:
+    """The ranks the batch is split over: launch.simulate_world_size's, or the processes'."""
+    return cfg.launch.simulate_world_size or world_size
 
 
 def check_documents(cfg: Config) -> None:

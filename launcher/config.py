@@ -13,7 +13,7 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator, model_validator
@@ -84,8 +84,16 @@ def _takes_numbers(annotation) -> bool:
 
 
 class TrainConfig(Section):
-    micro_batch_size: int = Field(8, ge=1, description="samples per process per micro-step")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        8, description="samples per process per micro-step; auto: the largest that fits the memory budget (needs global_batch_size)"
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per optimizer step (set by micro_batch_size: auto)")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="samples per optimizer step; micro_batch_size: auto splits it; null: micro-batch x accumulation x world size"
+    )
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="GB (10^9 bytes) per rank that micro_batch_size: auto may plan for; null: the GPU's memory"
+    )
     max_steps: int | None = Field(None, ge=0, description="optimizer steps to run; 0 writes the initial weights and exits")
     epochs: int | None = Field(None, ge=1, description="upper bound on passes over the training split")
     learning_rate: float = Field(3e-4, gt=0, description="peak learning rate of AdamW")
@@ -354,9 +362,9 @@ class FsdpConfig(Section):
         True,
         description="free each block's gathered parameters after its forward (gathered again for the backward): less memory, one more all-gather per block",
     )
-    sync_every_micro_step: bool = Field(
+    sync_every_micro_step: bool | Literal["auto"] = Field(
         False,
-        description="reduce-scatter after every micro-step instead of the window's last (the same numbers; k x the communication, sharded instead of full accumulated gradients in memory)",
+        description="reduce-scatter after every micro-step instead of the window's last (the same numbers; k x the communication, sharded instead of full accumulated gradients in memory); auto: true only when false does not fit the memory budget",
     )
     cpu_offload: bool = Field(
         False, description="keep the parameter shards, their gradients and the optimizer state in CPU memory (the optimizer steps on the CPU)"
@@ -445,6 +453,8 @@ class Config(Section):
     def _cross_field_rules(self) -> Config:
         if self.train.max_steps is None and self.train.epochs is None:
             raise ValueError("set train.max_steps or train.epochs (or both: the smaller bound wins)")
+        if self.train.micro_batch_size == "auto" and self.train.global_batch_size is None:
+            raise ValueError("train.micro_batch_size: auto splits train.global_batch_size, which is not set; set train.global_batch_size")
         if self.launch.simulate_world_size and self.launch.nproc_per_node != 1:
             raise ValueError("launch.simulate_world_size runs one process; set launch.nproc_per_node to 1")
         if self.launch.simulate_world_size and self.deepspeed is not None:

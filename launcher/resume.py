@@ -48,6 +48,8 @@ FREE_KEYS = (
     "train.epochs",
     "train.micro_batch_size",
     "train.gradient_accumulation_steps",
+    "train.global_batch_size",
+    "train.memory_budget_gb",
     "data.cache_dir",
     "fsdp.reshard_after_forward",
     "fsdp.sync_every_micro_step",
