@@ -13,7 +13,7 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator, model_validator
@@ -84,7 +84,7 @@ def _takes_numbers(annotation) -> bool:
 
 
 class TrainConfig(Section):
-    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+    micro_batch_size: int | Literal["auto"] = Field(
         8, description="samples per process per micro-step; auto: the largest that fits the memory budget (needs global_batch_size)"
     )
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per optimizer step (set by micro_batch_size: auto)")
@@ -118,6 +118,13 @@ class TrainConfig(Section):
     overfit_batches: int | None = Field(
         None, ge=1, description="train on the first N optimizer steps' batches over and over (the can-it-learn check); null: all data"
     )
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive_or_auto(cls, n: int | str) -> int | str:
+        if isinstance(n, int) and n < 1:
+            raise ValueError(f"input should be 1 or more (got {n}); set train.micro_batch_size to 1 or more, or auto")
+        return n
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
