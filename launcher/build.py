@@ -137,7 +137,7 @@ def _build_run(cfg: Config, overwrite: bool, start: StartingPoint | None, checke
     accelerator.print(
         f"{world_size} process(es), {torch.get_num_threads()} CPU thread(s) each (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
     )
-    for line in [*backend.notes, *([mixture.describe()] if mixture is not None else [])]:
+    for line in [*backend.notes, *checked.notes, *([mixture.describe()] if mixture is not None else [])]:
         accelerator.print(line)
     if state:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     preview.add_argument("--n", type=int, default=5, help="samples to show (default 5)")
     preview.add_argument("--split", choices=["train", "eval"], default="train", help="the training or the evaluation samples (default train)")
     preview.add_argument("--ids", action="store_true", help="also print each sample's token ids")
+    plan.add_argument("--json", action="store_true", help="the plan as one JSON object on stdout (for scripts and schedulers)")
+    plan.add_argument("--gpu", help="check the peak against this GPU's memory: H100, H200, A100-40, A100-80, L40S, L4, A10, B200, ...")
+    plan.add_argument("--gpu-memory-gb", type=float, help="check the peak against this many GB (10^9 bytes) per GPU")
     tiny = commands.add_parser("make-tiny-model", help="write a tiny Hugging Face model and tokenizer folder (for examples and tests; no download)")
     tiny.add_argument("output_dir", help="the folder to write (it must not exist)")
     tiny.add_argument("--arch", choices=["llama", "gpt2"], default="llama", help="llama (BOS added, pad token) or gpt2 (no BOS, no pad token)")
@@ -290,8 +293,27 @@ def run_plan(args: argparse.Namespace) -> int:
         cpus_per_task=args.cpus_per_task,
         mem=args.mem,
     )
-    print(plan_text(cfg, args.config, overrides, alloc, compare_backends=args.compare_backends))
+    device = gpu_memory(args.gpu, args.gpu_memory_gb)
+    print(plan_text(cfg, args.config, overrides, alloc, compare_backends=args.compare_backends, device=device, as_json=args.json))
     return 0
+
+
+def gpu_memory(name: str | None, gigabytes: float | None) -> tuple[str, int] | None:
+    """--gpu / --gpu-memory-gb as (name, bytes)."""
+    from launcher.memory import GB, GPUS
+
+    if name is not None and gigabytes is not None:
+        raise UsageError("--gpu and --gpu-memory-gb both give the memory; keep one of them")
+    if gigabytes is not None:
+        if not gigabytes > 0 or gigabytes == float("inf"):
+            raise UsageError(f"--gpu-memory-gb: {gigabytes} is not a memory size; give the GB per GPU, e.g. 80")
+        return f"{gigabytes:g} GB", int(gigabytes * GB)
+    if name is None:
+        return None
+    known = {key.lower(): key for key in GPUS}
+    if name.lower() not in known:
+        raise UsageError(f"--gpu: '{name}' is not a GPU this table knows ({', '.join(GPUS)}); give --gpu-memory-gb instead")
+    return known[name.lower()], GPUS[known[name.lower()]]
 
 
 def run_inspect(args: argparse.Namespace) -> int:

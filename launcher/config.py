@@ -88,8 +88,26 @@ def _takes_numbers(annotation) -> bool:
 
 
 class TrainConfig(Section):
-    micro_batch_size: int = Field(8, ge=1, description="samples per process per micro-step", json_schema_extra=FREE_ON_RESUME)
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per optimizer step", json_schema_extra=FREE_ON_RESUME)
+    micro_batch_size: int | Literal["auto"] = Field(
+        8,
+        description="samples per process per micro-step; auto: the largest that fits the memory budget (needs global_batch_size)",
+        json_schema_extra=FREE_ON_RESUME,
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="micro-steps per optimizer step (set by micro_batch_size: auto)", json_schema_extra=FREE_ON_RESUME
+    )
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="samples per optimizer step; micro_batch_size: auto splits it; null: micro-batch x accumulation x world size",
+        json_schema_extra=FREE_ON_RESUME,
+    )
+    memory_budget_gb: float | None = Field(
+        None,
+        gt=0,
+        description="GB (10^9 bytes) per rank that micro_batch_size: auto may plan for; null: the GPU's memory",
+        json_schema_extra=FREE_ON_RESUME,
+    )
     max_steps: int | None = Field(
         None, ge=0, description="optimizer steps to run; 0 writes the initial weights and exits", json_schema_extra=FREE_ON_RESUME
     )
@@ -125,6 +143,13 @@ class TrainConfig(Section):
     overfit_batches: int | None = Field(
         None, ge=1, description="train on the first N optimizer steps' batches over and over (the can-it-learn check); null: all data"
     )
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive_or_auto(cls, n: int | str) -> int | str:
+        if isinstance(n, int) and n < 1:
+            raise ValueError(f"input should be 1 or more (got {n}); set train.micro_batch_size to 1 or more, or auto")
+        return n
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -459,9 +484,9 @@ class FsdpConfig(Section):
         description="free each block's gathered parameters after its forward (gathered again for the backward): less memory, one more all-gather per block",
         json_schema_extra=FREE_ON_RESUME,
     )
-    sync_every_micro_step: bool = Field(
+    sync_every_micro_step: bool | Literal["auto"] = Field(
         False,
-        description="reduce-scatter after every micro-step instead of the window's last (the same numbers; k x the communication, sharded instead of full accumulated gradients in memory)",
+        description="reduce-scatter after every micro-step instead of the window's last (the same numbers; k x the communication, sharded instead of full accumulated gradients in memory); auto: true only when false does not fit the memory budget",
         json_schema_extra=FREE_ON_RESUME,
     )
     cpu_offload: bool = Field(
@@ -584,6 +609,8 @@ class Config(Section):
     def _cross_field_rules(self) -> Config:
         if self.train.max_steps is None and self.train.epochs is None:
             raise ValueError("set train.max_steps or train.epochs (or both: the smaller bound wins)")
+        if self.train.micro_batch_size == "auto" and self.train.global_batch_size is None:
+            raise ValueError("train.micro_batch_size: auto splits train.global_batch_size, which is not set; set train.global_batch_size")
         if self.launch.simulate_world_size and self.launch.nproc_per_node != 1:
             raise ValueError("launch.simulate_world_size runs one process; set launch.nproc_per_node to 1")
         if self.launch.simulate_world_size and self.deepspeed is not None:
