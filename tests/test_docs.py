@@ -1,5 +1,5 @@
 """The docs say what the code does: the CLI reference is generated from the argument parser, every exit code is in the
-exit-code table, and the first-run guide's commands run as written on a CPU. (The config reference is checked in
+exit-code table, the first-run guide's commands run as written on a CPU, and the README's links lead somewhere. (The config reference is checked in
 test_architecture.py; the example configs in test_examples.py; `mkdocs build --strict` runs in .ci/run.)"""
 
 import re
@@ -70,3 +70,12 @@ def test_first_run_guide_commands_run_as_written(tmp_path):
     assert "pos_embed.weight" in results[FIRST_RUN_RUNS[1]].stdout
     assert "world size 32 = 4 node(s) x 8 process(es)" in results[FIRST_RUN_RUNS[2]].stdout
     assert (tmp_path / "outputs" / "default-debug" / "plots" / "loss.png").is_file()
+
+
+def test_readme_links_name_existing_pages():
+    """mkdocs checks the links of docs/; the README lies outside it, so its links into docs/ are checked here."""
+    readme = (REPO / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    assert len(targets) > 20
+    missing = sorted({t for t in targets if not t.startswith("http") and not (REPO / t).exists()})
+    assert not missing, f"README.md links to files that do not exist: {missing}"
