@@ -33,19 +33,20 @@ def shell_commands(page: str) -> list[str]:
     """The commands of a guide's ```sh blocks, one per line, without their trailing comments."""
     commands = []
     for block in re.findall(r"```sh\n(.*?)```", page, re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # a line continued with a backslash is one command
             words = shlex.split(line, comments=True)
             if words:
                 commands.append(" ".join(words))
     return commands
 
 
-# the first-run guide's commands, each run here as written, or named with why not (a new command must be placed)
+# the first-run and memory guides' commands, each run here as written, or named with why not (a new command must be placed)
 FIRST_RUN_RUNS = [
     "launcher train configs/default.yaml --debug",
     "launcher inspect configs/default.yaml",
     "launcher plan configs/default.yaml --nodes 4 --gpus-per-node 8 --time-limit 24:00:00 --step-time-s 0.2",
     "launcher plot outputs/default-debug",
+    "launcher plan configs/default.yaml --compare-backends",  # the memory guide's (its others are the first run's)
 ]
 FIRST_RUN_ELSEWHERE = {
     "scripts/setup && .venv/bin/launcher train configs/default.yaml": "the set-up is the CI's own; the default job, shortened: test_default_job.py",
@@ -55,9 +56,10 @@ FIRST_RUN_ELSEWHERE = {
 }
 
 
-def test_first_run_guide_commands_run_as_written(tmp_path):
+def test_first_run_and_memory_guide_commands_run_as_written(tmp_path):
     commands = shell_commands((DOCS / "guides" / "first-run.md").read_text())
-    assert sorted(commands) == sorted(FIRST_RUN_RUNS + list(FIRST_RUN_ELSEWHERE))
+    assert sorted(commands + ["launcher plan configs/default.yaml --compare-backends"]) == sorted(FIRST_RUN_RUNS + list(FIRST_RUN_ELSEWHERE))
+    assert set(shell_commands((DOCS / "guides" / "memory.md").read_text())) <= set(FIRST_RUN_RUNS)
     (tmp_path / "configs").symlink_to(REPO / "configs")  # a fresh clone's folder, without the checkout's outputs/
     env = cpu_env(PYTHONPATH=str(REPO))
     results = {}
@@ -70,6 +72,8 @@ def test_first_run_guide_commands_run_as_written(tmp_path):
     assert "pos_embed.weight" in results[FIRST_RUN_RUNS[1]].stdout
     assert "world size 32 = 4 node(s) x 8 process(es)" in results[FIRST_RUN_RUNS[2]].stdout
     assert (tmp_path / "outputs" / "default-debug" / "plots" / "loss.png").is_file()
+    compared = results[FIRST_RUN_RUNS[4]].stdout
+    assert all(re.search(rf"^  {backend} +[\d.]+ [KMG]?B", compared, re.M) for backend in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP2")), compared
 
 
 def test_readme_links_name_existing_pages():
@@ -79,3 +83,18 @@ def test_readme_links_name_existing_pages():
     assert len(targets) > 20
     missing = sorted({t for t in targets if not t.startswith("http") and not (REPO / t).exists()})
     assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+def test_guides_plan_the_examples_as_their_comments_do():
+    """A guide's `launcher plan configs/examples/...` line is the example's own `Plan:` line, which test_examples.py runs."""
+    plan_lines = {
+        line.split("Plan:", 1)[1].strip()
+        for path in (REPO / "configs" / "examples").glob("*.yaml")
+        for line in path.read_text().splitlines()
+        if line.startswith("# Plan:")
+    }
+    in_guides = [
+        c for page in (DOCS / "guides").glob("*.md") for c in shell_commands(page.read_text()) if c.startswith("launcher plan configs/examples/")
+    ]
+    assert len(in_guides) >= 3
+    assert set(in_guides) <= plan_lines, sorted(set(in_guides) - plan_lines)
