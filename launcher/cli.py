@@ -15,8 +15,8 @@ from launcher.exits import EXIT_OK, end_with_error
 # and the stop-signal handler is installed before anything slow.
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
+    """Every command, argument and flag of `launcher` (docs/reference/cli.md is generated from it)."""
     parser = argparse.ArgumentParser(prog="launcher", description="Exact, fast training from one GPU to many nodes.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train from a YAML config")
@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random initial weights")
     plot = commands.add_parser("plot", help="PNG charts of a run's metrics.jsonl: losses, learning rate, grad norm, throughput")
     plot.add_argument("output_dir", help="the run's output_dir (it holds metrics.jsonl)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
     # overrides may also follow the flags (`train CONFIG --debug train.max_steps=20`): argparse ends a
     # positional list at the first flag, so what it leaves over are overrides too (checked by load_config)
     args, rest = parser.parse_known_args(argv)
