@@ -266,7 +266,7 @@ def relaunch(nproc: int, argv: list[str], preemption: PreemptionFlag, timeout_s:
                 code = child.wait(timeout=1)
                 break
             except subprocess.TimeoutExpired:
-                end_stopped_ranks(control)
+                end_stopped_ranks(control, output_dir)
         if arrived.count(signal.SIGINT) + preemption.received.count(signal.SIGINT) > 1:
             return EXIT_ABORTED
         if code != 0:  # a worker ended by an exception or a signal, or torchrun failed
@@ -280,15 +280,23 @@ def relaunch(nproc: int, argv: list[str], preemption: PreemptionFlag, timeout_s:
         shutil.rmtree(control, ignore_errors=True)
 
 
-def end_stopped_ranks(control: Path) -> None:
+def end_stopped_ranks(control: Path, output_dir: Path) -> None:
     """Once a worker has failed waiting for ranks whose process is stopped (SIGSTOP): end those (SIGKILL). torchrun
-    would send them SIGTERM, which a stopped process does not act on, and wait 30 s before killing them itself."""
-    for report in control.glob("failed-*.json"):
-        for _, pid in (_read_json(report) or {}).get("stopped", []):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    would send them SIGTERM, which a stopped process does not act on, and wait 30 s before killing them itself. After
+    a hang report of this run, the same for every rank that has not ended: a hung rank does not act on SIGTERM either."""
+    from launcher.hang import read_report
+
+    failed = [_read_json(report) or {} for report in control.glob("failed-*.json")]
+    doomed = {pid for report in failed for _, pid in report.get("stopped", [])}
+    if failed and read_report(output_dir, set(_announced(control).values())) is not None:
+        failed_ranks = {report.get("rank") for report in failed}
+        ended = {int(p.name[5:]) for p in control.glob("exit-*")}
+        doomed |= {pid for rank, pid in _announced(control).items() if rank not in failed_ranks | ended}
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def report_failure(control: Path, code: int, timeout_s: float, output_dir: Path) -> int:
@@ -300,7 +308,8 @@ def report_failure(control: Path, code: int, timeout_s: float, output_dir: Path)
     met an internal error (a bug of the launcher): its traceback is shown, and the code is torchrun's."""
     import shutil
 
-    from launcher.exits import EXIT_RANK_LOST
+    from launcher.exits import EXIT_HUNG, EXIT_RANK_LOST
+    from launcher.hang import read_report as hang_report_of
 
     failures = _read_json(control / "failures.json") or {}  # rank: pid and exit code of the ranks torchrun saw fail
     crashes = [c for c in (_read_json(p) for p in control.glob("failed-*.json")) if c]  # the workers' own reports
@@ -315,6 +324,14 @@ def report_failure(control: Path, code: int, timeout_s: float, output_dir: Path)
     # hung, then ended by torchrun, which is why a timeout comes first: torchrun's kill of a hung rank is no cause)
     stopped = sorted({(rank, pid, " (its process was stopped: SIGSTOP?)") for c in crashes for rank, pid in c["stopped"]})
     silent = [(rank, pid, "") for rank, pid in sorted(pids.items()) if rank not in crashed and rank not in ended]
+    hang = hang_report_of(output_dir, set(pids.values())) if first is not None else None
+    if hang is not None:  # a collective failed after the hang report named the rank behind (launcher.hang): its line
+        print(
+            f"launcher: error: {hang['line']}; the run was ended after distributed.timeout_s = {timeout_s:g} s (every rank's"
+            f" stack: {output_dir}/hang.json; their output in {output_dir}/logs/); resume=auto continues from the newest complete checkpoint",
+            file=sys.stderr,
+        )
+        return EXIT_HUNG
     if first is not None and "timed out" in first["error"].lower() and (stopped or silent):
         rank, pid, why = (stopped or silent)[0]
         what = (
