@@ -309,6 +309,7 @@ def report_failure(control: Path, code: int, timeout_s: float, output_dir: Path)
     import shutil
 
     from launcher.exits import EXIT_HUNG, EXIT_RANK_LOST
+    from launcher.hang import flight_recorder_lines
     from launcher.hang import read_report as hang_report_of
 
     failures = _read_json(control / "failures.json") or {}  # rank: pid and exit code of the ranks torchrun saw fail
@@ -326,8 +327,9 @@ def report_failure(control: Path, code: int, timeout_s: float, output_dir: Path)
     silent = [(rank, pid, "") for rank, pid in sorted(pids.items()) if rank not in crashed and rank not in ended]
     hang = hang_report_of(output_dir, set(pids.values())) if first is not None else None
     if hang is not None:  # a collective failed after the hang report named the rank behind (launcher.hang): its line
+        flight = flight_recorder_lines(output_dir)  # GPUs: NCCL's own record, dumped at the timeout
         print(
-            f"launcher: error: {hang['line']}; the run was ended after distributed.timeout_s = {timeout_s:g} s (every rank's"
+            f"launcher: error: {hang['line']}{'; NCCL flight recorder: ' + ', '.join(flight) if flight else ''}; the run was ended after distributed.timeout_s = {timeout_s:g} s (every rank's"
             f" stack: {output_dir}/hang.json; their output in {output_dir}/logs/); resume=auto continues from the newest complete checkpoint",
             file=sys.stderr,
         )

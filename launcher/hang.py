@@ -387,3 +387,27 @@ def read_report(output_dir: Path, pids: set[int]) -> dict | None:
         return None
     ours = {b.get("pid") for b in report.get("ranks", {}).values()} <= pids
     return report if ours and "resolved_after_s" not in report else None
+
+
+def flight_recorder_lines(output_dir: Path) -> list[str]:
+    """On GPUs: what NCCL's flight recorder dumped at the timeout (output_dir/logs/nccl-trace-rank-N, see
+    distributed.record_flight), as one phrase per rank: its last completed NCCL collective. The dumps are torch's
+    pickled dict of "entries" (collective_seq_id, profiling_name, state). Nothing when there are none (CPU runs) or
+    they do not read (another torch version's format). Untested here: no GPU in CI."""
+    import pickle
+
+    lines = []
+    for path in sorted(
+        (output_dir / "logs").glob("nccl-trace-rank-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]) if p.name.rsplit("-", 1)[1].isdigit() else 0
+    ):
+        try:
+            entries = pickle.loads(path.read_bytes()).get("entries", [])
+            done = [e for e in entries if e.get("state") == "completed"]
+        except Exception:  # noqa: BLE001 - a torn or foreign dump: the report goes on without it
+            continue
+        rank = path.name.rsplit("-", 1)[1]
+        if done:
+            lines.append(f"rank {rank} last completed {done[-1].get('profiling_name', '?')} #{done[-1].get('collective_seq_id', '?')}")
+        else:
+            lines.append(f"rank {rank} completed no NCCL collective")
+    return lines
