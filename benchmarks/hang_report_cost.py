@@ -46,6 +46,7 @@ def parts() -> None:
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60))
     tensor = torch.zeros(4)
+    per_call_us(lambda: dist.all_reduce(tensor), 2000)  # warm-up
     plain = per_call_us(lambda: dist.all_reduce(tensor), 2000)
     hang.count_collectives()
     counted = per_call_us(lambda: dist.all_reduce(tensor), 2000)
@@ -58,8 +59,8 @@ def parts() -> None:
 def run(tmp: Path, name: str, steps: int, hang_report_s: float) -> float:
     out = tmp / name
     cmd = [sys.executable, "-m", "launcher", "train", str(REPO / "configs" / "default.yaml"), f"output_dir={out}"]
-    cmd += ["launch.nproc_per_node=2", f"train.max_steps={steps}", "train.log_every=10", "eval.every_steps=null", "eval.at_start=false"]
-    cmd += ["data.eval_fraction=0", "distributed.timeout_s=600", f"distributed.hang_report_s={hang_report_s}"]
+    cmd += ["launch.nproc_per_node=2", f"train.max_steps={steps}", "train.log_every=10", "eval.at_start=false"]
+    cmd += ["distributed.timeout_s=600", f"distributed.hang_report_s={hang_report_s}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

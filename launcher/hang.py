@@ -131,8 +131,8 @@ def count_ddp_reductions(model) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = getattr(model, "_orig_mod", model)  # a compiled model wraps the DDP module
-    if not isinstance(ddp, DistributedDataParallel):
-        return
+    if not isinstance(ddp, DistributedDataParallel) or ddp._comm_hooks:
+        return  # DDP takes one hook: one of the user's (Accelerate's comm_hook) stays, and DDP's bucket reductions go uncounted
     import torch.distributed as dist
 
     all_reduce = _UNCOUNTED.get("all_reduce", dist.all_reduce)
