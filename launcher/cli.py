@@ -204,17 +204,21 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
 
     from launcher.build import build_run
     from launcher.exits import end_run
+    from launcher.hang import watch
     from launcher.loop import train
 
     torch.autograd.set_detect_anomaly(cfg.diagnostics.detect_anomaly)
     run = build_run(cfg, overwrite=overwrite, start=start, checked=checked, lock=lock)
     release_lock = run.lock.release if run.lock is not None else None
+    watchdog = watch(run.model, cfg.distributed, cfg.output_dir, run.accelerator.process_index, run.accelerator.num_processes)
     try:
         if args.debug:
             from launcher.debug import open_debug_run, summary_text
 
             before = open_debug_run(run, args.debug_steps)
         summary = train(run, preemption)
+        if watchdog is not None:
+            watchdog.stop()  # the ranks end together from here on: no hang report
         if run.is_main_process:
             report(summary, cfg)
             if args.debug:

@@ -526,6 +526,18 @@ class DistributedConfig(Section):
     timeout_s: float = Field(
         600, gt=0, description="seconds a collective may wait before the run fails with a timeout (DDP and DeepSpeed; a hung rank, GPU or node)"
     )
+    hang_report_s: float = Field(
+        120,
+        gt=0,
+        description="seconds without progress on every rank, some waiting in a collective, before the hang report names the rank behind (off when not below timeout_s)",
+    )
+    setup_timeout_s: float = Field(
+        7200, gt=0, description="seconds the other ranks wait, outside any collective, for the main process's set-up (data preparation, output_dir)"
+    )
+    straggler_factor: float = Field(
+        1.5, gt=1, description="a rank whose compute per step is this many times the other ranks' median is a straggler (metrics at log steps)"
+    )
+    straggler_intervals: int = Field(3, ge=1, description="log intervals in a row a rank must straggle before the one warning line names it")
 
 
 class WandbConfig(Section):

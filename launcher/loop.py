@@ -34,11 +34,13 @@ from launcher.exits import RunOutcome
 from launcher.final import WEIGHTS, final_dir, write_final
 from launcher.flops import Mfu, make_mfu
 from launcher.generate import write_generations
+from launcher.hang import mark
 from launcher.metrics import MetricsLog, peak_memory_gb
 from launcher.models import logits_of
 from launcher.models.hf import export_hf, is_hf_model
 from launcher.outputs import save_weights, storage_fault
 from launcher.preemption import Agreement, PreemptionFlag
+from launcher.stragglers import Stragglers
 from launcher.trackers import open_trackers, uses_tensorboard
 
 
@@ -98,7 +100,9 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
     interval, preempted, requeue, nonfinite = LogInterval(acc.device, mfu), False, False, None
     checkpoint = None  # the newest this run saved
     clock = CheckpointClock(cfg.checkpoint.every_minutes)
+    stragglers = Stragglers(acc, cfg.distributed)  # per-rank compute time, gathered at log steps
     for step in range(run.start_step, run.total_steps):
+        mark("data", step + 1)  # launcher.hang's record: plain attribute writes, no sync
         window = run.train_data.window(step)
         scale = micro_steps * run.plan.processes / window.global_target_tokens
         lr = run.lr_schedule.get_last_lr()[0]
@@ -108,11 +112,14 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
             # gradients accumulate locally; they are all-reduced (FSDP2: reduce-scattered) once, in the window's last backward,
             # the only micro-step on which the optimizer (and DeepSpeed's engine) may step
             with backend.micro_step(model, is_sync):
+                mark("forward")
                 loss_sum = token_loss_sum(model, micro.to(acc.device))
+                mark("backward")
                 acc.backward(loss_sum * scale)
             step_loss += loss_sum.detach()  # no sync per micro-step
         steps_done = step + 1
         is_log_step = steps_done % cfg.train.log_every == 0 or steps_done == run.total_steps
+        mark("optimizer")
         backend.unscale()  # fp16: the loss scale divided out (the scaler's inf check); a no-op otherwise
         norms = backend.gradient_norms(params, cfg.train.grad_norm_type)  # pre-clip, global over the ranks; logged
         bad = watch.record(steps_done, step_loss, norms)  # device-side: no sync
@@ -138,6 +145,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
                 {
                     "step": steps_done,
                     "epoch": step // run.train_data.steps_per_epoch,
+                    **stragglers.row(interval.steps),  # before the flush, which resets the count
                     **interval.flush(acc),
                     "lr": lr,
                     "grad_norm": float(norms.total),
@@ -267,6 +275,7 @@ def evaluate(run: Run) -> float:
     try:
         loss_sum = torch.zeros((), dtype=torch.float64, device=run.accelerator.device)
         for batch in run.eval_data:
+            mark("eval")
             loss_sum += token_loss_sum(model, batch.to(run.accelerator.device))
         return run.accelerator.reduce(loss_sum, reduction="sum").item() / run.eval_data.target_tokens
     finally:
@@ -279,6 +288,7 @@ def save_run_checkpoint(
     """Every rank, at a step boundary: the checkpoint of the state after `steps_done` steps (atomic; a failed write on
     any rank ends every rank with the fault, `pending` one of this step's that already failed); returns its folder."""
     cfg, plan = run.cfg, run.plan
+    mark("checkpoint")
     state = TrainerState(
         steps_done,
         steps_done // run.train_data.steps_per_epoch,
@@ -311,6 +321,7 @@ def save_final_weights(run: Run, pending: BaseException | None = None):
     """Full, unwrapped weights (gathered from every rank where they are sharded), written by the main process.
     `pending`: a write that already failed (the last metrics rows): the run ends on it instead."""
     acc = run.accelerator
+    mark("export")
     state_dict = run.backend.full_state_dict()  # a collective where the weights are sharded
     path, error, bare = None, None, acc.unwrap_model(run.model, keep_torch_compile=False)
     if run.is_main_process:

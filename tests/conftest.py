@@ -324,6 +324,7 @@ LONGEST_FIRST = [
     "test_fsdp",
     "test_deepspeed",
     "test_hf_models",
+    "test_hang",
     "test_resume_contract",
     "test_resume",
     "test_bad_input",
