@@ -48,10 +48,13 @@ class StepAgreement:
         import torch.distributed as dist
 
         tensor = torch.tensor(self.flags(fault, time_due), dtype=torch.int32)
-        # Issue 24's hang report can ride on this channel without a collective of its own: from its side thread,
-        # `self._pending[0].is_completed()` still False long after this rank's step ended means some rank has not
-        # started this step (the all-reduce completes only once every rank has sent its flags).
         self._pending = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group, async_op=True), tensor)
+
+    def everyone_started(self) -> bool:
+        """Whether every rank has sent this step's flags, i.e. started this step: no wait, no collective. Where issue
+        24's hang report can ride on this channel: False long after this rank's step ended names a straggler or a hung
+        rank (which one, its side channel says). True in one process."""
+        return self._pending is None or self._pending[0].is_completed()
 
     def settle(self, fault: bool, told: list[float] | None = None) -> Agreement:
         """At the step's end: what every rank sent as the step started, and with `told` (the boundary's flags, already
