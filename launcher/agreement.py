@@ -20,6 +20,9 @@ with and reads its flags at the boundary.
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+
 from launcher.preemption import Agreement, PreemptionFlag
 
 NOTHING = [0, 0, 0, 0]
@@ -44,16 +47,13 @@ class StepAgreement:
         if group is None:
             self._sent = self.flags(fault, time_due)
             return
-        import torch
-        import torch.distributed as dist
-
         tensor = torch.tensor(self.flags(fault, time_due), dtype=torch.int32)
         self._pending = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group, async_op=True), tensor)
 
     def everyone_started(self) -> bool:
         """Whether every rank has sent this step's flags, i.e. started this step: no wait, no collective. Where issue
-        24's hang report can ride on this channel: False long after this rank's step ended names a straggler or a hung
-        rank (which one, its side channel says). True in one process."""
+        24's hang report can ride on this channel: False long after this rank's step ended means some rank is late or
+        hung (which one is for the report's own side channel to say). True in one process."""
         return self._pending is None or self._pending[0].is_completed()
 
     def settle(self, fault: bool, told: list[float] | None = None) -> Agreement:
