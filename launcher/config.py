@@ -501,7 +501,7 @@ class CheckpointConfig(Section):
     every_minutes: float | None = Field(
         None,
         gt=0,
-        description="also checkpoint at the first step boundary this many minutes after the last one (agreed by all ranks); null: 30 inside a SLURM job, else off",
+        description="also checkpoint at the end of the first step that starts this many minutes after the last one (agreed by all ranks); null: 30 inside a SLURM job, else off",
     )
     keep_last: int | None = Field(None, ge=1, description="keep the newest N checkpoints; null: keep all")
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from launcher.agreement import StepAgreement
 from launcher.build import Run
 from launcher.checkpoints import TrainerState, save_checkpoint
 from launcher.config import CheckpointConfig, to_yaml
@@ -39,7 +40,7 @@ from launcher.metrics import MetricsLog, peak_memory_gb
 from launcher.models import logits_of
 from launcher.models.hf import export_hf, is_hf_model
 from launcher.outputs import save_weights, storage_fault
-from launcher.preemption import Agreement, PreemptionFlag
+from launcher.preemption import PreemptionFlag
 from launcher.stragglers import Stragglers
 from launcher.trackers import open_trackers, uses_tensorboard
 
@@ -101,8 +102,12 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
     checkpoint = None  # the newest this run saved
     clock = CheckpointClock(cfg.checkpoint.every_minutes)
     stragglers = Stragglers(acc, cfg.distributed)  # per-rank compute time, gathered at log steps
+    agreement = StepAgreement(preemption)
     for step in range(run.start_step, run.total_steps):
         mark("data", step + 1)  # launcher.hang's record: plain attribute writes, no sync
+        # the stop flags, a failed metrics write and rank 0's clock go out as the step starts and are read at its end:
+        # the step hides the CPU all-reduce, whose latency grows with the ranks (launcher.agreement)
+        agreement.start(metrics.fault is not None, clock.due() and acc.is_main_process)
         window = run.train_data.window(step)
         scale = micro_steps * run.plan.processes / window.global_target_tokens
         lr = run.lr_schedule.get_last_lr()[0]
@@ -140,13 +145,16 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
         interval.add_step(window.global_target_tokens)
         metrics.advance()
 
+        told = None  # a log step: the boundary's stop flags, summed over the ranks with the loss
         if is_log_step:  # the only host-device syncs of a training step, once per log interval
+            straggler_row = stragglers.row(interval.steps)  # before the flush, which resets the count
+            row, told = interval.flush(acc, agreement.flags(metrics.fault is not None))
             metrics.write(
                 {
                     "step": steps_done,
                     "epoch": step // run.train_data.steps_per_epoch,
-                    **stragglers.row(interval.steps),  # before the flush, which resets the count
-                    **interval.flush(acc),
+                    **straggler_row,
+                    **row,
                     "lr": lr,
                     "grad_norm": float(norms.total),
                     "skipped_steps": skipped_steps,
@@ -154,11 +162,8 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
                 }
             )
         due = checkpoint_due(cfg.checkpoint, steps_done, run.total_steps)
-        # one small CPU collective per step: a signal on any rank, rank 0's clock, a failed metrics write on the main process
-        time_due = clock.due() and acc.is_main_process
-        agreed = (
-            preemption.agreed(metrics.fault is not None, time_due) if preemption else Agreement(False, False, metrics.fault is not None, time_due)
-        )
+        # a signal on any rank, rank 0's clock, a failed metrics write on the main process: the same answer on every rank
+        agreed = agreement.settle(metrics.fault is not None, told)
         preempted, requeue, faulted, due = agreed.stop, agreed.requeue, agreed.fault, due or agreed.time_due
         if faulted:  # a full disk, a vanished output_dir: stop with the newest complete checkpoint as it is
             raise write_fault(run, metrics.fault, "metrics.jsonl")
@@ -196,8 +201,8 @@ def checkpoint_due(cfg: CheckpointConfig, steps_done: int, total_steps: int) -> 
 
 
 class CheckpointClock:
-    """checkpoint.every_minutes: due at the first step boundary that many minutes after the last checkpoint (or the
-    start); only rank 0's clock counts, and the ranks agree on it with the stop signals."""
+    """checkpoint.every_minutes: due for the first step that starts that many minutes after the last checkpoint (or the
+    start), saved at that step's end; only rank 0's clock counts, and the ranks agree on it with the stop signals."""
 
     def __init__(self, every_minutes: float | None):
         self.every_s = every_minutes * 60 if every_minutes else None
@@ -251,8 +256,10 @@ class LogInterval:
         self.target_tokens += global_target_tokens
         self.steps += 1
 
-    def flush(self, acc) -> dict:
-        loss_sum = acc.reduce(self.loss_sum, reduction="sum").item()  # one collective and one sync per interval
+    def flush(self, acc, riders: list[int]) -> tuple[dict, list[float]]:
+        """The row since the last flush, and `riders` (a few counts) summed over the ranks in the same reduction."""
+        packed = torch.cat([self.loss_sum.view(1), torch.tensor(riders, dtype=torch.float64, device=self.device)])
+        loss_sum, *riders = acc.reduce(packed, reduction="sum").tolist()  # one collective and one sync per interval
         elapsed_s = time.perf_counter() - self.started_s
         row = {
             "loss": loss_sum / self.loss_tokens if self.loss_tokens else math.nan,
@@ -263,7 +270,7 @@ class LogInterval:
             row["mfu"] = self.mfu.of(row["tokens_per_s"])
         row.update(peak_memory_gb(self.device))  # this process's GPU; nothing on CPU
         self.reset()
-        return row
+        return row, riders
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ RUN_FILES = (
     HEARTBEATS,
 )
 RUN_FILES += ("trackers.json", "wandb", "mlflow.db")  # launcher.trackers: a new run in this output_dir gets new tracker runs
+RUN_FILES += ("samples.jsonl",)  # eval.generate (launcher.generate)
 
 
 def cleared_by_overwrite(output_dir: Path, path: Path) -> str | None:
