@@ -53,9 +53,10 @@ class BatchPlan:
 
 def epoch_order(n_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """The order of the training samples in `epoch`: the same on every rank and every world size."""
+    dtype = np.int32 if n_samples < 2**31 else np.int64  # 4 bytes a sample held by every rank (the same values)
     if not shuffle:
-        return np.arange(n_samples)
-    return np.random.default_rng([seed, epoch]).permutation(n_samples)
+        return np.arange(n_samples, dtype=dtype)
+    return np.random.default_rng([seed, epoch]).permutation(n_samples).astype(dtype)
 
 
 def step_window(order: np.ndarray, step_in_epoch: int, global_batch_size: int) -> np.ndarray:

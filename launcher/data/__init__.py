@@ -14,7 +14,7 @@ import datasets
 
 from launcher.config import DataConfig
 from launcher.data.formats import DEFAULT_CHAT_TEMPLATE, Encoder, chat_template
-from launcher.data.packing import count_samples, layout_rows, tokenize_samples
+from launcher.data.packing import cached_rows, count_samples, layout_rows, tokenize_samples
 from launcher.data.sources import (
     builtin_corpus_file,
     cache_root,
@@ -25,6 +25,7 @@ from launcher.data.sources import (
     split_documents,
 )
 from launcher.data.store import IGNORE_INDEX, Batch, EvalData, RowStore, TrainData, Window, rows_to_batch, sample_lengths, target_counts
+from launcher.data.tokens import token_splits
 from launcher.errors import UsageError
 from launcher.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -67,7 +68,10 @@ def tokenize_into_blocks(
     cfg = cfg or DataConfig(seq_len=seq_len, pack=pack)
     template = chat_template(cfg, tokenizer) if cfg.format == "chat" else None
     cache_dir = cache_root(cfg) if docs.cache_files else None
-    samples = tokenize_samples(docs, Encoder(cfg, tokenizer, template), cfg.num_proc, cache_dir, report)
+    encoder = Encoder(cfg, tokenizer, template)
+    if (rows := cached_rows(docs, encoder, seq_len, pack, cfg.too_long, tokenizer.pad_id, cache_dir)) is not None:
+        return rows  # prepared already (a run before, or `launcher tokenize`): the samples are not opened
+    samples = tokenize_samples(docs, encoder, cfg.num_proc, cache_dir, report)
     if cfg.format != "text":
         counts = count_samples(samples, seq_len + 1, cfg.too_long)
         if counts.samples and counts.samples == counts.dropped_too_long + counts.dropped_no_target:
@@ -82,13 +86,22 @@ def tokenize_into_blocks(
 
 
 def prepare_splits(
-    cfg: DataConfig, seed: int, tokenizer: ByteTokenizer | HFTokenizer | None = None, report: Callable[[str], None] | None = None
+    cfg: DataConfig,
+    seed: int,
+    tokenizer: ByteTokenizer | HFTokenizer | None = None,
+    report: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Tokenized training and evaluation rows: the evaluation set is data.eval_path / data.eval_split when given, else
-    the held-out fraction of the training documents (None when data.eval_fraction is 0)."""
+    the held-out fraction of the training documents (None when data.eval_fraction is 0). `progress`: datasets' bars
+    while tokenizing (`launcher tokenize`; a run's log has none)."""
     datasets.disable_progress_bars()
     tokenizer = tokenizer or ByteTokenizer()
+    if cfg.format == "tokens":
+        return token_splits(cfg, tokenizer.pad_id, tokenizer.vocab_size)
     docs = load_documents(cfg)
+    if progress:
+        datasets.enable_progress_bars()
     if cfg.eval_path is not None or cfg.eval_split is not None:
         train_docs, eval_docs = docs, load_documents(cfg, evaluation=True)
     else:

@@ -52,6 +52,11 @@ FORMAT_FIELDS = {  # per format: canonical column -> the config key naming the s
 def load_documents(cfg: DataConfig, evaluation: bool = False) -> datasets.Dataset:
     """The training rows (or, with `evaluation`, those of data.eval_path / data.eval_split), checked, with
     the format's columns under their canonical names: `text`; `prompt`, `completion`; or `messages`."""
+    if cfg.format == "tokens":  # token shards: their headers and sizes checked (the vocabulary: when the tokenizer is known)
+        from launcher.data.tokens import open_tokens
+
+        key = "data.eval_path" if evaluation and cfg.eval_path is not None else "data.path"
+        return open_tokens((cfg.eval_path or cfg.path) if evaluation else cfg.path, key, cfg.seq_len + 1, 0, 1 << 32)
     datasets.disable_progress_bars()  # bars would be noise in the log, and around a one-line error
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own error log of a bad file would be a second line
@@ -77,13 +82,26 @@ def load_documents(cfg: DataConfig, evaluation: bool = False) -> datasets.Datase
                 f"data.{field_key}: '{where}' has no column '{field}' (columns: {', '.join(docs.column_names)});"
                 f" set data.{field_key} to the column that holds it"
             )
-        if canonical == "messages":
-            check_messages(docs, field, key, where)
-        else:
-            check_text_column(docs, field, key, where, files, field_key)
+        marker = checked_marker(cfg, docs, canonical, field)
+        if marker is None or not marker.is_file():  # the check reads every row: once per source
+            if canonical == "messages":
+                check_messages(docs, field, key, where)
+            else:
+                check_text_column(docs, field, key, where, files, field_key)
+            if marker is not None:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
         columns[field] = canonical
     docs = docs.select_columns(list(columns))
     return docs.rename_columns({f: c for f, c in columns.items() if f != c}) if any(f != c for f, c in columns.items()) else docs
+
+
+def checked_marker(cfg: DataConfig, docs: datasets.Dataset, canonical: str, field: str) -> Path | None:
+    """The file that records that every row of `field` of these documents passed the checks, so a start reads no row:
+    keyed by the documents' fingerprint (from their files' identity for data.path; identity.py). None in memory."""
+    if not docs.cache_files or docs._indices is not None:
+        return None
+    return cache_root(cfg) / "checked" / f"{docs._fingerprint}-{canonical}-{field}"
 
 
 def load_named(cfg: DataConfig, split: str) -> datasets.Dataset:
@@ -113,6 +131,8 @@ def load_path(path: Path, key: str, split: tuple[str, str], cfg: DataConfig) -> 
             " give the evaluation data as data.eval_path"
         )
     files = source_files(path)
+    if path.suffix == ".bin":
+        raise UsageError(f"{key}: '{path}' is a token shard; set data.format: tokens to read it")
     suffixes = sorted({p.suffix for p in files})
     if not files:
         raise UsageError(f"{key}: '{path}' holds no {'/'.join(DATA_SUFFIXES)} file; point it at data files or a save_to_disk folder")
@@ -152,6 +172,11 @@ def data_identity(cfg: DataConfig) -> dict[str, dict]:
     """What identifies the data read from files (data.path, data.eval_path; identity.py), recorded in checkpoints:
     a resume on other bytes is refused. data.name is identified by datasets (a hub revision)."""
     sources = {"data.path": cfg.path if cfg.name is None else None, "data.eval_path": cfg.eval_path}
+    if cfg.format == "tokens":  # a shard is its .bin and its .idx
+        from launcher.data.tokens import shard_files
+
+        listed = {key: (f for b in shard_files(path, key) for f in (b, b.with_suffix(".idx"))) for key, path in sources.items() if path is not None}
+        return {key: files_identity([f for f in files if f.is_file()]) for key, files in listed.items()}
     return {key: identity for key, path in sources.items() if path is not None and (identity := files_identity(source_files(path)))}
 
 
