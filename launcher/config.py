@@ -174,7 +174,7 @@ class DataConfig(Section):
                 raise ValueError(f"the pattern '{path}' matches no file; check the folder and the pattern")
             return path
         if path.suffix not in (*DATA_SUFFIXES, ".bin"):  # .bin: a token shard (data.format: tokens)
-            raise ValueError(f"'{path}' has an unsupported suffix; use one of {', '.join(DATA_SUFFIXES)}, a folder or a glob")
+            raise ValueError(f"'{path}' has an unsupported suffix; use one of {', '.join(DATA_SUFFIXES)}, a folder or a glob (or a .bin token shard)")
         if not path.is_file():
             raise ValueError(f"file '{path}' not found; point it at an existing file, or null for the built-in corpus")
         return path

@@ -117,8 +117,14 @@ def test_tokenize_killed_midway_and_run_again_equals_an_uninterrupted_one(corpus
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
+    print(sorted(p.name for p in (cache / "tokenized").iterdir()))
     assert not (root / "shards-killed" / "train" / "train_00003.idx").exists()  # it did not finish
+    finished = sorted((cache / "tokenized").glob("*_of_00002.arrow"))
+    entry = cache / "tokenized" / (finished[0].name.split("_")[0] + ".arrow")
+    within_tokenization = not entry.with_suffix(".manifest.json").exists()
     again = check(subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300))
+    if within_tokenization:  # its finished shards are read, the others made
+        assert f"data: resuming the tokenization of '{entry.name}': {len(finished)} of 2 shards were finished" in again.stdout
     assert "tokenized: 4,815 training rows, 158,842 tokens" in again.stdout
     for shard in sorted(corpus["shards"].iterdir()):
         assert (root / "shards-killed" / "train" / shard.name).read_bytes() == shard.read_bytes(), shard.name
