@@ -91,8 +91,8 @@ class RowStore:
         self.columns = {name: self.views(blocks, name) for name in ("input_ids", "kinds") if name in blocks.column_names}
         self.starts = np.cumsum([0] + [len(c) for c in self.columns["input_ids"]])
         # 4 bytes a row each (int32 holds a row's counts): all a rank holds per row of the corpus, besides the order
-        self.lengths = sample_lengths(blocks).astype(np.int32)
-        self.target_counts = target_counts(blocks).astype(np.int32)
+        self.lengths = blocks.data.table.column("length").to_numpy()
+        self.target_counts = blocks.data.table.column("n_targets").to_numpy()
 
     def views(self, blocks: datasets.Dataset, name: str) -> list[np.ndarray]:
         return [c.flatten().to_numpy(zero_copy_only=True).reshape(-1, self.width) for c in blocks.data.table.column(name).chunks]
