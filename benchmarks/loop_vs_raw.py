@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from launcher.build import build_bare_model, build_run
+from launcher.bare_model import build_bare_model
+from launcher.build import build_run
 from launcher.config import load_config
 from launcher.data import IGNORE_INDEX
 from launcher.flops import flops_per_token, matmul_dtype, peak_tflops

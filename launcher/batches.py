@@ -15,7 +15,7 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchLayout:
     micro_batch_size: int  # samples per rank per micro-step
     gradient_accumulation_steps: int  # micro-steps per rank per optimizer step
     world_size: int  # ranks of the run: processes, or the ranks one process simulates
@@ -66,7 +66,7 @@ def step_window(order: np.ndarray, step_in_epoch: int, global_batch_size: int) -
     return order[start : start + global_batch_size]
 
 
-def rank_micro_batches(window: np.ndarray, rank: int, plan: BatchPlan) -> list[np.ndarray]:
+def rank_micro_batches(window: np.ndarray, rank: int, plan: BatchLayout) -> list[np.ndarray]:
     """This rank's share of a window, as exactly `gradient_accumulation_steps` index arrays.
 
     Ranks take every world_size-th sample, so a partial window spreads evenly; a micro-batch may

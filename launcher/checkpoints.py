@@ -39,12 +39,13 @@ class TrainerState:
     skipped_steps: int  # fp16 overflow steps among them
     global_batch_size: int
     world_size: int
-    backend: str
+    backend: str  # the backend's name for people, e.g. "DeepSpeed ZeRO-2"
     nonfinite_steps: int = 0  # steps dropped by diagnostics.nonfinite: skip
     files: dict[str, int] = field(default_factory=dict)  # every file of the checkpoint (relative path) and its size in bytes
     crc32: dict[str, str] = field(default_factory=dict)  # every file's CRC-32 (hex), checked by a resume's pre-flight
     data: dict[str, dict] = field(default_factory=dict)  # the identity of data.path / data.eval_path (launcher.data.identity)
     train_samples: int | None = None  # the run's training samples: another number on resume means other data
+    backend_kind: str | None = None  # launcher.backends.BackendKind; None in checkpoints written before it was recorded
 
 
 def checkpoint_root(output_dir: Path) -> Path:

@@ -11,6 +11,9 @@ import sys
 from launcher.errors import RunFault, UsageError
 from launcher.exits import EXIT_OK, end_with_error
 
+# The commands import what they need inside: a refused command answers before torch and the libraries load (seconds),
+# and the stop-signal handler is installed before anything slow.
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # first of all: a preemption signal that arrives before the handler exists kills the process
     preemption = PreemptionFlag()
-    from launcher.distributed import announce_to_parent, die_with_launcher, end_process, env_rank, exit_code_for_parent, report_crash_to_parent
+    from launcher.distributed import die_with_launcher, end_process, env_rank
+    from launcher.local_launch import announce_to_parent, exit_code_for_parent, report_crash_to_parent
 
     die_with_launcher()
     announce_to_parent()
@@ -126,24 +130,21 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     from launcher.config import load_config
-    from launcher.distributed import (
-        default_checkpoint_minutes,
-        default_resume,
-        env_world_size,
-        fsdp_from_accelerate,
-        launched_by_a_launcher,
-        processes_to_start,
-        restart_count,
-    )
+    from launcher.distributed import env_world_size, launched_by_a_launcher
     from launcher.library_output import keep_libraries_off_the_console
+    from launcher.local_launch import processes_to_start
+    from launcher.slurm import default_checkpoint_minutes, default_resume, restart_count
 
     keep_libraries_off_the_console()  # before torch and the libraries are imported: the console holds the launcher's lines
     cfg = load_config(args.config, args.overrides + flag_overrides(args), job_values=True)  # before torch is imported
-    cfg.fsdp = fsdp_from_accelerate(cfg.fsdp, cfg.deepspeed)  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
     import torch
 
+    from launcher.backends.fsdp2 import fsdp_from_accelerate
+
+    cfg.fsdp = fsdp_from_accelerate(cfg.fsdp, cfg.deepspeed)  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
+
     from launcher.lock import HANDOVER, OutputLock
-    from launcher.resume import plan_start
+    from launcher.resume import decide_start
 
     overwrite = args.overwrite
     if restart_count() >= 1 and overwrite and not args.debug:
@@ -165,7 +166,7 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
     warn_unapplied_process_count(cfg.launch)
     checked = None
     if launched_by_a_launcher():  # every process checks the input (build_run); the main process reports it and takes the lock
-        start, lock = plan_start(cfg, overwrite, check_lock=env_world_size() == 1), OutputLock(cfg.output_dir)
+        start, lock = decide_start(cfg, overwrite, check_lock=env_world_size() == 1), OutputLock(cfg.output_dir)
     else:  # every problem of the input in one report, once, before any process starts
         start, checked, lock = preflight(cfg, overwrite, nproc)
     preemption.on_abort = lock.release  # a second Ctrl-C leaves output_dir free (nothing where this process holds nothing)
@@ -173,7 +174,7 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
         lock.release()
         return report_finished(cfg)
     if not launched_by_a_launcher() and nproc > 1:
-        from launcher.distributed import relaunch
+        from launcher.local_launch import relaunch
 
         if lock.held():  # the workers' main process takes it over: output_dir is held from the pre-flight to the end
             os.environ[HANDOVER] = json.dumps(lock.record)
@@ -279,7 +280,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from launcher.config import load_config
-    from launcher.distributed import processes_to_start
+    from launcher.local_launch import processes_to_start
     from launcher.plan import Allocation, check_step_time, parse_duration, plan_text
 
     overrides = args.overrides + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
@@ -300,10 +301,10 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Parameter names, shapes and trainable/frozen under the config's freeze patterns, without training."""
-    from launcher.build import validate_run
     from launcher.config import load_config
-    from launcher.distributed import processes_to_start
     from launcher.freezing import parameter_listing
+    from launcher.local_launch import processes_to_start
+    from launcher.validate import validate_run
 
     cfg = load_config(args.config, args.overrides)
     print(parameter_listing(validate_run(cfg, processes_to_start(cfg.launch)).model))
@@ -315,10 +316,11 @@ def preflight(cfg, overwrite: bool, world_size: int):
     where the run would start (output_dir, resume), room on disk and writable caches, and the documents, the problems
     of the input in one report. Returns the start, what the validation built (`build_run` reuses it in a single
     process) and the lock, held unless output_dir could not be made (then build_run takes it)."""
-    from launcher.build import check_documents, check_storage_for, take_lock, validate_run
+    from launcher.build import take_lock
     from launcher.errors import Problems
     from launcher.lock import OutputLock
-    from launcher.resume import plan_start
+    from launcher.resume import decide_start
+    from launcher.validate import check_documents, check_storage_for, validate_run
 
     problems = Problems()
     checked = validate_run(cfg, world_size, problems)
@@ -333,7 +335,7 @@ def preflight(cfg, overwrite: bool, world_size: int):
             except OSError:
                 pass  # output_dir cannot be made: the checks below say why (a fault of the machine, or bad input)
         if not valid or not problems.lines:  # else a live run holds output_dir: the rest is that run's business
-            start = problems.check(plan_start, cfg, overwrite, check_lock=not lock.held(), verify_contents=True)
+            start = problems.check(decide_start, cfg, overwrite, check_lock=not lock.held(), verify_contents=True)
             if start is None or not start.finished:
                 if not problems.lines:  # a fault of the machine (exit 74) ends the run here, before reading the documents writes into the caches
                     check_storage_for(cfg, checked.model)
@@ -345,29 +347,30 @@ def preflight(cfg, overwrite: bool, world_size: int):
     return start, checked, lock
 
 
-def report(summary: dict, cfg) -> None:
-    if summary["preempted"]:
-        checkpoint = summary["checkpoint"]
-        if summary["requeue"]:
+def report(summary, cfg) -> None:
+    """The main process's lines about a run's outcome (a launcher.exits.RunOutcome)."""
+    if summary.preempted:
+        checkpoint = summary.checkpoint
+        if summary.requeue:
             print(
-                f"preempted: stopped after step {summary['steps']}; checkpoint {checkpoint}; requeue asked for"
+                f"preempted: stopped after step {summary.steps}; checkpoint {checkpoint}; requeue asked for"
                 f" (inside a SLURM job; elsewhere run again with resume=auto to continue)"
             )
         else:
             print(
-                f"stopped after step {summary['steps']} (SIGTERM, SIGHUP or Ctrl-C); checkpoint {checkpoint}; no requeue asked for;"
+                f"stopped after step {summary.steps} (SIGTERM, SIGHUP or Ctrl-C); checkpoint {checkpoint}; no requeue asked for;"
                 f" run again with resume=auto to continue"
             )
         return
-    if summary["eval_loss"] is not None:
-        start = f" (at step 0: {summary['first_eval_loss']:.4f})" if summary["first_eval_loss"] is not None else ""
-        print(f"eval loss {summary['eval_loss']:.4f}{start} after {summary['steps']} steps")
-    if summary["skipped_steps"]:
-        print(f"{summary['skipped_steps']} step(s) skipped for inf/nan gradients (by the fp16 loss scaler, or DeepSpeed's overflow check)")
-    if summary["nonfinite_steps"]:
-        print(f"{summary['nonfinite_steps']} step(s) dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)")
-    if summary["nonfinite"]:
-        print(f"stopped at step {summary['steps']}: inf/nan loss or gradient (report on stderr and in {cfg.output_dir}/nonfinite.json)")
+    if summary.eval_loss is not None:
+        start = f" (at step 0: {summary.first_eval_loss:.4f})" if summary.first_eval_loss is not None else ""
+        print(f"eval loss {summary.eval_loss:.4f}{start} after {summary.steps} steps")
+    if summary.skipped_steps:
+        print(f"{summary.skipped_steps} step(s) skipped for inf/nan gradients (by the fp16 loss scaler, or DeepSpeed's overflow check)")
+    if summary.nonfinite_steps:
+        print(f"{summary.nonfinite_steps} step(s) dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)")
+    if summary.nonfinite:
+        print(f"stopped at step {summary.steps}: inf/nan loss or gradient (report on stderr and in {cfg.output_dir}/nonfinite.json)")
         return
     from launcher.final import describe
 

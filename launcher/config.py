@@ -21,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, Val
 from launcher.errors import UsageError
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+# on a field: its value may differ from the resumed checkpoint's without resume_allow_changes, because it does not
+# change what a step computes (the global batch is checked on its own: its split into micro-batch x accumulation x
+# world size may change); on a section field: every key of the section
+FREE_ON_RESUME = {"free_on_resume": True}
 
 
 class Section(BaseModel):
@@ -84,10 +88,12 @@ def _takes_numbers(annotation) -> bool:
 
 
 class TrainConfig(Section):
-    micro_batch_size: int = Field(8, ge=1, description="samples per process per micro-step")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
-    max_steps: int | None = Field(None, ge=0, description="optimizer steps to run; 0 writes the initial weights and exits")
-    epochs: int | None = Field(None, ge=1, description="upper bound on passes over the training split")
+    micro_batch_size: int = Field(8, ge=1, description="samples per process per micro-step", json_schema_extra=FREE_ON_RESUME)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per optimizer step", json_schema_extra=FREE_ON_RESUME)
+    max_steps: int | None = Field(
+        None, ge=0, description="optimizer steps to run; 0 writes the initial weights and exits", json_schema_extra=FREE_ON_RESUME
+    )
+    epochs: int | None = Field(None, ge=1, description="upper bound on passes over the training split", json_schema_extra=FREE_ON_RESUME)
     learning_rate: float = Field(3e-4, gt=0, description="peak learning rate of AdamW")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices and embeddings (not biases or norms)")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
@@ -99,13 +105,17 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the total gradient norm to this; null disables clipping")
     grad_norm_type: float = Field(2.0, gt=0, allow_inf_nan=True, description="p of the p-norm used for clipping and logging (inf allowed)")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast precision; fp16 adds a loss scaler")
-    compile: bool = Field(False, description="torch.compile the model")
-    log_every: int = Field(10, ge=1, description="optimizer steps between metrics rows (each costs one host-device sync)")
+    compile: bool = Field(False, description="torch.compile the model", json_schema_extra=FREE_ON_RESUME)
+    log_every: int = Field(
+        10, ge=1, description="optimizer steps between metrics rows (each costs one host-device sync)", json_schema_extra=FREE_ON_RESUME
+    )
     peak_tflops: float | None = Field(
         None, gt=0, description="peak dense TFLOP/s of one device, for the mfu metric; null: from a table of known GPUs (none on CPU)"
     )
     tensorboard: bool = Field(
-        False, description="also write the metrics as TensorBoard event files to output_dir/tensorboard (the tensorboard extra)"
+        False,
+        description="also write the metrics as TensorBoard event files to output_dir/tensorboard (the tensorboard extra)",
+        json_schema_extra=FREE_ON_RESUME,
     )
     overfit_batches: int | None = Field(
         None, ge=1, description="train on the first N optimizer steps' batches over and over (the can-it-learn check); null: all data"
@@ -162,7 +172,9 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="fraction of documents held out for evaluation; 0 disables evaluation")
     shuffle: bool = Field(True, description="reshuffle the training samples every epoch (seeded)")
     num_proc: int | None = Field(None, ge=1, description="processes that tokenize; null: one per CPU core (up to 8) from 10,000 rows on, else 1")
-    cache_dir: Path | None = Field(None, description="where tokenized data is cached; null: ~/.cache/launcher (or $LAUNCHER_CACHE)")
+    cache_dir: Path | None = Field(
+        None, description="where tokenized data is cached; null: ~/.cache/launcher (or $LAUNCHER_CACHE)", json_schema_extra=FREE_ON_RESUME
+    )
 
     @field_validator("path", "eval_path")
     @classmethod
@@ -250,9 +262,13 @@ class ModelConfig(Section):
         None, min_length=1, description="a Hugging Face model folder (or a hub id, where a hub is reachable): AutoModelForCausalLM with its weights"
     )
     hf_config: Path | dict[str, Any] | None = Field(
-        None, description="a Hugging Face architecture trained from scratch: a folder with config.json, or a mapping with model_type"
+        None,
+        description="a Hugging Face architecture trained from scratch: a folder with config.json, or a mapping with model_type (an inline one without vocab_size takes the tokenizer's)",
     )
-    factory: str | None = Field(None, description="'module:callable' building your own model; null: the built-in GPT")
+    factory: str | None = Field(
+        None,
+        description="'module:callable' building your own model (its module beside the config file, in the working directory or on PYTHONPATH), called with vocab_size, seq_len and model.factory_kwargs; its forward takes input_ids and returns logits (or an object with .logits); null: the built-in GPT",
+    )
     factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for model.factory")
     n_layer: int = Field(4, ge=1, description="built-in GPT: transformer blocks")
     n_head: int = Field(4, ge=1, description="built-in GPT: attention heads per block")
@@ -357,13 +373,17 @@ class FsdpConfig(Section):
     reshard_after_forward: bool = Field(
         True,
         description="free each block's gathered parameters after its forward (gathered again for the backward): less memory, one more all-gather per block",
+        json_schema_extra=FREE_ON_RESUME,
     )
     sync_every_micro_step: bool = Field(
         False,
         description="reduce-scatter after every micro-step instead of the window's last (the same numbers; k x the communication, sharded instead of full accumulated gradients in memory)",
+        json_schema_extra=FREE_ON_RESUME,
     )
     cpu_offload: bool = Field(
-        False, description="keep the parameter shards, their gradients and the optimizer state in CPU memory (the optimizer steps on the CPU)"
+        False,
+        description="keep the parameter shards, their gradients and the optimizer state in CPU memory (the optimizer steps on the CPU)",
+        json_schema_extra=FREE_ON_RESUME,
     )
 
 
@@ -404,9 +424,9 @@ SEED_MAX = 2**31 - 1  # numpy seeds take 32 bits, and each rank adds its rank to
 
 class Config(Section):
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seeds initial weights and data order (identical across world sizes)")
-    output_dir: Path = Field(Path("outputs/run"), description="where config.yaml, metrics.jsonl and final/ go")
+    output_dir: Path = Field(Path("outputs/run"), description="where config.yaml, metrics.jsonl and final/ go", json_schema_extra=FREE_ON_RESUME)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig, json_schema_extra=FREE_ON_RESUME)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: str | None = Field(
@@ -414,24 +434,33 @@ class Config(Section):
         min_length=1,
         description="a Hugging Face tokenizer folder (AutoTokenizer); null: model.pretrained's folder, else the built-in byte-level tokenizer",
     )
-    lora: LoraConfig | None = Field(None, description="train LoRA adapters (peft) instead of the full model; Hugging Face models only")
+    lora: LoraConfig | None = Field(
+        None, description="train LoRA adapters (peft) instead of the full model, e.g. {r: 8, alpha: 16}; Hugging Face models only"
+    )
     export: ExportConfig = Field(default_factory=ExportConfig)
-    freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze: globs on dotted names, 're:' for a regex")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="parameter-name patterns to freeze: globs on dotted names (blocks.0.*), or 're:' and a regex matching the whole name; each must match something, and freezing everything is refused; with lora they apply after peft froze the base",
+    )
     deepspeed: Path | None = Field(None, description="DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) to train with DeepSpeed; null: DDP")
     fsdp: FsdpConfig | None = Field(
         None, description="train with FSDP2 (fully_shard per transformer block), with these options; {} for the defaults; null: DDP"
     )
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, json_schema_extra=FREE_ON_RESUME)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig, json_schema_extra=FREE_ON_RESUME)
     resume: str | None = Field(
-        None, min_length=1, description="'auto': the newest complete checkpoint in output_dir (none: start fresh); or a checkpoint folder"
+        None,
+        min_length=1,
+        description="'auto': the newest complete checkpoint in output_dir (none: start fresh); or a checkpoint folder",
+        json_schema_extra=FREE_ON_RESUME,
     )
     resume_allow_changes: list[str] = Field(
         default_factory=list,
         description="keys (or sections) whose values may differ from the resumed checkpoint's, e.g. [train.learning_rate]; the new values take effect",
+        json_schema_extra=FREE_ON_RESUME,
     )
-    launch: LaunchConfig = Field(default_factory=LaunchConfig)
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, json_schema_extra=FREE_ON_RESUME)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, json_schema_extra=FREE_ON_RESUME)
 
     @field_validator("tokenizer")
     @classmethod
@@ -670,3 +699,19 @@ def to_yaml(config: Config) -> str:
     if math.isinf(config.train.grad_norm_type):
         data["train"]["grad_norm_type"] = float("inf")
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def sections_and_fields(model: type[BaseModel] = None, prefix: str = ""):
+    """(dotted key, field, its section class or None) of every field, depth first in declaration order; a section
+    field (train, lora, fsdp, ...) comes before its own keys."""
+    for name, info in (model or Config).model_fields.items():
+        key = prefix + name
+        section = next((a for a in (info.annotation, *typing.get_args(info.annotation)) if isinstance(a, type) and issubclass(a, Section)), None)
+        yield key, info, section
+        if section is not None:
+            yield from sections_and_fields(section, key + ".")
+
+
+def free_on_resume_keys() -> tuple[str, ...]:
+    """The keys (and whole sections) whose values may change on resume without resume_allow_changes (FREE_ON_RESUME)."""
+    return tuple(key for key, info, _ in sections_and_fields() if (info.json_schema_extra or {}).get("free_on_resume"))

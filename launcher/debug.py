@@ -9,7 +9,6 @@ model, same data order, same loop code.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -17,7 +16,11 @@ import torch
 
 from launcher.config import Config
 from launcher.errors import UsageError
+from launcher.exits import RunOutcome
 from launcher.final import describe
+from launcher.formatting import number_text
+from launcher.freezing import parameter_listing
+from launcher.metrics import read_metrics
 
 DEBUG_MARKER = "debug.json"  # marks a debug run's output_dir, which the next debug run may replace
 
@@ -57,7 +60,6 @@ def start_debug_run(cfg: Config, steps: int, processes: int) -> Config:
 
 def open_debug_run(run, steps: int) -> dict[str, torch.Tensor]:
     """After the run is built: mark its output_dir, list every parameter, and keep the initial weights to compare."""
-    from launcher.freezing import parameter_listing
 
     model = run.accelerator.unwrap_model(run.model)
     (run.cfg.output_dir / DEBUG_MARKER).write_text(json.dumps({"debug_steps": steps}) + "\n")
@@ -72,9 +74,8 @@ def make_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def summary_text(run, result: dict, before: dict[str, torch.Tensor], anomaly: bool) -> str:
+def summary_text(run, result: RunOutcome, before: dict[str, torch.Tensor], anomaly: bool) -> str:
     """What a person checks before submitting: did the loss move, were the gradients sane, which parameters trained."""
-    from launcher.metrics import read_metrics
 
     cfg, model = run.cfg, run.accelerator.unwrap_model(run.model)
     rows = read_metrics(cfg.output_dir / "metrics.jsonl")
@@ -84,14 +85,16 @@ def summary_text(run, result: dict, before: dict[str, torch.Tensor], anomaly: bo
     lines = [
         "",
         "debug summary",
-        f"  {result['steps']} steps on one process ({run.accelerator.device}); {run.plan.describe()}",
+        f"  {result.steps} steps on one process ({run.accelerator.device}); {run.plan.describe()}",
         f"  deterministic algorithms on; anomaly detection {'on' if anomaly else 'off (--detect-anomaly)'}",
     ]
     if steps:
-        lines.append(f"  training loss {_num(steps[0]['loss'])} (step {steps[0]['step']}) -> {_num(steps[-1]['loss'])} (step {steps[-1]['step']})")
+        lines.append(
+            f"  training loss {number_text(steps[0]['loss'])} (step {steps[0]['step']}) -> {number_text(steps[-1]['loss'])} (step {steps[-1]['step']})"
+        )
     if len(evals) >= 2:
         lines.append(
-            f"  eval loss {_num(evals[0]['eval_loss'])} (step {evals[0]['step']}) -> {_num(evals[-1]['eval_loss'])}"
+            f"  eval loss {number_text(evals[0]['eval_loss'])} (step {evals[0]['step']}) -> {number_text(evals[-1]['eval_loss'])}"
             f" (step {evals[-1]['step']}) on {evals[-1]['eval_tokens']:,} held-out tokens"
         )
     norms = [float(r["grad_norm"]) for r in steps if r.get("grad_norm") is not None]
@@ -99,18 +102,20 @@ def summary_text(run, result: dict, before: dict[str, torch.Tensor], anomaly: bo
         max_norm = cfg.train.max_grad_norm
         clipped = f"; clipped to {max_norm:g} on {sum(n > max_norm for n in norms)} of {len(norms)} steps" if max_norm else "; no clipping"
         lines.append(f"  gradient norm before clipping: {min(norms):.4g} .. {max(norms):.4g}{clipped}")
-    if result["nonfinite"]:
-        lines.append(f"  NON-FINITE loss or gradient at step {result['steps']}: see the report above")
+    if result.nonfinite:
+        lines.append(f"  NON-FINITE loss or gradient at step {result.steps}: see the report above")
     else:
         lines.append(
-            f"  every loss and gradient finite, checked after each of {result['steps']} steps"
-            + (f" ({result['nonfinite_steps']} dropped: diagnostics.nonfinite skip)" if result["nonfinite_steps"] else "")
+            f"  every loss and gradient finite, checked after each of {result.steps} steps"
+            + (f" ({result.nonfinite_steps} dropped: diagnostics.nonfinite skip)" if result.nonfinite_steps else "")
         )
     lines += _parameter_changes(model, before)
     if layers:
         last = layers[-1]["grad_norm_by_layer"]
         silent = [name for name, v in last.items() if v == 0]
-        lines.append(f"  gradient norm by layer at step {layers[-1]['step']}: " + ", ".join(f"{name} {_num(v, '.3g')}" for name, v in last.items()))
+        lines.append(
+            f"  gradient norm by layer at step {layers[-1]['step']}: " + ", ".join(f"{name} {number_text(v, '.3g')}" for name, v in last.items())
+        )
         if silent:
             lines.append(f"  WARNING: no gradient reached {', '.join(silent)}")
     if steps:
@@ -124,7 +129,7 @@ def summary_text(run, result: dict, before: dict[str, torch.Tensor], anomaly: bo
     peaks = [r["max_memory_allocated_gb"] for r in steps if "max_memory_allocated_gb" in r]
     if peaks:  # each row holds its interval's peak (the loop resets it)
         lines.append(f"  peak GPU memory {max(peaks):.2f} GiB")
-    if result["weights"]:
+    if result.weights:
         lines.append(f"  outputs: {cfg.output_dir}/ (metrics.jsonl, {describe(cfg)}); charts: launcher plot {cfg.output_dir}")
     return "\n".join(lines)
 
@@ -148,8 +153,3 @@ def _parameter_changes(model: torch.nn.Module, before: dict[str, torch.Tensor]) 
     if frozen_moved:
         lines.append(f"  WARNING: frozen but changed: {', '.join(frozen_moved)}")
     return lines
-
-
-def _num(value, spec: str = ".4f") -> str:
-    value = float(value)
-    return format(value, spec) if math.isfinite(value) else str(value)

@@ -19,7 +19,11 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from launcher.errors import RunFault
+from launcher.slurm import report_stop
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -34,36 +38,51 @@ PREEMPTED_MARKER = "preempted.json"  # where a stop by signal left its checkpoin
 NONFINITE_MARKER = "nonfinite.json"  # the inf/nan report of a run stopped on one
 
 
-def end_run(summary: dict, output_dir: Path, is_main_process: bool, release_lock: Callable[[], None] | None = None) -> int:
-    """A trained run's outcome (`launcher.loop.train`'s summary) as marker files, a requeue and the exit code.
+@dataclass
+class RunOutcome:
+    """How a trained run ended (launcher.loop.train's answer), as every rank knows it."""
+
+    steps: int  # optimizer steps done, this run and the ones it resumed
+    skipped_steps: int  # fp16 overflow steps among them (the scaler's, or DeepSpeed's overflow check)
+    nonfinite_steps: int  # steps dropped for an inf/nan loss or gradient (diagnostics.nonfinite: skip)
+    nonfinite: list[str] | None  # the report, when the run stopped on an inf/nan (diagnostics.nonfinite: stop)
+    preempted: bool  # stopped by a signal after a checkpoint
+    requeue: bool  # ... and asked for a requeue (the requeue signal only)
+    checkpoint: Path | None  # the newest checkpoint this run saved
+    weights: Path | None = None  # final/, once written
+    first_eval_loss: float | None = None  # at step 0 (eval.at_start)
+    eval_loss: float | None = None  # the final evaluation's
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PREEMPTED if self.preempted else EXIT_NONFINITE if self.nonfinite else EXIT_OK
+
+
+def end_run(outcome: RunOutcome, output_dir: Path, is_main_process: bool, release_lock: Callable[[], None] | None = None) -> int:
+    """A trained run's outcome (`launcher.loop.train`'s answer) as marker files, a requeue and the exit code.
 
     Every rank calls it; the main process writes the marker (under the output_dir lock), then the lock is
     released (a requeued job's next incarnation must find output_dir free), then, after a stop by signal
     inside a SLURM job, the job script is told or the job requeued: only now, the stop checkpoint complete."""
-    code = EXIT_PREEMPTED if summary["preempted"] else EXIT_NONFINITE if summary["nonfinite"] else EXIT_OK
+    code = outcome.exit_code
     try:
         if is_main_process and code == EXIT_PREEMPTED:
-            _write_marker(
-                output_dir / PREEMPTED_MARKER, {"step": summary["steps"], "checkpoint": str(summary["checkpoint"]), "requeue": summary["requeue"]}
-            )
+            _write_marker(output_dir / PREEMPTED_MARKER, {"step": outcome.steps, "checkpoint": str(outcome.checkpoint), "requeue": outcome.requeue})
         if is_main_process and code == EXIT_NONFINITE:
-            _write_marker(output_dir / NONFINITE_MARKER, {"report": summary["nonfinite"]})
-            for line in summary["nonfinite"]:
+            _write_marker(output_dir / NONFINITE_MARKER, {"report": outcome.nonfinite})
+            for line in outcome.nonfinite:
                 print(f"launcher: error: {line}", file=sys.stderr)
     finally:
         if release_lock is not None:
             release_lock()
     if is_main_process and code == EXIT_PREEMPTED:
-        from launcher.distributed import report_stop
-
-        report_stop(output_dir, summary["steps"], summary["requeue"])
+        report_stop(output_dir, outcome.steps, outcome.requeue)
     return code
 
 
 def end_with_error(err: Exception, quiet: bool = False) -> int:
     """A run (or command) ended by bad input (UsageError: EXIT_USAGE) or a fault of the machine (RunFault:
     EXIT_FAULT): one `launcher: error:` line per problem on stderr unless `quiet` (another rank reports it)."""
-    from launcher.errors import RunFault
 
     if not quiet:
         for line in err.lines:

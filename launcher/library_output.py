@@ -1,4 +1,5 @@
-"""What libraries print during a run: kept off the console, written to the rank's log, output_dir/logs/rank-N.log.
+"""Each rank's log file, output_dir/logs/rank-N.log: what libraries print during a run, kept off the console, and
+(in a multi-process run) the rank's own console (`log_to_rank_file`).
 
 The console of `launcher train` holds the launcher's own lines. The warnings of torch, transformers, accelerate,
 DeepSpeed, datasets or peft (Python warnings, and their loggers' WARNING records: accelerate's "Removed shared
@@ -14,6 +15,7 @@ launcher's own warnings ("launcher: warning: ...", printed, never through `warni
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -91,3 +93,38 @@ def write_library_output_to(output_dir: Path, rank: int) -> None:
         _seen.clear()
         for text in held:
             _write(text)
+
+
+def log_to_rank_file(output_dir: Path, rank: int) -> None:
+    """From here on, this rank's stdout and stderr also go to output_dir/logs/rank-N.log (appended across restarts)."""
+    try:
+        (output_dir / "logs").mkdir(exist_ok=True)
+        log = open(rank_log(output_dir, rank), "a", buffering=1)
+    except OSError:
+        return  # a fault of output_dir is reported by the next write that needs it
+    sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+
+
+class _Tee:
+    """A text stream writing to the console and a log file (the file without progress-bar redraws)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        if "\r" not in text:
+            try:
+                self.log.write(text)
+            except OSError:
+                pass
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        try:
+            self.log.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)

@@ -30,6 +30,7 @@ from launcher.data import IGNORE_INDEX, Batch
 from launcher.diagnostics import GradNorms, NonFiniteWatch, format_stats, gradient_stats, is_dump_step, layer_norms
 from launcher.distributed import first_failed_rank
 from launcher.errors import RunFault
+from launcher.exits import RunOutcome
 from launcher.final import WEIGHTS, final_dir, write_final
 from launcher.flops import Mfu, make_mfu
 from launcher.metrics import MetricsLog, peak_memory_gb
@@ -56,13 +57,12 @@ def zero_loss_backward(run: Run) -> None:
         torch.zeros(1, width, dtype=torch.long, device=acc.device), torch.full((1, width), IGNORE_INDEX, dtype=torch.long, device=acc.device)
     )
     devices = [acc.device] if acc.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        acc.sync_gradients = True
+    with torch.random.fork_rng(devices=devices), run.backend.micro_step(run.model, is_sync=True):
         acc.backward(token_loss_sum(run.model, empty))
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
+def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
     """Run optimizer steps from `run.start_step` to `run.total_steps`; evaluate, log, checkpoint, write the final weights.
 
     With `preemption`, a signal on any rank stops every rank at the same step boundary, after a checkpoint.
@@ -90,7 +90,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     )
     optimizer.zero_grad(set_to_none=True)
     steps_done, skipped_steps, nonfinite_steps = run.start_step, run.skipped_steps, run.nonfinite_steps
-    interval, preempted, requeue, nonfinite = Interval(acc.device, mfu), False, False, None
+    interval, preempted, requeue, nonfinite = LogInterval(acc.device, mfu), False, False, None
     checkpoint = None  # the newest this run saved
     clock = CheckpointClock(cfg.checkpoint.every_minutes)
     for step in range(run.start_step, run.total_steps):
@@ -100,8 +100,8 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)  # this rank's loss sum; stays on the device
         for k, micro in enumerate(window.micro_batches):
             is_sync = k == micro_steps - 1
-            acc.sync_gradients = is_sync  # AcceleratedOptimizer and DeepSpeed act only on the sync micro-step
-            # gradients accumulate locally; they are all-reduced (FSDP2: reduce-scattered) once, in the window's last backward
+            # gradients accumulate locally; they are all-reduced (FSDP2: reduce-scattered) once, in the window's last backward,
+            # the only micro-step on which the optimizer (and DeepSpeed's engine) may step
             with backend.micro_step(model, is_sync):
                 loss_sum = token_loss_sum(model, micro.to(acc.device))
                 acc.backward(loss_sum * scale)
@@ -114,7 +114,8 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         inspect_gradients(run, metrics, names, params, norms, steps_done)
         backend.clip(params, cfg.train.max_grad_norm, norms)  # the synced gradients, before the step (DeepSpeed clipped already)
         if cfg.diagnostics.nonfinite == "skip" and watch.current_is_bad(acc, bad):  # one sync per step
-            drop_step(acc, watch.current_report(acc))
+            backend.drop_step()  # fp16: the scaler is reset for the next step
+            report_dropped_step(acc, watch.current_report(acc))
             nonfinite_steps += 1
         else:
             optimizer.step()
@@ -159,24 +160,16 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         if preempted:
             break
 
-    summary = {
-        "steps": steps_done,
-        "skipped_steps": skipped_steps,
-        "nonfinite_steps": nonfinite_steps,
-        "nonfinite": nonfinite,
-        "preempted": preempted,
-        "requeue": requeue,
-        "checkpoint": checkpoint,
-        "weights": None,
-        "first_eval_loss": first_eval and first_eval[1],
-        "eval_loss": None,
-    }
+    outcome = RunOutcome(
+        steps_done, skipped_steps, nonfinite_steps, nonfinite, preempted, requeue, checkpoint, first_eval_loss=first_eval and first_eval[1]
+    )
     if not preempted and nonfinite is None:
         if run.eval_data is not None and run.total_steps > 0 and (last_eval is None or last_eval[0] != run.total_steps):
             last_eval = log_eval(run, metrics, run.total_steps)
-        summary.update(weights=save_final_weights(run, metrics.fault), eval_loss=last_eval and last_eval[1])
+        outcome.weights = save_final_weights(run, metrics.fault)
+        outcome.eval_loss = last_eval and last_eval[1]
     metrics.close()
-    return summary
+    return outcome
 
 
 def checkpoint_due(cfg: CheckpointConfig, steps_done: int, total_steps: int) -> bool:
@@ -212,15 +205,13 @@ def inspect_gradients(run: Run, metrics: MetricsLog, names, params, norms: GradN
         metrics.write({"step": step, "grad": stats})
 
 
-def drop_step(acc, report: list[str]) -> None:
+def report_dropped_step(acc, report: list[str]) -> None:
     """diagnostics.nonfinite: skip: no optimizer step, no schedule step; the gradients are zeroed after."""
-    if acc.scaler is not None:  # fp16: the scaler was unscaled for this step; update() resets it for the next
-        acc.scaler.update()
     if acc.is_main_process:  # tqdm.write keeps the lines clear of the progress bar
         tqdm.write("\n".join(f"launcher: warning: {line}" for line in report), file=sys.stderr)
 
 
-class Interval:
+class LogInterval:
     """Loss, throughput, MFU and peak GPU memory since the last metrics row; the loss sum stays on the device until flushed."""
 
     def __init__(self, device: torch.device, mfu: Mfu | None = None):
@@ -286,6 +277,7 @@ def save_run_checkpoint(run: Run, steps_done: int, skipped_steps: int, nonfinite
         nonfinite_steps,
         data=run.data_identity,
         train_samples=len(run.train_data),
+        backend_kind=run.backend.kind.value,
     )
 
     def fault(err: BaseException):

@@ -7,7 +7,6 @@ readable lines instead of carriage-return frames.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import sys
@@ -17,6 +16,8 @@ from typing import TextIO
 
 import torch
 from tqdm.auto import tqdm
+
+from launcher.formatting import duration_text, number_text
 
 
 class MetricsLog:
@@ -73,12 +74,12 @@ class MetricsLog:
         """One metrics row as a line for a log file: step, loss, lr, grad norm, throughput, mfu and memory when known."""
         step = f"step {row['step']}/{self.total_steps}"
         if "eval_loss" in row:
-            return f"{step} | eval_loss {_fmt(row['eval_loss'], '.4f')} on {row['eval_tokens']:,} tokens"
+            return f"{step} | eval_loss {number_text(row['eval_loss'], '.4f')} on {row['eval_tokens']:,} tokens"
         parts = [
             step,
-            f"loss {_fmt(row['loss'], '.4f')}",
+            f"loss {number_text(row['loss'], '.4f')}",
             f"lr {row['lr']:.3e}",
-            f"grad_norm {_fmt(row['grad_norm'], '.4g')}",
+            f"grad_norm {number_text(row['grad_norm'], '.4g')}",
             f"{row['tokens_per_s']:,.0f} tokens/s",
         ]
         if "mfu" in row:
@@ -87,7 +88,7 @@ class MetricsLog:
             parts.append(f"mem {row['max_memory_allocated_gb']:.2f} GiB (reserved {row['max_memory_reserved_gb']:.2f})")
         elapsed_s = time.monotonic() - self.started_s
         left_s = (self.total_steps - row["step"]) * row["s_per_step"]
-        parts.append(f"elapsed {_duration(elapsed_s)}, left ~{_duration(left_s)}")
+        parts.append(f"elapsed {duration_text(elapsed_s)}, left ~{duration_text(left_s)}")
         return " | ".join(parts)
 
     def advance(self) -> None:
@@ -117,16 +118,6 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
     }
     torch.cuda.reset_peak_memory_stats(device)
     return row
-
-
-def _fmt(value, spec: str) -> str:
-    return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
-
-
-def _duration(seconds: float) -> str:
-    if not seconds < 100 * 86400:  # a run of absurd length (max_steps=10**16) still prints its progress
-        return f"{seconds / (365.25 * 86400):.3g} years" if math.isfinite(seconds) else "unknown"
-    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def close_progress_bars() -> None:

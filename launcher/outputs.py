@@ -15,6 +15,7 @@ from launcher.config import Config, to_yaml
 from launcher.errors import RunFault, UsageError
 from launcher.exits import NONFINITE_MARKER, PREEMPTED_MARKER
 from launcher.final import FINAL, WEIGHTS
+from launcher.formatting import bytes_text
 from launcher.lock import LOCK_FILE
 
 # --overwrite removes only these
@@ -142,16 +143,9 @@ def free_bytes(path: Path) -> int:
 
 def free_text(path: Path) -> str:
     try:
-        return f"{_size(free_bytes(path))} free"
+        return f"{bytes_text(free_bytes(path))} free"
     except OSError:
         return "free space unknown"
-
-
-def _size(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
 
 
 def existing_parent(path: Path) -> Path:
@@ -174,7 +168,7 @@ def check_storage(output_dir: Path, checkpoint_bytes: int, cache_dirs: list[tupl
     where = existing_parent(output_dir)
     if free_bytes(where) < checkpoint_bytes:
         raise RunFault(
-            f"output_dir: a checkpoint of this run needs about {_size(checkpoint_bytes)} and '{where}' has"
+            f"output_dir: a checkpoint of this run needs about {bytes_text(checkpoint_bytes)} and '{where}' has"
             f" {free_text(where)}; free space there or set output_dir to another file system"
         )
 

@@ -12,11 +12,14 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from launcher.build import check_documents, validate_run
+from launcher.backends.deepspeed_config import zero_stage
 from launcher.config import Config
 from launcher.data import prepare_splits, target_counts
 from launcher.errors import Problems, UsageError
+from launcher.formatting import bytes_text
 from launcher.freezing import parameter_table
+from launcher.memory import memory_per_rank
+from launcher.validate import check_documents, validate_run
 
 
 @dataclass
@@ -64,9 +67,6 @@ def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Alloca
 
 def memory_lines(cfg: Config, ds_config: dict | None, model, world_size: int, compare_backends: bool) -> list[str]:
     """Per-rank bytes of parameters, gradients and optimizer state: the run's backend, or every backend."""
-    from launcher.backends import memory_per_rank
-    from launcher.deepspeed_config import zero_stage
-    from launcher.outputs import _size
 
     table = memory_per_rank(model, world_size)
     chosen = f"ZeRO-{zero_stage(ds_config)}" if ds_config is not None else "FSDP2" if cfg.fsdp is not None else "DDP"
@@ -79,10 +79,12 @@ def memory_lines(cfg: Config, ds_config: dict | None, model, world_size: int, co
     ]
     for name, (params, grads, optimizer) in rows.items():
         mark = "  <- this run" if compare_backends and name == chosen else ""
-        lines.append(f"  {name:<8} {_size(params):>12} {_size(grads):>12} {_size(optimizer):>12} {_size(params + grads + optimizer):>12}{mark}")
+        lines.append(
+            f"  {name:<8} {bytes_text(params):>12} {bytes_text(grads):>12} {bytes_text(optimizer):>12} {bytes_text(params + grads + optimizer):>12}{mark}"
+        )
     if "FSDP2" in rows and not (cfg.fsdp is not None and cfg.fsdp.sync_every_micro_step):
         lines.append(
-            f"  FSDP2 with accumulation also holds the full gradients ({_size(table['DDP'][1])}) during a window, unless fsdp.sync_every_micro_step"
+            f"  FSDP2 with accumulation also holds the full gradients ({bytes_text(table['DDP'][1])}) during a window, unless fsdp.sync_every_micro_step"
         )
     if not compare_backends:
         lines.append("  (--compare-backends: DDP, ZeRO-1/2/3 and FSDP2 side by side)")
@@ -130,7 +132,7 @@ def command_lines(config_path: str, overrides: list[str], alloc: Allocation) -> 
             f" --machine_rank $NODE_RANK --main_process_ip $HEAD_ADDR --main_process_port 29500"
             f" -m launcher train {args}   # on every node"
         )
-    time = f" --time={_hms(alloc.time_limit_s)}" if alloc.time_limit_s else ""
+    time = f" --time={slurm_time(alloc.time_limit_s)}" if alloc.time_limit_s else ""
     cpus = f"--cpus-per-task={alloc.cpus_per_task}" if alloc.cpus_per_task else "--exclusive"
     mem = f"--mem={alloc.mem or 0}"
     sbatch = (
@@ -144,7 +146,8 @@ def command_lines(config_path: str, overrides: list[str], alloc: Allocation) -> 
     return [accelerate, sbatch, f"  (each process: OMP_NUM_THREADS = {threads}; --exclusive --mem=0 takes whole nodes)"]
 
 
-def _hms(seconds: float) -> str:
+def slurm_time(seconds: float) -> str:
+    """SLURM's --time format, HH:MM:SS (hours past 24 kept as hours)."""
     seconds = int(seconds)
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 

@@ -24,41 +24,21 @@ from pathlib import Path
 import yaml
 
 from launcher.checkpoints import TrainerState, checkpoint_root, complete_checkpoints, resume_path, verify_checkpoint
-from launcher.config import Config, to_yaml
+from launcher.config import Config, free_on_resume_keys, to_yaml
+from launcher.data.identity import describe
+from launcher.data.sources import data_identity  # reads a few blocks of each file (identity.py)
 from launcher.errors import UsageError
 from launcher.final import finished_config
 from launcher.lock import check_not_held
 from launcher.outputs import check_output_dir, cleared_by_overwrite, holds_files
 
-# changing these does not change what a step computes (the global batch is checked on its own: its split
-# into micro-batch x accumulation x world size may change)
-FREE_KEYS = (
-    "output_dir",
-    "resume",
-    "resume_allow_changes",
-    "launch",
-    "distributed",
-    "eval",
-    "checkpoint",
-    "diagnostics",
-    "train.log_every",
-    "train.tensorboard",
-    "train.compile",
-    "train.max_steps",
-    "train.epochs",
-    "train.micro_batch_size",
-    "train.gradient_accumulation_steps",
-    "data.cache_dir",
-    "fsdp.reshard_after_forward",
-    "fsdp.sync_every_micro_step",
-    "fsdp.cpu_offload",
-)
+FREE_ON_RESUME_KEYS = free_on_resume_keys()  # launcher.config marks them on their fields
 BOUNDS = ("train.max_steps", "train.epochs")
 PATH_KEYS = ("data.path", "deepspeed")
 
 
 @dataclass
-class Start:
+class StartingPoint:
     checkpoint: Path | None = None  # the checkpoint to resume from
     state: TrainerState | None = None
     clear: bool = False  # delete the previous run's files first (--overwrite, nothing resumed from them)
@@ -85,12 +65,11 @@ class DataChange(Difference):
     path: str = ""
 
     def __str__(self) -> str:
-        from launcher.data.identity import describe
 
         return f"{self.key} '{self.path}' holds other data than the checkpoint was trained on ({describe(self.old)} -> {describe(self.new)})"
 
 
-def plan_start(cfg: Config, overwrite: bool, check_lock: bool, verify_contents: bool = False) -> Start:
+def decide_start(cfg: Config, overwrite: bool, check_lock: bool, verify_contents: bool = False) -> StartingPoint:
     """Where the run starts: fresh, from a verified checkpoint, or not at all (finished). UsageError when it would
     destroy work or silently train something else than the checkpoint's run. `check_lock`: refuse an output_dir
     a live run holds (in one process; ranks of a launched run leave it to the main process's lock).
@@ -101,7 +80,7 @@ def plan_start(cfg: Config, overwrite: bool, check_lock: bool, verify_contents: 
         check_not_held(out)
     if cfg.resume is None:
         check_output_dir(out, overwrite)
-        return Start(clear=clears(cfg, overwrite))
+        return StartingPoint(clear=clears(cfg, overwrite))
     if cfg.resume == "auto":
         finished = finished_run(cfg)
         if finished is not None:
@@ -118,10 +97,10 @@ def plan_start(cfg: Config, overwrite: bool, check_lock: bool, verify_contents: 
                     f"output_dir: '{out}' is not empty and holds no checkpoint to resume (resume=auto);"
                     f" pass --overwrite to replace its run, or set output_dir=NEW_DIR"
                 )
-            return Start(clear=clears(cfg, overwrite))
+            return StartingPoint(clear=clears(cfg, overwrite))
     else:
         checkpoint = resume_path(cfg.resume, out)
-    start = Start(checkpoint, verify_checkpoint(checkpoint, contents=verify_contents))
+    start = StartingPoint(checkpoint, verify_checkpoint(checkpoint, contents=verify_contents))
     if out.resolve() not in checkpoint.resolve().parents:  # another run's checkpoint: output_dir is new, or replaced
         check_output_dir(out, overwrite)
         start.clear = clears(cfg, overwrite, checkpoint)
@@ -180,7 +159,7 @@ def input_paths(cfg: Config, checkpoint: Path | None) -> list[tuple[str, Path]]:
     return paths
 
 
-def finished_run(cfg: Config) -> Start | None:
+def finished_run(cfg: Config) -> StartingPoint | None:
     """With resume=auto: output_dir holds this run, finished (final/ written, with the same step bounds and nothing
     that would be refused as a change)."""
     old = finished_config(cfg.output_dir)
@@ -189,7 +168,7 @@ def finished_run(cfg: Config) -> Start | None:
     differences = config_differences(old, cfg)
     if any(d.key in BOUNDS for d in differences) or refused(differences, cfg.resume_allow_changes):
         return None
-    return Start(finished=True)
+    return StartingPoint(finished=True)
 
 
 def check_config(cfg: Config, checkpoint: Path, state: TrainerState | None = None) -> tuple[list[str], list[str]]:
@@ -214,8 +193,10 @@ def check_config(cfg: Config, checkpoint: Path, state: TrainerState | None = Non
             + (", or set output_dir=NEW_DIR for a new run" if data else "")
         )
     quiet = ("output_dir", "resume", "resume_allow_changes")
-    changes = [str(d) + (" (resume_allow_changes)" if not _matches(d.key, FREE_KEYS) else "") for d in differences if not _matches(d.key, quiet)]
-    return changes, [d.key for d in differences if not _matches(d.key, FREE_KEYS)]
+    changes = [
+        str(d) + (" (resume_allow_changes)" if not _matches(d.key, FREE_ON_RESUME_KEYS) else "") for d in differences if not _matches(d.key, quiet)
+    ]
+    return changes, [d.key for d in differences if not _matches(d.key, FREE_ON_RESUME_KEYS)]
 
 
 def data_differences(cfg: Config, state: TrainerState | None) -> list[DataChange]:
@@ -223,7 +204,6 @@ def data_differences(cfg: Config, state: TrainerState | None) -> list[DataChange
     the record existed: none)."""
     if state is None or not state.data:
         return []
-    from launcher.data.sources import data_identity  # reads a few blocks of each file (identity.py)
 
     now = data_identity(cfg.data)
     return [
@@ -249,10 +229,10 @@ def config_differences(old: dict | None, cfg: Config) -> list[Difference]:
 
 
 def refused(differences: list[Difference], allowed: list[str]) -> list[Difference]:
-    return [d for d in differences if not _matches(d.key, FREE_KEYS) and not _matches(d.key, allowed)]
+    return [d for d in differences if not _matches(d.key, FREE_ON_RESUME_KEYS) and not _matches(d.key, allowed)]
 
 
-def check_end(start: Start, total_steps: int, cfg: Config) -> None:
+def check_end(start: StartingPoint, total_steps: int, cfg: Config) -> None:
     """Once the run's length is known: a checkpoint past its end is refused (the run would train nothing and
     write final weights of another length)."""
     if start.state is not None and start.state.step > total_steps:
@@ -263,7 +243,7 @@ def check_end(start: Start, total_steps: int, cfg: Config) -> None:
         )
 
 
-def check_samples(start: Start, train_samples: int, cfg: Config) -> None:
+def check_samples(start: StartingPoint, train_samples: int, cfg: Config) -> None:
     """Once the data is tokenized: another number of training samples than the checkpoint's means other data (a
     change identity.py cannot see, or a source it does not cover: data.name), unless a change was allowed."""
     recorded = start.state.train_samples if start.state is not None else None

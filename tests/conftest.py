@@ -244,7 +244,7 @@ def reference_training(cfg, windows: list, max_grad_norm: float, inspect_gradien
     the LR schedule; `inspect_gradients(step, model)` (step 1-based) sees each step's gradients before the clip."""
     import torch.nn.functional as F
 
-    from launcher.build import build_bare_model
+    from launcher.bare_model import build_bare_model
     from launcher.data import IGNORE_INDEX
     from launcher.optim import build_lr_schedule, build_optimizer
 

@@ -218,9 +218,9 @@ def test_a_runs_own_config_yaml_loads_back(tmp_path: Path):
 
 def test_a_huge_run_length_prints_its_progress(tmp_path: Path):
     """train.max_steps=10**16 is a valid (if absurd) bound: the progress line's time left must not overflow."""
-    from launcher.metrics import _duration
+    from launcher.formatting import duration_text
 
-    assert _duration(3.0e17) == "9.51e+09 years" and _duration(3725) == "1:02:05" and _duration(float("inf")) == "unknown"
+    assert duration_text(3.0e17) == "9.51e+09 years" and duration_text(3725) == "1:02:05" and duration_text(float("inf")) == "unknown"
 
 
 def test_the_table_holds_at_least_40_bad_inputs():

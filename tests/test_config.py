@@ -64,7 +64,7 @@ def test_shipped_accelerate_config_loads_and_says_how_to_run_it(path: Path):
 
 @pytest.mark.parametrize("path", DEEPSPEED, ids=lambda p: p.name)
 def test_shipped_deepspeed_json_is_all_auto_for_launcher_values(path: Path):
-    from launcher.deepspeed_config import read_deepspeed_json, resolve, zero_stage
+    from launcher.backends.deepspeed_config import read_deepspeed_json, resolve, zero_stage
 
     raw = read_deepspeed_json(path)
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):

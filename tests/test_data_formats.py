@@ -236,7 +236,7 @@ def assistant_loss(model, messages_list) -> tuple[float, int]:
 def test_chat_training_is_exact_however_the_batch_is_split(tmp_path: Path):
     """2 ranks x 2 micro-steps = 1 rank x 4 = 1 rank x 1 big batch on conversations with very different numbers of
     assistant tokens (padded rows); the first logged loss is the mean over the assistant tokens of the step's samples."""
-    from launcher.build import build_bare_model
+    from launcher.bare_model import build_bare_model
 
     records = chat_records(18)
     data = tmp_path / "chat.jsonl"

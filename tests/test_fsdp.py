@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.build import build_bare_model
+from launcher.bare_model import build_bare_model
 from launcher.config import load_config
 from launcher.data import prepare_splits
 
@@ -248,8 +248,8 @@ def test_accelerate_config_selects_fsdp2(tmp_path: Path):
 def test_planned_bytes_per_rank_are_what_a_run_allocates(tmp_path: Path, backend: str, nproc: int):
     """`launcher plan`'s per-rank bytes of parameters, gradients and AdamW moments, from the meta model, against the
     storage a real CPU run allocates (the vocabulary, 257 rows, shards unevenly: rank 0 holds the padded share)."""
-    from launcher.backends import memory_per_rank
-    from launcher.build import inspection_model
+    from launcher.bare_model import inspection_model
+    from launcher.memory import memory_per_rank
 
     from conftest import run_worker
 

@@ -29,10 +29,10 @@ def test_fp16_overflow_steps_are_skipped_counted_and_do_not_advance_the_schedule
     )
     summary = train(run)
     rows = [r for r in metrics(run.cfg.output_dir) if "loss" in r]
-    skipped = summary["skipped_steps"]
+    skipped = summary.skipped_steps
     assert 1 <= skipped < steps, summary
     assert rows[-1]["skipped_steps"] == skipped
-    assert summary["nonfinite"] is None and summary["nonfinite_steps"] == 0  # overflow skips are not non-finite errors
+    assert summary.nonfinite is None and summary.nonfinite_steps == 0  # overflow skips are not non-finite errors
     assert run.lr_schedule.last_epoch == steps - skipped  # the schedule counts only steps that were taken
     # the lr logged at each step is the warmup value for the number of steps taken before it
     taken = 0
@@ -45,7 +45,7 @@ def test_fp16_overflow_steps_are_skipped_counted_and_do_not_advance_the_schedule
 def test_bf16_trains_with_fp32_master_weights(tmp_path: Path, fresh_accelerate):
     run = make_run(tmp_path, train={"mixed_precision": "bf16", "max_steps": 20}, eval={"at_start": True})
     summary = train(run)
-    assert summary["eval_loss"] < summary["first_eval_loss"]
+    assert summary.eval_loss < summary.first_eval_loss
     assert all(t.dtype == torch.float32 for t in final_weights(run.cfg.output_dir).values())
 
 
@@ -145,7 +145,7 @@ def test_hf_model_in_bf16_on_the_gpu(tmp_path: Path, tiny_hf, variant: str, fres
     masters = {p.dtype for p in run.accelerator.unwrap_model(run.model).parameters() if p.requires_grad}
     assert masters == ({torch.bfloat16} if variant.startswith("pure") else {torch.float32}), masters
     summary = train(run)
-    assert summary["eval_loss"] < summary["first_eval_loss"], summary
+    assert summary.eval_loss < summary.first_eval_loss, summary
     final = tmp_path / "out" / "final"
     if variant.endswith("LoRA"):
         assert (final / "adapter_model.safetensors").is_file()
@@ -167,7 +167,7 @@ def test_fsdp2_bf16_on_one_gpu(tmp_path: Path, fresh_accelerate):
         masters = [p for p in run.model.parameters() if p.requires_grad]
         assert masters and all(isinstance(p, DTensor) and p.dtype == torch.float32 and p.device.type == "cuda" for p in masters)
         summary = train(run)
-        assert summary["eval_loss"] < summary["first_eval_loss"], summary
+        assert summary.eval_loss < summary.first_eval_loss, summary
         assert (tmp_path / "out" / "checkpoints" / "step-000000020" / "sharded").is_dir()
         final = final_weights(run.cfg.output_dir)
         assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in final.values())

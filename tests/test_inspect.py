@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from launcher.build import build_bare_model
+from launcher.bare_model import build_bare_model
 from launcher.config import load_config
 
 from conftest import REPO, check, run_cli

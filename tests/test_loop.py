@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.build import build_bare_model, build_run
+from launcher.bare_model import build_bare_model
+from launcher.build import build_run
 from launcher.config import load_config
 from launcher.loop import evaluate, train
 
@@ -105,7 +106,7 @@ def test_eval_loss_is_the_token_weighted_mean(tmp_path: Path, fresh_accelerate):
 def test_max_steps_zero_writes_the_initial_weights(tmp_path: Path, fresh_accelerate):
     run = make_run(tmp_path, train={"max_steps": 0})
     summary = train(run)
-    assert summary["steps"] == 0
+    assert summary.steps == 0
     model, _ = build_bare_model(run.cfg)
     weights = final_weights(run.cfg.output_dir)
     assert set(weights) == set(model.state_dict())
@@ -125,7 +126,7 @@ def test_metrics_rows(tmp_path: Path, fresh_accelerate):
     for row in train_rows:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch", "skipped_steps"} <= set(row)
         assert row["grad_norm"] > 0 and row["tokens_per_s"] > 0
-    assert summary["eval_loss"] == eval_rows[-1]["eval_loss"]
+    assert summary.eval_loss == eval_rows[-1]["eval_loss"]
     assert (run.cfg.output_dir / "config.yaml").exists()
     assert load_config(run.cfg.output_dir / "config.yaml") == run.cfg
 

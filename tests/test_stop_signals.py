@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from launcher.config import load_config
-from launcher.distributed import default_checkpoint_minutes, default_resume, report_stop
 from launcher.errors import UsageError
 from launcher.preemption import PreemptionFlag
+from launcher.slurm import default_checkpoint_minutes, default_resume, report_stop
 
 from conftest import REPO, check, cpu_env, run_cli, tiny_config, torchrun, write_config
 

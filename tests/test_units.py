@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from launcher.batches import BatchPlan, epoch_order, rank_micro_batches, step_window
+from launcher.batches import BatchLayout, epoch_order, rank_micro_batches, step_window
 from launcher.config import TrainConfig
 from launcher.errors import UsageError
 from launcher.freezing import apply_freeze, frozen_names, parameter_table
@@ -14,7 +14,7 @@ from launcher.optim import build_optimizer, lr_factor
 
 
 def test_global_batch_and_steps():
-    plan = BatchPlan(micro_batch_size=4, gradient_accumulation_steps=3, world_size=2)
+    plan = BatchLayout(micro_batch_size=4, gradient_accumulation_steps=3, world_size=2)
     assert plan.global_batch_size == 24
     assert plan.steps_per_epoch(48) == 2
     assert plan.steps_per_epoch(49) == 3  # the last step is a partial window of 1 sample
@@ -25,7 +25,7 @@ def test_global_batch_and_steps():
 @pytest.mark.parametrize("split", [(1, 1, 8), (1, 8, 1), (2, 1, 4), (2, 2, 2), (4, 2, 1), (8, 1, 1)])
 def test_each_window_is_split_over_ranks_and_micro_steps_without_loss_or_duplicate(split):
     world, micro, accumulation = split
-    plan = BatchPlan(micro, accumulation, world)
+    plan = BatchLayout(micro, accumulation, world)
     order = epoch_order(21, seed=3, epoch=1, shuffle=True)
     assert sorted(order) == list(range(21))
     for step in range(plan.steps_per_epoch(21)):  # 8, 8, then a partial window of 5
@@ -95,3 +95,14 @@ def test_lr_schedule_counts_optimizer_steps():
     linear = TrainConfig(lr_schedule="linear", min_lr_ratio=0.0, max_steps=10)
     assert lr_factor(10, 10, linear) == 0.0
     assert lr_factor(7, 10, TrainConfig(lr_schedule="constant", max_steps=10)) == 1.0
+
+
+def test_a_checkpoint_names_its_backend_by_kind_and_older_ones_by_their_display_name():
+    from launcher.backends import BackendKind
+
+    assert BackendKind.of_checkpoint("fsdp2", "anything") is BackendKind.FSDP2
+    # written before backend_kind was recorded: only the display name
+    assert BackendKind.of_checkpoint(None, "DeepSpeed ZeRO-2") is BackendKind.DEEPSPEED
+    assert BackendKind.of_checkpoint(None, "FSDP2 (gloo)") is BackendKind.FSDP2
+    assert BackendKind.of_checkpoint(None, "DDP (gloo)") is BackendKind.DDP
+    assert BackendKind.of_checkpoint(None, "single process") is BackendKind.DDP

@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import torch
 
-from launcher.batches import BatchPlan, epoch_order, rank_micro_batches, step_window
+from launcher.batches import BatchLayout, epoch_order, rank_micro_batches, step_window
 from launcher.data.formats import START, TARGET
 from launcher.data.tokens import TokenRows
 
@@ -122,7 +122,7 @@ class TrainData:
     def __init__(
         self,
         blocks: datasets.Dataset,
-        plan: BatchPlan,
+        plan: BatchLayout,
         process_index: int,
         seed: int,
         shuffle: bool,

@@ -19,17 +19,17 @@ from torch.overrides import TorchFunctionMode
 
 from launcher.config import ModelConfig
 from launcher.errors import UsageError
+from launcher.models import hf
 from launcher.models.gpt import GPT
+from launcher.models.structure import DTYPES, embedding_rows, logits_of, transformer_blocks
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["DTYPES", "GPT", "build_model", "embedding_rows", "logits_of", "transformer_blocks"]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, weights: bool = True, search_dirs: tuple[Path, ...] = ()) -> nn.Module:
     """The configured model on the current default device. `weights=False` (on the meta device, for names and
     shapes) builds a pretrained model from its config alone; `search_dirs` are where a factory's module may live."""
     if cfg.is_hf:
-        from launcher.models import hf
-
         model = hf.build_hf_model(cfg, seq_len, weights, vocab_size)
     elif cfg.factory is not None:
         model = build_factory_model(cfg, vocab_size, seq_len, search_dirs)
@@ -59,22 +59,6 @@ def initializers_skipped():
     torch._dynamo (2-3 s of every process's start, for numbers that are thrown away)."""
     with _MetaInitSkipped():
         yield
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated layers, the units FSDP2 shards and gathers one at a time: the built-in GPT's blocks, a
-    Hugging Face model's `_no_split_modules` classes (its decoder layers); none for a model that has neither."""
-    from launcher.models.gpt import Block
-
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if m is not model and (isinstance(m, Block) or type(m).__name__ in names)]
-
-
-def embedding_rows(model: nn.Module) -> int | None:
-    """Rows of the input embedding (the largest token id + 1 the model accepts), where it can be found."""
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if get is not None else getattr(model, "tok_embed", None)
-    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
 
 
 @contextmanager
@@ -130,7 +114,7 @@ def _where(err: Exception) -> str:
 
 
 def check_model_output(model: nn.Module, cfg: ModelConfig, vocab_size: int, seq_len: int) -> None:
-    """A user's model on one tiny batch (CPU, no_grad): it must return [batch, seq, >= vocab] logits. Checked
+    """A user's model on one tiny batch (CPU, no_grad): it must return [batch, seq, >= vocab] logits. ValidatedRun
     before anything is written, so a model that cannot train leaves no trace on disk."""
     if cfg.factory is None:
         return
@@ -173,7 +157,3 @@ def describe_model(model: nn.Module, cfg) -> str:
     extras = [f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {cfg.lora.target_modules}"] if cfg.lora is not None else []
     extras += ["gradient checkpointing"] if cfg.model.gradient_checkpointing else []
     return f"model: {source} ({arch[0]}), {total:,} parameters ({trainable:,} trainable); {weights}" + "".join(f"; {e}" for e in extras)
-
-
-def logits_of(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.logits

@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from launcher.config import Config, ExportConfig, LoraConfig, ModelConfig
+from launcher.distributed import env_rank
 from launcher.errors import UsageError
+from launcher.freezing import PEFT_PREFIX
+from launcher.models.structure import DTYPES, embedding_rows
 
 
 def _transformers():
@@ -57,7 +60,6 @@ def build_hf_model(cfg: ModelConfig, seq_len: int, weights: bool, vocab_size: in
     """AutoModelForCausalLM with its weights (model.pretrained), or freshly initialized (model.hf_config, or
     `weights=False` for names and shapes only). Trainable weights in model.dtype (fp32 by default)."""
     transformers = _transformers()
-    from launcher.models import DTYPES
 
     config = hf_model_config(cfg)
     dtype = DTYPES[cfg.dtype]
@@ -97,7 +99,6 @@ def _warn_about_loading(source, loading: dict) -> None:
     """One line (main process) naming the parameters the folder has no tensor for, which from_pretrained initialized
     as the architecture does (seeded: the same on every rank), and the folder's tensors no parameter takes. A fine-tune
     may mean it (a new head); a truncated or converted checkpoint does not, and a silent fresh tensor would hide it."""
-    from launcher.distributed import env_rank
 
     missing, unexpected = sorted(loading.get("missing_keys") or ()), sorted(loading.get("unexpected_keys") or ())
     if env_rank() != 0 or not (missing or unexpected):
@@ -113,7 +114,6 @@ def _warn_about_loading(source, loading: dict) -> None:
 
 def fit_embeddings(model: nn.Module, vocab_size: int, cfg: Config) -> None:
     """The tokenizer's ids must index the embedding: refuse a larger tokenizer, or grow the rows when asked."""
-    from launcher.models import embedding_rows
 
     rows = embedding_rows(model)
     if rows is None or vocab_size <= rows:
@@ -184,7 +184,6 @@ def export_hf(model: nn.Module, state_dict: dict[str, torch.Tensor], tokenizer, 
 
 
 def _export_dtype(cfg: ExportConfig) -> torch.dtype:
-    from launcher.models import DTYPES
 
     return DTYPES[cfg.dtype]
 
@@ -230,7 +229,6 @@ def _point_adapter_at_base(directory: Path, cfg: Config) -> None:
 def merged_state_dict(peft_model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base model's weights with every adapter merged in, W + scaling * B A (transposed for GPT-2's Conv1D),
     computed in fp32 from the full state dict, so it works whatever held the weights (DDP, ZeRO-3 shards)."""
-    from launcher.freezing import PEFT_PREFIX
 
     merged = {name.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."): t for name, t in state_dict.items() if ".lora_" not in name}
     for name, module in peft_model.named_modules():

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from launcher.models.hf import _transformers
+
 ARCHES = ("llama", "gpt2")
 
 
@@ -79,7 +81,6 @@ def tiny_config(arch: str, tokenizer, max_positions: int = 256):
 
 def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write a tiny model and its tokenizer to `out_dir` (a Hugging Face model folder); returns it."""
-    from launcher.models.hf import _transformers
 
     AutoModelForCausalLM = _transformers().AutoModelForCausalLM  # noqa: N806  (quiet: no progress bars)
     if arch not in ARCHES:

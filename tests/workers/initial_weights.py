@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from launcher.build import build_bare_model
+from launcher.bare_model import build_bare_model
 from launcher.cli import main
 from launcher.config import load_config
 
