@@ -9,9 +9,13 @@ For each --sizes-mb size, generates a JSON-lines corpus of about that many MB of
    the process start to the first metrics row (step 1), and the peak memory of the process while it trains
    --steps steps (PSS, and its resident memory less file-backed, i.e. memory-mapped, pages).
 
-Run from the repository root (2 GB: about half an hour on 2 cores; the corpora, caches and shards take about
-3x the text on disk under --work: delete it afterwards):
-  .venv/bin/python benchmarks/data_pipeline.py --sizes-mb 50 2000 --work /tmp/launcher-data-bench
+With --text-max-mb, a size above it is token shards only: the first size's token shards' documents repeated
+to that size (what `launcher tokenize --tokens-out` writes of such a corpus, without tokenizing it: at 2 GB
+that alone is over an hour on 2 busy cores), and only the token-shard run is measured.
+
+Run from the repository root (the corpora, caches and shards take about 3x the text on disk under --work:
+delete it afterwards):
+  .venv/bin/python benchmarks/data_pipeline.py --sizes-mb 50 2000 --text-max-mb 50 --work /tmp/launcher-data-bench
 """
 
 from __future__ import annotations
@@ -126,6 +130,33 @@ def env_for(cache: Path) -> dict:
     return {**os.environ, "HF_DATASETS_CACHE": str(cache / "hf"), "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 
 
+def repeat_shards(source: Path, out: Path, size_mb: int, source_mb: int, shard_tokens: int = 1 << 28) -> None:
+    """Token shards of a `size_mb` MB corpus: the documents of the `source_mb` MB corpus's shards, repeated, in
+    shards of about `shard_tokens` tokens (what `launcher tokenize --tokens-out` writes of such a corpus)."""
+    sys.path.insert(0, str(REPO))
+    from launcher.data.tokens import Shard, write_shard
+
+    if (out / "done").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    shards = [Shard(p, "source", 1 << 32) for p in sorted(source.glob("*.bin"))]
+    docs = [s.tokens[a:b] for s in shards for a, b in zip(s.offsets[:-1].astype(np.int64), s.offsets[1:].astype(np.int64))]
+    per_copy = sum(len(d) for d in docs)
+    total = per_copy * size_mb // source_mb
+    written, n, pending, pending_tokens = 0, 0, [], 0
+    while written < total:
+        for doc in docs:
+            pending.append(doc)
+            pending_tokens += len(doc)
+            written += len(doc)
+            if pending_tokens >= shard_tokens or written >= total:
+                write_shard(out / f"train_{n:05d}.bin", pending, shards[0].tokens.dtype)
+                n, pending, pending_tokens = n + 1, [], 0
+            if written >= total:
+                break
+    (out / "done").touch()
+
+
 def run_tokenize(config: Path, cache: Path, num_proc: int, tokens_out: Path | None) -> tuple[str, float]:
     """`launcher tokenize`: its summary line and the peak PSS of it and its workers."""
     cmd = [sys.executable, "-m", "launcher", "tokenize", str(config), "--num-proc", str(num_proc)]
@@ -170,19 +201,40 @@ def main() -> None:
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[50, 2000])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--work", default="/tmp/launcher-data-bench")
-    parser.add_argument("--prepare-only", action="store_true", help="write the corpora and tokenize them (2 processes), nothing else")
+    parser.add_argument(
+        "--text-max-mb",
+        type=int,
+        default=1 << 30,
+        help="sizes above: token shards only, the first size's documents repeated (no text tokenized, nor trained on)",
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for n, size_mb in enumerate(args.sizes_mb):
+        if size_mb > args.text_max_mb:
+            first = args.sizes_mb[0]
+            shards = work / f"tokens-{size_mb}mb"
+            started_s = time.perf_counter()
+            repeat_shards(work / f"tokens-{first}mb" / "train", shards / "train", size_mb, first)
+            files = sorted((shards / "train").glob("*.bin"))
+            print(
+                f"{size_mb} MB: {len(files)} token shards of the {first} MB corpus's documents repeated,"
+                f" {sum(f.stat().st_size for f in files) / 1e9:.2f} GB, written in {time.perf_counter() - started_s:.0f}s",
+                flush=True,
+            )
+            tokens_config = write_bench_config(
+                work, size_mb, shards / "train", work / "tokenizer", work / f"cache-{size_mb}mb", args.steps, format="tokens"
+            )
+            first_step_s, pss, anon = run_train(tokens_config, work / f"cache-{size_mb}mb", work)
+            rows.append((size_mb, "token shards", first_step_s, pss, anon))
+            print(f"{size_mb} MB, token shards: process start to the first step {first_step_s:.1f}s; PSS {pss:,.0f} MiB, {anon:,.0f} MiB not mapped")
+            continue
         corpus, tokenizer = prepare(work, size_mb)
         cache, shards = work / f"cache-{size_mb}mb", work / f"tokens-{size_mb}mb"
         config = write_bench_config(work, size_mb, corpus, tokenizer, cache, args.steps)
         line, peak = run_tokenize(config, cache, 2, shards)
         print(f"{size_mb} MB, launcher tokenize --num-proc 2: {line} (peak PSS with workers {peak:,.0f} MiB)", flush=True)
-        if args.prepare_only:
-            continue
         if n == 0:  # the scaling: the same corpus with 1 process, cold, into a cache of its own
             cache_1 = work / f"cache-{size_mb}mb-np1"
             shutil.rmtree(cache_1, ignore_errors=True)

@@ -137,7 +137,8 @@ class EvalConfig(Section):
 class DataConfig(Section):
     path: Path | None = Field(
         None,
-        description="a .txt/.jsonl/.json/.csv/.parquet file, a folder of such files or a glob, or a save_to_disk folder; null: the built-in corpus",
+        description="a .txt/.jsonl/.json/.csv/.parquet file, a folder of such files or a glob, or a save_to_disk folder; null: the built-in corpus;"
+        " format tokens: a .bin token shard, a folder or a glob of them",
     )
     name: str | None = Field(
         None, min_length=1, description="instead of path: a dataset for datasets.load_dataset (a hub name, or a local folder of data files)"
