@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         args.overrides = args.overrides + rest
     if args.command in ("inspect", "plan", "plot", "make-tiny-model", "tokenize"):
-        commands = {"inspect": run_inspect, "plan": run_plan, "plot": run_plot, "make-tiny-model": run_make_tiny_model, "tokenize": run_tokenize}
+        handlers = {"inspect": run_inspect, "plan": run_plan, "plot": run_plot, "make-tiny-model": run_make_tiny_model, "tokenize": run_tokenize}
         try:
-            return commands[args.command](args)
+            return handlers[args.command](args)
         except UsageError as err:
             return end_with_error(err)
     from launcher.preemption import PreemptionFlag
