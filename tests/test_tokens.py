@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.batches import BatchPlan
+from launcher.batches import BatchLayout
 from launcher.config import load_config
 from launcher.data import TrainData, prepare_splits, target_counts
 from launcher.data.tokens import HEADER, MAGIC, write_shard
@@ -75,7 +75,7 @@ def test_token_shards_give_the_rows_and_batches_of_the_text(corpus):
     token_rows, _ = prepare_splits(load_config(str(corpus["tokens"])).data, 1)
     assert len(token_rows) == len(text_rows) == 4815
     assert target_counts(token_rows).sum() == int(target_counts(text_rows).sum()) == 158_842 - 4815  # a target per token in a row but its first
-    plan = BatchPlan(micro_batch_size=3, gradient_accumulation_steps=2, world_size=2)
+    plan = BatchLayout(micro_batch_size=3, gradient_accumulation_steps=2, world_size=2)
     for rank in (0, 1):
         text, tokens = TrainData(text_rows, plan, rank, 1, True, False), TrainData(token_rows, plan, rank, 1, True, False)
         for step in range(2 * text.steps_per_epoch):
@@ -209,7 +209,7 @@ def test_a_token_id_beyond_the_vocabulary_that_the_header_hides_is_found_in_its_
     )
     rows, _ = prepare_splits(cfg.data, 1, ByteTokenizer())
     assert len(rows) == 3  # 13 tokens of one group: rows of 5, 5 and 3
-    data = TrainData(rows, BatchPlan(3, 1, 1), 0, 1, False, False)
+    data = TrainData(rows, BatchLayout(3, 1, 1), 0, 1, False, False)
     with pytest.raises(UsageError) as err:
         data.window(0)
     assert err.value.lines == [f"data.path: '{path}' holds token id 300, beyond the vocabulary of 257 ids; tokenize with the run's tokenizer"]
