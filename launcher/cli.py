@@ -1,4 +1,4 @@
-"""`launcher train|inspect|plan|preview CONFIG [key=value ...]`, `launcher plot OUTPUT_DIR`, `launcher make-tiny-model DIR`:
+"""`launcher train|inspect|plan|preview|tokenize CONFIG [key=value ...]`, `launcher plot OUTPUT_DIR`, `launcher make-tiny-model DIR`:
 parse, build, run. Bad input: one line per problem, exit 2."""
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("output_dir", help="the folder to write (it must not exist)")
     tiny.add_argument("--arch", choices=["llama", "gpt2"], default="llama", help="llama (BOS added, pad token) or gpt2 (no BOS, no pad token)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random initial weights")
+    tokenize = commands.add_parser("tokenize", help="prepare a run's data as its own step (the cache a run reads), in parallel, resumable")
+    tokenize.add_argument("config", help="YAML config file (the run's)")
+    tokenize.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    tokenize.add_argument("--num-proc", type=int, metavar="N", help="processes (default: data.num_proc); rerun with the same N to resume")
+    tokenize.add_argument("--tokens-out", metavar="DIR", help="also write the documents as token shards (data.format: tokens) under DIR")
+    tokenize.add_argument("--shard-tokens", type=int, default=1 << 28, metavar="N", help="tokens per shard of --tokens-out (default 2^28)")
     plot = commands.add_parser("plot", help="PNG charts of a run's metrics.jsonl: losses, learning rate, grad norm, throughput")
     plot.add_argument("output_dir", help="the run's output_dir (it holds metrics.jsonl)")
     return parser
@@ -91,10 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(misplaced)}")
     if rest:
         args.overrides = args.overrides + rest
-    if args.command in ("inspect", "plan", "plot", "make-tiny-model", "preview"):
+    if args.command in ("inspect", "plan", "plot", "make-tiny-model", "preview", "tokenize"):
+        handlers = {
+            "inspect": run_inspect,
+            "plan": run_plan,
+            "plot": run_plot,
+            "make-tiny-model": run_make_tiny_model,
+            "preview": run_preview,
+            "tokenize": run_tokenize,
+        }
         try:
-            commands = {"inspect": run_inspect, "plan": run_plan, "plot": run_plot, "make-tiny-model": run_make_tiny_model, "preview": run_preview}
-            return commands[args.command](args)
+            return handlers[args.command](args)
         except UsageError as err:
             return end_with_error(err)
     from launcher.preemption import PreemptionFlag
@@ -283,6 +296,21 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
         raise UsageError("make-tiny-model: needs transformers and tokenizers; pip install -e '.[hf]' (or scripts/setup hf)") from None
     make_tiny_model(out, args.arch, args.seed)
     print(f"wrote {out}/: a tiny {args.arch}-style causal LM (bf16 weights) and its byte-level BPE tokenizer")
+    return 0
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher.config import load_config
+    from launcher.data.tokenize import tokenize
+    from launcher.tokenizer import load_tokenizer
+
+    if (args.num_proc is not None and args.num_proc < 1) or args.shard_tokens < 1:
+        raise UsageError("--num-proc and --shard-tokens must be 1 or more")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.tokens_out) if args.tokens_out else None
+    print(tokenize(cfg, load_tokenizer(cfg), args.num_proc, out, args.shard_tokens))
     return 0
 
 

@@ -206,7 +206,8 @@ class SourceConfig(Section):
 class DataConfig(Section):
     path: Path | None = Field(
         None,
-        description="a .txt/.jsonl/.json/.csv/.parquet file, a folder of such files or a glob, or a save_to_disk folder; null: the built-in corpus",
+        description="a .txt/.jsonl/.json/.csv/.parquet file, a folder of such files or a glob, or a save_to_disk folder; null: the built-in corpus;"
+        " format tokens: a .bin token shard, a folder or a glob of them",
     )
     name: str | None = Field(
         None, min_length=1, description="instead of path: a dataset for datasets.load_dataset (a hub name, or a local folder of data files)"
@@ -217,8 +218,10 @@ class DataConfig(Section):
     eval_split: str | None = Field(
         None, min_length=1, description="a split of data.name (or of a DatasetDict folder) to evaluate on; replaces the held-out fraction"
     )
-    format: Literal["text", "prompt_completion", "chat"] = Field(
-        "text", description="text: every token is a target; prompt_completion: only the completion; chat: only assistant turns (data.train_on)"
+    format: Literal["text", "prompt_completion", "chat", "tokens"] = Field(
+        "text",
+        description="text: every token is a target; prompt_completion: only the completion; chat: only assistant turns (data.train_on);"
+        " tokens: token shards NAME.bin + NAME.idx (README: token shards), packed as text",
     )
     text_field: str = Field("text", min_length=1, description="column holding the text (format text)")
     prompt_field: str = Field("prompt", min_length=1, description="column holding the prompt (format prompt_completion)")
@@ -269,8 +272,8 @@ class DataConfig(Section):
             if not glob.glob(str(path), recursive=True):
                 raise ValueError(f"the pattern '{path}' matches no file; check the folder and the pattern")
             return path
-        if path.suffix not in DATA_SUFFIXES:
-            raise ValueError(f"'{path}' has an unsupported suffix; use one of {', '.join(DATA_SUFFIXES)}, a folder or a glob")
+        if path.suffix not in (*DATA_SUFFIXES, ".bin"):  # .bin: a token shard (data.format: tokens)
+            raise ValueError(f"'{path}' has an unsupported suffix; use one of {', '.join(DATA_SUFFIXES)}, a folder or a glob (or a .bin token shard)")
         if not path.is_file():
             raise ValueError(f"file '{path}' not found; point it at an existing file, or null for the built-in corpus")
         return path
@@ -283,6 +286,8 @@ class DataConfig(Section):
             raise ValueError("data.config is the configuration of data.name; set data.name or remove data.config")
         if self.eval_path is not None and self.eval_split is not None:
             raise ValueError("data.eval_path and data.eval_split both choose the evaluation set; keep one of them")
+        if self.format == "tokens" and (self.path is None or not self.pack):
+            raise ValueError("data.format tokens reads token shards from data.path, packed; set data.path and data.pack: true")
         if (self.eval_path is not None or self.eval_split is not None) and "eval_fraction" in self.model_fields_set and self.eval_fraction:
             raise ValueError("data.eval_fraction holds out training documents, but data.eval_path/eval_split gives an evaluation set; remove one")
         if self.sources is not None:

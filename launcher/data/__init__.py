@@ -15,7 +15,7 @@ import datasets
 from launcher.config import DataConfig
 from launcher.data.formats import DEFAULT_CHAT_TEMPLATE, Encoder, chat_template, trained_template, unknown_markers
 from launcher.data.mixture import Mixture, make_mixture, mixture_splits
-from launcher.data.packing import SampleCounts, count_samples, layout_rows, tokenize_samples
+from launcher.data.packing import SampleCounts, cached_rows, count_samples, layout_rows, tokenize_samples
 from launcher.data.sources import (
     builtin_corpus_file,
     cache_root,
@@ -27,6 +27,7 @@ from launcher.data.sources import (
     split_documents,
 )
 from launcher.data.store import IGNORE_INDEX, Batch, EvalData, RowStore, TrainData, Window, rows_to_batch, sample_lengths, target_counts
+from launcher.data.tokens import token_splits
 from launcher.errors import UsageError
 from launcher.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -74,7 +75,10 @@ def tokenize_into_blocks(
     cfg = cfg or DataConfig(seq_len=seq_len, pack=pack)
     template = chat_template(cfg, tokenizer) if cfg.format == "chat" else None
     cache_dir = cache_root(cfg) if docs.cache_files else None
-    samples = tokenize_samples(docs, Encoder(cfg, tokenizer, template), cfg.num_proc, cache_dir, report)
+    encoder = Encoder(cfg, tokenizer, template)
+    if (rows := cached_rows(docs, encoder, seq_len, pack, cfg.too_long, tokenizer.pad_id, cache_dir)) is not None:
+        return rows  # prepared already (a run before, or `launcher tokenize`): the samples are not opened
+    samples = tokenize_samples(docs, encoder, cfg.num_proc, cache_dir, report)
     if cfg.format != "text":
         counts = count_samples(samples, seq_len + 1, cfg.too_long)
         check_trained_tokens(counts, cfg, what)
@@ -110,13 +114,23 @@ def check_trained_tokens(counts: SampleCounts, cfg: DataConfig, what: str) -> No
 
 
 def prepare_splits(
-    cfg: DataConfig, seed: int, tokenizer: ByteTokenizer | HFTokenizer | None = None, report: Callable[[str], None] | None = None
+    cfg: DataConfig,
+    seed: int,
+    tokenizer: ByteTokenizer | HFTokenizer | None = None,
+    report: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Tokenized training and evaluation rows (the documents of `split_sources`)."""
+    """Tokenized training and evaluation rows (the documents of `split_sources`). `progress`: datasets' bars while
+    tokenizing (`launcher tokenize`; a run's log has none)."""
+    datasets.disable_progress_bars()
     tokenizer = tokenizer or ByteTokenizer()
     if cfg.sources is not None:  # each source on its own, then tagged and concatenated
         return mixture_splits(cfg, lambda one: prepare_splits(one, seed, tokenizer, report))
+    if cfg.format == "tokens":
+        return token_splits(cfg, tokenizer.pad_id, tokenizer.vocab_size)
     train_docs, eval_docs = split_sources(cfg, seed, report)
+    if progress:
+        datasets.enable_progress_bars()
     if report is not None and (warning := unknown_markers(cfg, tokenizer)):
         report(warning)
     train_blocks = tokenize_into_blocks(train_docs, cfg.seq_len, cfg.pack, tokenizer, cfg, "training", report)

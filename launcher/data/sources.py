@@ -19,6 +19,7 @@ from datasets.fingerprint import Hasher
 from launcher.config import DATA_SUFFIXES, DataConfig
 from launcher.data.identity import files_identity
 from launcher.data.messages import MessageMap
+from launcher.data.tokens import open_tokens, shard_files
 from launcher.errors import UsageError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -52,6 +53,9 @@ FORMAT_FIELDS = {  # per format: canonical column -> the config key naming the s
 def load_documents(cfg: DataConfig, evaluation: bool = False) -> datasets.Dataset:
     """The training rows (or, with `evaluation`, those of data.eval_path / data.eval_split), checked, with
     the format's columns under their canonical names: `text`; `prompt`, `completion`; or `messages`."""
+    if cfg.format == "tokens":  # token shards: their headers and sizes checked (the vocabulary: when the tokenizer is known)
+        key = "data.eval_path" if evaluation and cfg.eval_path is not None else "data.path"
+        return open_tokens((cfg.eval_path or cfg.path) if evaluation else cfg.path, key, cfg.seq_len + 1, 0, 1 << 32)
     datasets.disable_progress_bars()  # bars would be noise in the log, and around a one-line error
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own error log of a bad file would be a second line
@@ -82,13 +86,30 @@ def load_documents(cfg: DataConfig, evaluation: bool = False) -> datasets.Datase
                 f"data.{field_key}: '{where}' has no column '{field}' (columns: {', '.join(docs.column_names)});"
                 f" set data.{field_key} to the column that holds it"
             )
-        if canonical == "messages":
-            check_messages(docs, field, key, where, cfg)
-        else:
-            check_text_column(docs, field, key, where, files, field_key)
+        marker = checked_marker(cfg, docs, canonical, field)
+        if marker is None or not marker.is_file():  # the check reads every row: once per source (and chat mapping)
+            if canonical == "messages":
+                check_messages(docs, field, key, where, cfg)
+            else:
+                check_text_column(docs, field, key, where, files, field_key)
+            if marker is not None:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
         columns[field] = canonical
     docs = docs.select_columns(list(columns))
     return docs.rename_columns({f: c for f, c in columns.items() if f != c}) if any(f != c for f, c in columns.items()) else docs
+
+
+def checked_marker(cfg: DataConfig, docs: datasets.Dataset, canonical: str, field: str) -> Path | None:
+    """The file that records that every row of `field` of these documents passed the checks, so a start reads no row:
+    keyed by the documents' fingerprint (from their files' identity for data.path; identity.py), and for chat by the
+    mapping of its messages. None in memory."""
+    if not docs.cache_files or docs._indices is not None:
+        return None
+    mapping = ""
+    if canonical == "messages":  # the chat mapping decides what a valid row is
+        mapping = "-" + Hasher.hash([cfg.message_fields, cfg.roles, cfg.train_field])
+    return cache_root(cfg) / "checked" / f"{docs._fingerprint}-{canonical}-{field}{mapping}"
 
 
 def load_named(cfg: DataConfig, split: str) -> datasets.Dataset:
@@ -118,6 +139,8 @@ def load_path(path: Path, key: str, split: tuple[str, str], cfg: DataConfig) -> 
             " give the evaluation data as data.eval_path"
         )
     files = source_files(path)
+    if path.suffix == ".bin":
+        raise UsageError(f"{key}: '{path}' is a token shard; set data.format: tokens to read it")
     suffixes = sorted({p.suffix for p in files})
     if not files:
         raise UsageError(f"{key}: '{path}' holds no {'/'.join(DATA_SUFFIXES)} file; point it at data files or a save_to_disk folder")
@@ -158,6 +181,9 @@ def data_identity(cfg: DataConfig) -> dict[str, dict]:
     a resume on other bytes is refused. data.name is identified by datasets (a hub revision)."""
     sources = {"data.path": cfg.path if cfg.name is None else None, "data.eval_path": cfg.eval_path}
     sources.update({f"data.sources.{i}.path": source.path for i, source in enumerate(cfg.sources or ())})  # a mixture's weights: config.yaml
+    if cfg.format == "tokens":  # a shard is its .bin and its .idx
+        listed = {key: (f for b in shard_files(path, key) for f in (b, b.with_suffix(".idx"))) for key, path in sources.items() if path is not None}
+        return {key: files_identity([f for f in files if f.is_file()]) for key, files in listed.items()}
     return {key: identity for key, path in sources.items() if path is not None and (identity := files_identity(source_files(path)))}
 
 
