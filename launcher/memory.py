@@ -151,10 +151,13 @@ class LiveTensorBytes(TorchDispatchMode):
     """The bytes of every tensor storage created while the mode is on and still alive, and their peak: the memory
     accounting of one thread's tensors (a view or an in-place result shares its input's storage: counted once)."""
 
-    def __init__(self):
+    def __init__(self, existing=()):
         super().__init__()
         self.now = self.peak = 0
         self._refs: dict[int, weakref.ref] = {}
+        # storages that exist before the step (the parameters and buffers): a view of one (a linear's weight.t(), a
+        # reshape) is no allocation; without this each weight a view touches would count once more, as activations
+        self._existing = {id(t.untyped_storage()) for t in existing}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -165,7 +168,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def _count(self, storage) -> None:
         key = id(storage)
-        if key in self._refs:
+        if key in self._refs or key in self._existing:
             return
         size = storage.nbytes()
         self.now += size
@@ -187,7 +190,7 @@ def traced_activations(model: nn.Module, micro_batch_size: int, seq_len: int, co
     meta = _meta_copy(model, compute_dtype)
     meta.train()
     input_ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device="meta")
-    with LiveTensorBytes() as live, _FusedAttention():
+    with LiveTensorBytes([*meta.parameters(), *meta.buffers()]) as live, _FusedAttention():
         # the gradients inside the accounting: autograd may replace one instead of adding into it, freeing the old
         for p in meta.parameters():
             if p.requires_grad:

@@ -174,3 +174,29 @@ def test_example_plans_as_its_comment_says(path: Path, workspace: Path, monkeypa
     lora = load_config(relative).lora is not None
     assert (frozen if lora else trainable) == BASE_PARAMETERS[path.stem]  # LoRA: the base frozen, the adapters trained
     assert (trainable > 0) if lora else (frozen == 0)
+
+
+# the GPU each example's Hardware comment names (the smallest it allows), for `launcher plan --gpu`
+GPU_OF = {
+    "llama3.1-8b-fsdp2-8gpu": "H100",
+    "llama3.1-8b-lora-1gpu": "H100",
+    "llama3.1-70b-lora-2node": "H100",
+    "qwen2.5-7b-chat-sft": "H100",
+    "qwen2.5-14b-zero3-offload": "L4",
+    "gpt2-124m-pretrain-2node": "A100-40",
+}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_fits_the_gpu_its_comment_names(path: Path, workspace: Path, monkeypatch, capsys):
+    """The plan's predicted peak per rank (parameters, gradients, optimizer state, activations, buffers) fits the GPU
+    the example is written for."""
+    gpu = GPU_OF[path.stem]
+    hardware = header(path)["Hardware"]
+    assert gpu.split("-")[0] in hardware and (gpu != "A100-40" or "40 GB" in hardware), f"{path.name}: written for {hardware}"
+    monkeypatch.chdir(workspace)
+    assert launcher_main([*shlex.split(header(path)["Plan"])[1:], "--gpu", gpu, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    peak = plan["memory"][plan["backend"]]["peak"]
+    parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in plan["memory"][plan["backend"]].items() if k != "peak")
+    assert plan["device"]["fits"], f"{path.name}: predicted peak {peak / 1e9:.1f} GB per rank ({parts}) does not fit {gpu}: {plan['device'].get('suggestions')}"
