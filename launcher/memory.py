@@ -269,8 +269,16 @@ def memory_table(
             if fsdp is not None and fsdp.cpu_offload:
                 params, grads, optimizer, step_temp = 0, 0, 0, 0
         if name.startswith("ZeRO") and ds_config is not None:
-            offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device") == "cpu"
-            optimizer, step_temp = (0, 0) if offload else (optimizer, step_temp)
+            zero = ds_config.get("zero_optimization", {})
+            width = next(model.parameters()).element_size()
+            if mixed and width > 2:  # the engine holds 16-bit parameters and gradients; the fp32 masters are optimizer state
+                params, grads = params * 2 // width, grads * 2 // width
+            if (zero.get("offload_optimizer") or {}).get("device") == "cpu":
+                optimizer, step_temp = 0, 0
+                if int(name[-1]) >= 2:
+                    grads = 0  # the gradient partitions are moved to the CPU; the GPU keeps the buckets (buffers)
+            if (zero.get("offload_param") or {}).get("device") == "cpu" and name == "ZeRO-3":
+                params = 0  # the parameter partitions live on the CPU; the layers gathered for compute are buffers
         micro_step = params + grads + optimizer + buffers + activations
         step = params + grads + optimizer + buffers + step_temp
         rows[name] = MemoryRow(params, grads, optimizer, activations, buffers, max(micro_step, step), logits)

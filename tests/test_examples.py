@@ -2,8 +2,8 @@
 device (no weights): it loads, its batch arithmetic is the one its comment states, and the model is the published one
 (its exact parameter count).
 
-Not yet checked: that the predicted peak memory fits the GPU its comment names. `launcher plan` counts parameters,
-gradients and optimizer state but not activations; the peak-memory plan of issue 23 adds that assertion here.
+And the plan's predicted peak per rank (parameters, gradients, optimizer state, activations, buffers) fits the GPU its
+comment names (`launcher plan --gpu`).
 """
 
 import json
@@ -199,4 +199,6 @@ def test_example_fits_the_gpu_its_comment_names(path: Path, workspace: Path, mon
     plan = json.loads(capsys.readouterr().out)
     peak = plan["memory"][plan["backend"]]["peak"]
     parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in plan["memory"][plan["backend"]].items() if k != "peak")
-    assert plan["device"]["fits"], f"{path.name}: predicted peak {peak / 1e9:.1f} GB per rank ({parts}) does not fit {gpu}: {plan['device'].get('suggestions')}"
+    assert plan["device"]["fits"], (
+        f"{path.name}: predicted peak {peak / 1e9:.1f} GB per rank ({parts}) does not fit {gpu}: {plan['device'].get('suggestions')}"
+    )
