@@ -881,3 +881,14 @@ def _is_section(kind) -> bool:
 def free_on_resume_keys() -> tuple[str, ...]:
     """The keys (and whole sections) whose values may change on resume without resume_allow_changes (FREE_ON_RESUME)."""
     return tuple(key for key, info, _ in sections_and_fields() if (info.json_schema_extra or {}).get("free_on_resume"))
+
+
+def flatten_keys(values: dict, prefix: str = "") -> dict:
+    """A nested mapping (a config as YAML or JSON) as {dotted.key: value}; an empty mapping is a value."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

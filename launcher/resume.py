@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from launcher.checkpoints import TrainerState, checkpoint_root, complete_checkpoints, resume_path, verify_checkpoint
-from launcher.config import Config, free_on_resume_keys, to_yaml
+from launcher.config import Config, flatten_keys, free_on_resume_keys, to_yaml
 from launcher.data.identity import describe
 from launcher.data.sources import data_identity, data_path  # reads a few blocks of each file (identity.py)
 from launcher.errors import UsageError
@@ -212,7 +212,7 @@ def data_differences(cfg: Config, state: TrainerState | None) -> list[DataChange
 
 def config_differences(old: dict | None, cfg: Config) -> list[Difference]:
     """Keys whose values differ between a saved config and `cfg` (keys only one of them knows are skipped)."""
-    before, after = _flatten(old if isinstance(old, dict) else {}), _flatten(yaml.safe_load(to_yaml(cfg)))
+    before, after = flatten_keys(old if isinstance(old, dict) else {}), flatten_keys(yaml.safe_load(to_yaml(cfg)))
     differences = []
     for key in after:
         if key not in before:
@@ -259,11 +259,3 @@ def _matches(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def _flatten(raw: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in raw.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

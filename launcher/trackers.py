@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 from tqdm.auto import tqdm
 
 from launcher.checkpoints import STATE_FILE, complete_checkpoints
-from launcher.config import Config, MlflowConfig, TrainConfig, WandbConfig
+from launcher.config import Config, MlflowConfig, TrainConfig, WandbConfig, flatten_keys
 from launcher.metrics import scalars
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.trackers; the extra that installs each has its name
@@ -279,18 +279,10 @@ def open_trackers(cfg: Config, start_step: int, facts: dict) -> Trackers | None:
     trackers = make_trackers(cfg)
     if not trackers:
         return None
-    params = {**flatten(cfg.model_dump(mode="json")), **{f"run.{key}": value for key, value in facts.items()}}
+    params = {**flatten_keys(cfg.model_dump(mode="json")), **{f"run.{key}": value for key, value in facts.items()}}
     return Trackers(trackers, cfg.output_dir, start_step, params)
 
 
-def flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _reason(err: BaseException) -> str:
