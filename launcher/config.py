@@ -221,7 +221,7 @@ class DataConfig(Section):
     format: Literal["text", "prompt_completion", "chat", "tokens"] = Field(
         "text",
         description="text: every token is a target; prompt_completion: only the completion; chat: only assistant turns (data.train_on);"
-        " tokens: token shards NAME.bin + NAME.idx (README: token shards), packed as text",
+        " tokens: token shards NAME.bin + NAME.idx (docs/guides/pretraining-data.md), packed as text",
     )
     text_field: str = Field("text", min_length=1, description="column holding the text (format text)")
     prompt_field: str = Field("prompt", min_length=1, description="column holding the prompt (format prompt_completion)")
