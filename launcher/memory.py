@@ -80,12 +80,12 @@ def model_states(model: nn.Module, world_size: int) -> dict[str, tuple[int, int,
     trainable = [p for p in params if p.requires_grad]
 
     def whole(ps) -> int:
-        return sum(p.numel() * p.elementbytes_text() for p in ps)
+        return sum(p.numel() * p.element_size() for p in ps)
 
     def shard(p) -> int:
         shape = p.shape if p.dim() else torch.Size([1])
         rows = -(-shape[0] // world_size)
-        return rows * shape[1:].numel() * p.elementbytes_text()
+        return rows * shape[1:].numel() * p.element_size()
 
     def split(n_bytes: int) -> int:
         return -(-n_bytes // world_size)
@@ -102,7 +102,7 @@ def model_states(model: nn.Module, world_size: int) -> dict[str, tuple[int, int,
 
 def checkpoint_bytes(model: nn.Module, deepspeed: bool, mixed_precision: str) -> int:
     """A checkpoint's size: the weights and AdamW's two fp32 moments; DeepSpeed under bf16/fp16 also saves fp32 masters."""
-    weights = sum(t.numel() * t.elementbytes_text() for t in model.state_dict().values())
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return weights + trainable * (12 if deepspeed and mixed_precision != "no" else 8)
 
@@ -198,7 +198,7 @@ def traced_activations(model: nn.Module, micro_batch_size: int, seq_len: int, co
         # the engine directly: Tensor.backward would pass through the mode's handler, which runs it with the mode off
         # (and gradient checkpointing's recompute in the backward needs the fused attention too)
         Variable._execution_engine.run_backward((loss,), (torch.ones_like(loss),), False, False, (), True, True)
-        vocab, logits_size = logits.shape[-1], logits.elementbytes_text()
+        vocab, logits_size = logits.shape[-1], logits.element_size()
         del logits, loss
     tokens = micro_batch_size * seq_len
     # the logits, their fp32 copy (none when already fp32), the log-softmax the loss saves, and the logits' gradient
@@ -228,7 +228,7 @@ def activation_line(cfg: Config, model: nn.Module) -> ActivationLine:
 def _backend_buffers(name: str, model: nn.Module, world_size: int, ds_config: dict | None, param_bytes: int) -> int:
     """Communication buffers per rank: DDP's buckets, FSDP2's gathered units, ZeRO's buckets (estimated)."""
 
-    trainable_bytes = sum(p.numel() * p.elementbytes_text() for p in model.parameters() if p.requires_grad)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if name == "DDP":
         return trainable_bytes if world_size > 1 else 0  # the buckets: a second copy of every gradient
     if name == "FSDP2":
@@ -249,7 +249,7 @@ def memory_table(
     activations, logits = line.at(micro_batch_size)
     states = model_states(model, world_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_bytes = sum(p.numel() * p.elementbytes_text() for p in trainable)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     mixed = cfg.train.mixed_precision != "no"
     fsdp = cfg.fsdp
     accumulating = cfg.train.gradient_accumulation_steps != 1 if isinstance(cfg.train.gradient_accumulation_steps, int) else True
