@@ -211,7 +211,6 @@ def traced_activations(model: nn.Module, micro_batch_size: int, seq_len: int, co
 
     meta = _meta_copy(model, compute_dtype)
     meta.train()
-    input_ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device="meta")
     with LiveTensorBytes() as live, _FusedAttention():
         # the gradients inside the accounting: autograd may replace one instead of adding into it, freeing the old
         for p in meta.parameters():
@@ -223,6 +222,7 @@ def traced_activations(model: nn.Module, micro_batch_size: int, seq_len: int, co
         for tensor in (*meta.parameters(), *meta.buffers()):
             live._count(tensor.untyped_storage())
         held = live.now
+        input_ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device="meta")  # the batch counts too
         logits = logits_of(meta(input_ids))
         loss = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten(), ignore_index=-100, reduction="sum")
         # the engine directly: Tensor.backward would pass through the mode's handler, which runs it with the mode off
