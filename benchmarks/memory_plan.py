@@ -8,8 +8,9 @@ entered before the model is built. The prediction is
 `launcher.memory.memory_table` for the same config, from the meta-device model (no weights). DDP and FSDP2 run on
 2 real gloo ranks (rank 0 is measured; the ranks are symmetric up to FSDP2's padding of the last shard).
 
-Run from the repository root (about 2 minutes on 2 CPU cores):
+Run from the repository root (about 2 minutes on 2 CPU cores); name cases to run only those (a name's start will do):
   .venv/bin/python benchmarks/memory_plan.py
+  .venv/bin/python benchmarks/memory_plan.py "GPT, FSDP2"
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def config(model: dict, extra: dict, folder: Path) -> Config:
 
 
 def measured_peak(cfg: Config, rank: int, world_size: int) -> int:
-    with LiveTensorBytes() as live:  # from before the model exists: its weights, buckets, shards and states all count
+    with LiveTensorBytes(resizes=True) as live:  # from before the model exists: its weights, buckets, shards and states all count
         model = build_bare_model(cfg)[0]
         vocab = model.lm_head.weight.shape[0] if hasattr(model, "lm_head") else model.get_output_embeddings().weight.shape[0]
         if cfg.fsdp is not None:
@@ -140,13 +141,17 @@ def main() -> None:
     rows = []
     print(f"micro-batch {MICRO_BATCH} x accumulation {ACCUMULATION}, seq_len {SEQ_LEN}, fp32, CPU; bytes per rank (rank 0)")
     print(f"{'case':<26} {'predicted':>12} {'measured':>12} {'ratio':>7}")
-    for name, model, extra, world_size, backend in CASES:
+    chosen = [case for case in CASES if not sys.argv[1:] or any(case[0].startswith(arg) for arg in sys.argv[1:])]
+    for name, model, extra, world_size, backend in chosen:
         with tempfile.TemporaryDirectory() as folder:
             cfg = config(model, extra, Path(folder))
-            predicted = memory_table(cfg, inspection_model(cfg)[0], world_size, MICRO_BATCH)[backend].peak
+            row = memory_table(cfg, inspection_model(cfg)[0], world_size, MICRO_BATCH)[backend]
+            predicted = row.peak
             measured = measure(cfg, world_size)
         rows.append(predicted / measured)
         print(f"{name:<26} {predicted:>12,} {measured:>12,} {predicted / measured:>7.3f}", flush=True)
+        if os.environ.get("MEMORY_PLAN_PARTS"):  # the predicted parts, to see which one is off
+            print(f"  {row}")
     worst = max(abs(r - 1) for r in rows)
     print(f"worst deviation {worst:.1%} ({'within' if worst <= 0.10 else 'OUTSIDE'} 10%)")
 

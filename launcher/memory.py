@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from launcher.backends.deepspeed_config import zero_stage
@@ -57,7 +57,7 @@ class MemoryRow:
     """Bytes per rank under one backend. `peak` is what the device must hold; the parts say where it goes."""
 
     parameters: int
-    gradients: int  # FSDP2 with accumulation: the unsharded gradients of the window included
+    gradients: int  # FSDP2 with accumulation: the unsharded gradients of the window (the shards come as they go)
     optimizer: int
     activations: int  # saved tensors and temporaries of one micro-step's forward and backward, logits and loss included
     buffers: int  # communication buffers
@@ -149,35 +149,57 @@ def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 class LiveTensorBytes(TorchDispatchMode):
     """The bytes of every tensor storage created while the mode is on and still alive, and their peak: the memory
-    accounting of one thread's tensors (a view or an in-place result shares its input's storage: counted once)."""
+    accounting of one thread's tensors (a view or an in-place result shares its input's storage: counted once).
+    `resizes`: also follow storages resized in place, which no operator reports (FSDP2 frees a unit's gathered
+    parameters by resizing their storage to 0 bytes after its forward and backward, and regrows it at the next
+    all-gather); each new tensor then re-reads the size of every live storage (slower, for measuring real steps)."""
 
-    def __init__(self, existing=()):
+    def __init__(self, resizes: bool = False):
         super().__init__()
         self.now = self.peak = 0
+        self.resizes = resizes
         self._refs: dict[int, weakref.ref] = {}
-        # storages that exist before the step (the parameters and buffers): a view of one (a linear's weight.t(), a
-        # reshape) is no allocation; without this each weight a view touches would count once more, as activations
-        self._existing = {id(t.untyped_storage()) for t in existing}
+        self._sizes: dict[int, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
-                self._count(tensor.untyped_storage())
+                self._count_tensor(tensor)
         return out
+
+    def _count_tensor(self, tensor: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(tensor):
+            # a wrapper (FSDP2's DTensor parameters, gradients and AdamW moments) owns no memory: its storage reports
+            # the whole logical size, while the bytes are its local shard's, made inside the subclass's own dispatch
+            # where this mode is off. Counting the wrapper put the full-size moments and weights of every rank into
+            # the FSDP2 measurement (38.97 MB measured for the 2-rank GPT, 7 MB of it wrappers).
+            attrs, _ = tensor.__tensor_flatten__()
+            for inner in (getattr(tensor, attr) for attr in attrs):
+                if isinstance(inner, torch.Tensor):  # (the flattened attributes may name a device mesh too)
+                    self._count_tensor(inner)
+            return
+        self._count(tensor.untyped_storage())
 
     def _count(self, storage) -> None:
         key = id(storage)
-        if key in self._refs or key in self._existing:
+        if key in self._refs:
             return
-        size = storage.nbytes()
-        self.now += size
+        if self.resizes:
+            for other, ref in list(self._refs.items()):
+                alive = ref()
+                if alive is not None:
+                    size = alive.nbytes()
+                    self.now += size - self._sizes[other]
+                    self._sizes[other] = size
+        self._sizes[key] = storage.nbytes()
+        self.now += self._sizes[key]
         self.peak = max(self.peak, self.now)
-        self._refs[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
+        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
 
-    def _free(self, key: int, size: int) -> None:
+    def _free(self, key: int) -> None:
         self._refs.pop(key, None)
-        self.now -= size
+        self.now -= self._sizes.pop(key, 0)
 
 
 def traced_activations(model: nn.Module, micro_batch_size: int, seq_len: int, compute_dtype: torch.dtype | None = None) -> tuple[int, int]:
@@ -189,13 +211,18 @@ def traced_activations(model: nn.Module, micro_batch_size: int, seq_len: int, co
 
     meta = _meta_copy(model, compute_dtype)
     meta.train()
-    input_ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device="meta")
-    with LiveTensorBytes([*meta.parameters(), *meta.buffers()]) as live, _FusedAttention():
+    with LiveTensorBytes() as live, _FusedAttention():
         # the gradients inside the accounting: autograd may replace one instead of adding into it, freeing the old
         for p in meta.parameters():
             if p.requires_grad:
                 p.grad = torch.empty_like(p)
+        # the weights inside the accounting too, though made before it: a view of one (nn.Linear's weight.t()) would
+        # otherwise count its storage as a new tensor, and keep counting it while the weight lives (the built-in
+        # GPT's activations came out larger by about its linear weights' bytes, 3.1 MB of 22.8 MB)
+        for tensor in (*meta.parameters(), *meta.buffers()):
+            live._count(tensor.untyped_storage())
         held = live.now
+        input_ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device="meta")  # the batch counts too
         logits = logits_of(meta(input_ids))
         loss = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten(), ignore_index=-100, reduction="sum")
         # the engine directly: Tensor.backward would pass through the mode's handler, which runs it with the mode off
@@ -263,7 +290,11 @@ def memory_table(
         step_temp = optimizer // 2  # AdamW's foreach update: one moment-sized temporary
         if name == "FSDP2":
             if fsdp is not None and fsdp.sync_every_micro_step is not True and accumulating:
-                grads += trainable_bytes  # the window's unsharded gradients, held until its last backward
+                # the window's unsharded gradients, held until its last backward, *instead of* the shards: the loop
+                # sets gradients to None after each step, so no shard exists until that backward reduce-scatters a
+                # unit, which frees the unit's unsharded gradients as its shards appear (the two were added before,
+                # 1.7 MB too many for the 2-rank GPT, 2 GB for the 8B shape on 16 ranks)
+                grads = max(grads, trainable_bytes)
             if fsdp is not None and not fsdp.reshard_after_forward:
                 buffers += sum(p.numel() * (2 if mixed else 4) for p in model.parameters())  # every unit stays gathered
             if fsdp is not None and fsdp.cpu_offload:
