@@ -257,5 +257,3 @@ def check_samples(start: StartingPoint, train_samples: int, cfg: Config) -> None
 
 def _matches(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-

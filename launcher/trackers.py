@@ -283,8 +283,6 @@ def open_trackers(cfg: Config, start_step: int, facts: dict) -> Trackers | None:
     return Trackers(trackers, cfg.output_dir, start_step, params)
 
 
-
-
 def _reason(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 200 else text[:200] + "..."
