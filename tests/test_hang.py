@@ -2,10 +2,10 @@
 launcher.stragglers), on real multi-process gloo runs of a plain `launcher train` on CPU.
 
 Collective numbers in the reports are counted from the start of training: #1 is DDP's bucket-settling backward
-before the first step; step 1 then runs its DDP gradient all-reduce #2 (the model fits one bucket), the stop
-agreement's all-reduce #3 and its checkpoint's six (#4-#9: four stage agreements, Accelerate's barrier in
-save_state, the checksum gather); step 2's gradient all-reduce is #10. train.log_every=100 keeps the log steps'
-collectives out of the first steps."""
+before the first step; step 1 then starts the stop agreement's all-reduce #2 as it begins (launcher.agreement: it
+overlaps the step), runs its DDP gradient all-reduce #3 (the model fits one bucket) and its checkpoint's six (#4-#9:
+four stage agreements, Accelerate's barrier in save_state, the checksum gather); step 2 starts its agreement #10 and
+runs its gradient all-reduce #11. train.log_every=100 keeps the log steps' collectives out of the first steps."""
 
 import json
 import os
@@ -86,7 +86,7 @@ def test_a_rank_asleep_in_forward_is_named_with_its_host_and_line(case: str, req
     pid = report["ranks"][str(sleeper)]["pid"]
     line = (
         f"hang at step 2: rank {sleeper} (host {HOST}, pid {pid}) is in forward at {SLEEP_LINE} (time.sleep(self.seconds));"
-        f" {waiters} in all-reduce (DDP gradients) #10 at {BACKWARD_LINE}; rank {sleeper} entered #9 only"
+        f" {waiters} in all-reduce (DDP gradients) #11 at {BACKWARD_LINE}; rank {sleeper} entered #10 only"
     )
     assert report["line"] == line
     assert launcher_lines(proc.stderr) == [
@@ -125,7 +125,7 @@ def test_a_stopped_rank_is_named_as_not_answering(tmp_path: Path):
 
 
 def test_a_rank_stuck_reading_data_is_named_with_phase_data(tmp_path: Path):
-    """Rank 1's data source takes 30 minutes for step 2's batches: rank 0 waits in step 2's all-reduce #10."""
+    """Rank 1's data source takes 30 minutes for step 2's batches: rank 0 waits in step 2's all-reduce #11."""
     model = {"factory": "factories:slow_data_gpt", "factory_kwargs": {"rank": 1, "step": 1, "seconds": 1800}}
     proc = train(hang_config(tmp_path, model), 2)
     assert proc.returncode == EXIT_HUNG, proc.stderr[-6000:]
@@ -133,7 +133,7 @@ def test_a_rank_stuck_reading_data_is_named_with_phase_data(tmp_path: Path):
     pid = report["ranks"]["1"]["pid"]
     assert report["line"] == (
         f"hang at step 2: rank 1 (host {HOST}, pid {pid}) is in data at tests/factories.py:{line_of('tests/factories.py', 'time.sleep(seconds)')}"
-        f" (time.sleep(seconds)); rank 0 waits in all-reduce (DDP gradients) #10 at {BACKWARD_LINE}; rank 1 entered #9 only"
+        f" (time.sleep(seconds)); rank 0 waits in all-reduce (DDP gradients) #11 at {BACKWARD_LINE}; rank 1 entered #10 only"
     )
 
 

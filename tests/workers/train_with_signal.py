@@ -38,6 +38,6 @@ run.accelerator.unwrap_model(run.model).register_forward_pre_hook(signal_at_micr
 if os.environ.get("SECOND_SIGNAL_DURING_SAVE") == "1":
     run.accelerator.register_save_state_pre_hook(lambda *args: os.kill(os.getpid(), signal.SIGTERM))
 summary = train(run, preemption)
-print(f"rank {run.accelerator.process_index}: stopped after step {summary['steps']}, preempted {summary['preempted']}", flush=True)
+print(f"rank {run.accelerator.process_index}: stopped after step {summary.steps}, preempted {summary.preempted}", flush=True)
 code = end_run(summary, run.cfg.output_dir, run.is_main_process, run.lock.release if run.lock is not None else None)
 sys.exit(end_process(code))
