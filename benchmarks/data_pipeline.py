@@ -1,14 +1,21 @@
-"""The data pipeline at scale: tokenize+pack throughput, peak memory, and the start time on a cache hit.
+"""The data pipeline at scale: tokenize throughput, and the start time and memory of a run, at several corpus sizes.
 
-Generates a JSON-lines corpus of about --size-mb MB of text (documents of 200 to 6,000 characters of
-random words), trains a byte-level BPE tokenizer (the tiny models' one, 1,024 ids), then:
-1. tokenizes and packs the corpus cold with data.num_proc processes (a child process runs
-   prepare_splits, as a run's set-up does), sampling the resident memory of it and its workers;
-2. starts `launcher train` on it (a cache hit), and measures the time from the process start to the
-   first metrics row (step 1), and the peak resident memory while it trains --steps steps.
+For each --sizes-mb size, generates a JSON-lines corpus of about that many MB of text (documents of 200 to
+6,000 characters of random words; a byte-level BPE tokenizer of 1,024 ids, the tiny models'), then:
+1. `launcher tokenize` with 2 processes (and, for the first size, with 1 into a cache of its own: the
+   scaling), cold, with `--tokens-out`: the token shards of the same documents; a size prepared by an
+   earlier run of the benchmark is a cache hit here (its cold figures are that run's);
+2. `launcher train` on the text (a cache hit) and on the token shards (data.format: tokens): the time from
+   the process start to the first metrics row (step 1), and the peak memory of the process while it trains
+   --steps steps (PSS, and its resident memory less file-backed, i.e. memory-mapped, pages).
 
-Run from the repository root (about 1 GB: tens of minutes on 2 cores; --size-mb 50 for a quick look):
-  .venv/bin/python benchmarks/data_pipeline.py --size-mb 1024 --num-proc 2 --work /tmp/launcher-data-bench
+With --text-max-mb, a size above it is token shards only: the first size's token shards' documents repeated
+to that size (what `launcher tokenize --tokens-out` writes of such a corpus, without tokenizing it: at 2 GB
+that alone is over an hour on 2 busy cores), and only the token-shard run is measured.
+
+Run from the repository root (the corpora, caches and shards take about 3x the text on disk under --work:
+delete it afterwards):
+  .venv/bin/python benchmarks/data_pipeline.py --sizes-mb 50 2000 --text-max-mb 50 --work /tmp/launcher-data-bench
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -85,94 +93,92 @@ class PeakMemory:
         self.thread.join()
 
 
-def child_tokenize(config: str) -> None:
-    """In a child process: what a run's set-up does with the data, timed."""
-    sys.path.insert(0, str(REPO))
-    from launcher.config import load_config
-    from launcher.data import load_documents, prepare_splits, target_counts
-    from launcher.tokenizer import load_tokenizer
-
-    cfg = load_config(config)
-    started_s = time.perf_counter()
-    load_documents(cfg.data)
-    loaded_s = time.perf_counter()
-    train, _ = prepare_splits(cfg.data, cfg.seed, load_tokenizer(cfg))
-    done_s = time.perf_counter()
-    tokens = int(np.asarray(train.select_columns(["length"])[:]["length"]).sum())
-    print(
-        json.dumps(
-            {
-                "load_s": loaded_s - started_s,
-                "total_s": done_s - started_s,
-                "rows": len(train),
-                "tokens": tokens,
-                "targets": int(target_counts(train).sum()),
-            }
-        )
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size-mb", type=int, default=1024)
-    parser.add_argument("--num-proc", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--work", default="/tmp/launcher-data-bench")
-    parser.add_argument("--child-tokenize", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child_tokenize:
-        return child_tokenize(args.child_tokenize)
-
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    corpus = work / f"corpus-{args.size_mb}mb.jsonl"
+def prepare(work: Path, size_mb: int) -> tuple[Path, Path]:
+    """The corpus of `size_mb` MB and the tokenizer, written once."""
+    corpus = work / f"corpus-{size_mb}mb.jsonl"
     if not corpus.exists():
         started_s = time.perf_counter()
-        write_corpus(corpus.with_suffix(".tmp"), args.size_mb)
+        write_corpus(corpus.with_suffix(".tmp"), size_mb)
         corpus.with_suffix(".tmp").rename(corpus)
-        print(f"wrote {corpus} ({corpus.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started_s:.0f}s")
+        print(f"wrote {corpus} ({corpus.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started_s:.0f}s", flush=True)
     tokenizer = work / "tokenizer"
     if not tokenizer.exists():
         sys.path.insert(0, str(REPO))
         from launcher.models.tiny import train_tokenizer
 
         train_tokenizer("llama").save_pretrained(tokenizer)
-    cache = work / f"cache-{args.size_mb}mb-np{args.num_proc}"
-    config = work / "bench.yaml"
+    return corpus, tokenizer
+
+
+def write_bench_config(work: Path, size_mb: int, corpus: Path, tokenizer: Path, cache: Path, steps: int, **data) -> Path:
+    config = work / f"bench-{size_mb}mb{'-tokens' if data else ''}.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "output_dir": str(work / "run"),
                 "tokenizer": str(tokenizer),
                 "model": {"n_layer": 2, "n_head": 2, "d_model": 64},
-                "data": {"path": str(corpus), "seq_len": 256, "pack": True, "eval_fraction": 0, "num_proc": args.num_proc, "cache_dir": str(cache)},
-                "train": {"micro_batch_size": 8, "max_steps": args.steps, "log_every": 1},
+                "data": {"path": str(corpus), "seq_len": 256, "pack": True, "eval_fraction": 0, "cache_dir": str(cache), **data},
+                "train": {"micro_batch_size": 8, "max_steps": steps, "log_every": 1},
             }
         )
     )
-    env = {**os.environ, "HF_DATASETS_CACHE": str(cache / "hf"), "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    text_mb = corpus.stat().st_size / 1e6
+    return config
 
-    cold = subprocess.Popen([sys.executable, __file__, "--child-tokenize", str(config)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    memory = PeakMemory(cold.pid)
-    out, _ = cold.communicate()
+
+def env_for(cache: Path) -> dict:
+    return {**os.environ, "HF_DATASETS_CACHE": str(cache / "hf"), "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+
+def repeat_shards(source: Path, out: Path, size_mb: int, source_mb: int, shard_tokens: int = 1 << 28) -> None:
+    """Token shards of a `size_mb` MB corpus: the documents of the `source_mb` MB corpus's shards, repeated, in
+    shards of about `shard_tokens` tokens (what `launcher tokenize --tokens-out` writes of such a corpus)."""
+    sys.path.insert(0, str(REPO))
+    from launcher.data.tokens import Shard, write_shard
+
+    if (out / "done").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    shards = [Shard(p, "source", 1 << 32) for p in sorted(source.glob("*.bin"))]
+    docs = [s.tokens[a:b] for s in shards for a, b in zip(s.offsets[:-1].astype(np.int64), s.offsets[1:].astype(np.int64))]
+    per_copy = sum(len(d) for d in docs)
+    total = per_copy * size_mb // source_mb
+    written, n, pending, pending_tokens = 0, 0, [], 0
+    while written < total:
+        for doc in docs:
+            pending.append(doc)
+            pending_tokens += len(doc)
+            written += len(doc)
+            if pending_tokens >= shard_tokens or written >= total:
+                write_shard(out / f"train_{n:05d}.bin", pending, shards[0].tokens.dtype)
+                n, pending, pending_tokens = n + 1, [], 0
+            if written >= total:
+                break
+    (out / "done").touch()
+
+
+def run_tokenize(config: Path, cache: Path, num_proc: int, tokens_out: Path | None) -> tuple[str, float]:
+    """`launcher tokenize`: its summary line and the peak PSS of it and its workers."""
+    cmd = [sys.executable, "-m", "launcher", "tokenize", str(config), "--num-proc", str(num_proc)]
+    cmd += ["--tokens-out", str(tokens_out)] if tokens_out else []
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env_for(cache), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    memory = PeakMemory(proc.pid)
+    out, _ = proc.communicate()
     memory.stop()
-    result = json.loads(out.strip().splitlines()[-1])
-    tokenize_s = result["total_s"] - result["load_s"]
-    print(f"corpus: {text_mb:.0f} MB of JSON lines, {result['tokens']:,} tokens in {result['rows']:,} rows of 257")
-    print(f"load (JSON to Arrow, cold): {result['load_s']:.1f}s")
-    print(
-        f"tokenize+pack, {args.num_proc} processes: {tokenize_s:.1f}s = {text_mb / tokenize_s:.1f} MB/s,"
-        f" {result['tokens'] / tokenize_s:,.0f} tokens/s"
-    )
-    print(f"peak memory during tokenization (PSS of the process and its workers together): {memory.peak_tree / 2**20:,.0f} MiB")
+    if proc.returncode != 0:
+        sys.exit(f"launcher tokenize failed:\n{out[-3000:]}")
+    return out.strip().splitlines()[-1], memory.peak_tree / 2**20
 
-    started_s = time.perf_counter()
+
+def run_train(config: Path, cache: Path, work: Path) -> tuple[float, float, float]:
+    """`launcher train` from process start: seconds to the first step's metrics row, peak PSS and peak anonymous RSS (MiB)."""
     metrics = work / "run" / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    started_s = time.perf_counter()
     run = subprocess.Popen(
         [sys.executable, "-m", "launcher", "train", str(config), "--overwrite"],
         cwd=REPO,
-        env=env,
+        env=env_for(cache),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -187,11 +193,69 @@ def main() -> None:
     memory.stop()
     if run.returncode != 0:
         sys.exit(f"training failed:\n{err[-3000:]}")
-    print(f"cache hit: process start to the first step {first_step_s:.1f}s (includes importing torch)")
-    print(
-        f"peak memory during training ({args.steps} steps, PSS): {memory.peak_tree / 2**20:,.0f} MiB"
-        f" ({memory.peak_main_anon / 2**20:,.0f} MiB without memory-mapped file pages)"
+    return first_step_s, memory.peak_tree / 2**20, memory.peak_main_anon / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[50, 2000])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--work", default="/tmp/launcher-data-bench")
+    parser.add_argument(
+        "--text-max-mb",
+        type=int,
+        default=1 << 30,
+        help="sizes above: token shards only, the first size's documents repeated (no text tokenized, nor trained on)",
     )
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, size_mb in enumerate(args.sizes_mb):
+        if size_mb > args.text_max_mb:
+            first = args.sizes_mb[0]
+            shards = work / f"tokens-{size_mb}mb"
+            started_s = time.perf_counter()
+            repeat_shards(work / f"tokens-{first}mb" / "train", shards / "train", size_mb, first)
+            files = sorted((shards / "train").glob("*.bin"))
+            print(
+                f"{size_mb} MB: {len(files)} token shards of the {first} MB corpus's documents repeated,"
+                f" {sum(f.stat().st_size for f in files) / 1e9:.2f} GB, written in {time.perf_counter() - started_s:.0f}s",
+                flush=True,
+            )
+            tokens_config = write_bench_config(
+                work, size_mb, shards / "train", work / "tokenizer", work / f"cache-{size_mb}mb", args.steps, format="tokens"
+            )
+            first_step_s, pss, anon = run_train(tokens_config, work / f"cache-{size_mb}mb", work)
+            rows.append((size_mb, "token shards", first_step_s, pss, anon))
+            print(f"{size_mb} MB, token shards: process start to the first step {first_step_s:.1f}s; PSS {pss:,.0f} MiB, {anon:,.0f} MiB not mapped")
+            continue
+        corpus, tokenizer = prepare(work, size_mb)
+        cache, shards = work / f"cache-{size_mb}mb", work / f"tokens-{size_mb}mb"
+        config = write_bench_config(work, size_mb, corpus, tokenizer, cache, args.steps)
+        line, peak = run_tokenize(config, cache, 2, shards)
+        print(f"{size_mb} MB, launcher tokenize --num-proc 2: {line} (peak PSS with workers {peak:,.0f} MiB)", flush=True)
+        if n == 0:  # the scaling: the same corpus with 1 process, cold, into a cache of its own
+            cache_1 = work / f"cache-{size_mb}mb-np1"
+            shutil.rmtree(cache_1, ignore_errors=True)
+            config_1 = write_bench_config(work, size_mb, corpus, tokenizer, cache_1, args.steps)
+            line, peak = run_tokenize(config_1, cache_1, 1, None)
+            print(f"{size_mb} MB, launcher tokenize --num-proc 1: {line} (peak PSS {peak:,.0f} MiB)", flush=True)
+            shutil.rmtree(cache_1, ignore_errors=True)
+        text = run_train(config, cache, work)
+        tokens_config = write_bench_config(work, size_mb, shards / "train", tokenizer, cache, args.steps, format="tokens")
+        tokens = run_train(tokens_config, cache, work)
+        for what, (first_step_s, pss, anon) in (("text (cache hit)", text), ("token shards", tokens)):
+            rows.append((size_mb, what, first_step_s, pss, anon))
+            print(
+                f"{size_mb} MB, {what}: process start to the first step {first_step_s:.1f}s; peak while training {args.steps} steps:"
+                f" PSS {pss:,.0f} MiB, {anon:,.0f} MiB without memory-mapped file pages",
+                flush=True,
+            )
+    if rows:
+        print("\n| corpus | data | start to first step | peak PSS | of it not memory-mapped |\n|---|---|---|---|---|")
+        for size_mb, what, first_step_s, pss, anon in rows:
+            print(f"| {size_mb:,} MB | {what} | {first_step_s:.1f} s | {pss:,.0f} MiB | {anon:,.0f} MiB |")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
 
 

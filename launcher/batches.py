@@ -53,9 +53,11 @@ class BatchLayout:
 
 def epoch_order(n_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """The order of the training samples in `epoch`: the same on every rank and every world size."""
-    if not shuffle:
-        return np.arange(n_samples)
-    return np.random.default_rng([seed, epoch]).permutation(n_samples)
+    # 4 bytes a sample held by every rank; shuffling the int32 range in place draws the order permutation(n) does
+    order = np.arange(n_samples, dtype=np.int32 if n_samples < 2**31 else np.int64)
+    if shuffle:
+        np.random.default_rng([seed, epoch]).shuffle(order)
+    return order
 
 
 def step_window(order: np.ndarray, step_in_epoch: int, global_batch_size: int) -> np.ndarray:

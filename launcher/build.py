@@ -19,8 +19,8 @@ from launcher.backends import Backend, make_backend
 from launcher.bare_model import build_bare_model
 from launcher.batches import BatchLayout
 from launcher.checkpoints import load_checkpoint, set_aside_newer
-from launcher.config import Config
-from launcher.data import EvalData, TrainData, data_identity, prepare_splits
+from launcher.config import Config, DistributedConfig
+from launcher.data import EvalData, TrainData, data_identity, make_mixture, prepare_splits
 from launcher.distributed import env_rank, env_world_size, first_failed_rank, make_accelerator, seed_rank_streams
 from launcher.errors import RunFault, UsageError
 from launcher.freezing import parameter_table
@@ -30,6 +30,7 @@ from launcher.models import describe_model
 from launcher.optim import apply_hyperparameters, build_lr_schedule, build_optimizer
 from launcher.outputs import FAULTS, existing_parent, free_text, prepare_output_dir, storage_fault
 from launcher.resume import StartingPoint, check_end, check_samples, decide_start
+from launcher.setup_wait import setup_done, setup_key, wait_for_setup
 from launcher.tokenizer import ByteTokenizer, HFTokenizer
 from launcher.validate import ValidatedRun, cache_dirs, check_storage_for, validate_run
 
@@ -92,14 +93,15 @@ def _build_run(cfg: Config, overwrite: bool, start: StartingPoint | None, checke
     if not lock.held():  # the same on every rank: held here only by a one-process run's pre-flight
         # the main process locks output_dir before any write (the probe below, the data caches) and decides the start
         # again under the lock: a run that started beside this one and wrote output_dir meanwhile is seen now
-        start = main_first(accelerator, lambda: lock_and_decide_start(lock, cfg, overwrite)) or start
+        start = main_first(accelerator, lambda: lock_and_decide_start(lock, cfg, overwrite), cfg.distributed, "taking output_dir's lock") or start
     start = agree_on_start(accelerator, cfg, start)
     checkpoint = start.checkpoint
     identity = data_identity(cfg.data) if accelerator.is_main_process else {}  # of the bytes about to be read
     train_blocks, eval_blocks = _prepare_data_main_first(cfg, accelerator, tokenizer)  # a data error leaves output_dir untouched
 
     pin = accelerator.device.type == "cuda"
-    train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin, cfg.train.overfit_batches, tokenizer.pad_id)
+    mixture = make_mixture(cfg.data, train_blocks, cfg.seed)  # data.sources: which rows each epoch takes
+    train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin, cfg.train.overfit_batches, tokenizer.pad_id, mixture)
     eval_data = None
     if eval_blocks is not None and len(eval_blocks):
         eval_mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
@@ -124,7 +126,7 @@ def _build_run(cfg: Config, overwrite: bool, start: StartingPoint | None, checke
         apply_hyperparameters(lr_schedule, cfg.train, total_steps)  # the config's values, not the checkpoint's
 
     # every rank has checked output_dir and the checkpoint; the main process (holding the lock) writes first
-    main_first(accelerator, lambda: open_output_dir(cfg, start))
+    main_first(accelerator, lambda: open_output_dir(cfg, start), cfg.distributed, "preparing output_dir")
     write_library_output_to(cfg.output_dir, rank)  # the libraries' warnings so far, and later ones (not the console's)
     if world_size > 1:
         log_to_rank_file(cfg.output_dir, rank)
@@ -136,7 +138,7 @@ def _build_run(cfg: Config, overwrite: bool, start: StartingPoint | None, checke
     accelerator.print(
         f"{world_size} process(es), {torch.get_num_threads()} CPU thread(s) each (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
     )
-    for line in backend.notes:
+    for line in [*backend.notes, *checked.notes, *([mixture.describe()] if mixture is not None else [])]:
         accelerator.print(line)
     if state:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
@@ -223,15 +225,22 @@ def open_output_dir(cfg: Config, start: StartingPoint) -> None:
         raise storage_fault(err, cfg.output_dir, "preparing output_dir") or err from None
 
 
-def main_first(accelerator: Accelerator, work):
+def main_first(accelerator: Accelerator, work, bounds: DistributedConfig, what: str):
     """`work()` on the main process; its UsageError or RunFault is sent to every rank, so all exit with it instead of
-    waiting in the next collective. Returns the main process's result (None elsewhere)."""
+    waiting in the next collective. Returns the main process's result (None elsewhere). The others wait for it
+    outside any collective (launcher.setup_wait): a set-up longer than distributed.timeout_s is no hang."""
     result, error = None, [None]
+    key = setup_key() if accelerator.num_processes > 1 else None
     if accelerator.is_main_process:
         try:
             result = work()
         except (UsageError, RunFault) as err:
             error = [(type(err).__name__, err.lines)]
+        finally:
+            if key is not None:
+                setup_done(key)
+    elif key is not None:
+        wait_for_setup(key, what, accelerator.process_index, bounds.setup_timeout_s, bounds.timeout_s)
     if accelerator.num_processes > 1:
         broadcast_object_list(error)
     if error[0] is not None:
@@ -247,7 +256,7 @@ def _prepare_data_main_first(cfg: Config, accelerator: Accelerator, tokenizer: B
 
     A data error on the main process is sent to every rank, so all exit with it instead of waiting.
     """
-    result = main_first(accelerator, lambda: prepare_data(cfg, tokenizer, accelerator.print))
+    result = main_first(accelerator, lambda: prepare_data(cfg, tokenizer, accelerator.print), cfg.distributed, "preparing the data")
     return result if result is not None else prepare_data(cfg, tokenizer)
 
 

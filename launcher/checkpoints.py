@@ -46,6 +46,7 @@ class TrainerState:
     data: dict[str, dict] = field(default_factory=dict)  # the identity of data.path / data.eval_path (launcher.data.identity)
     train_samples: int | None = None  # the run's training samples: another number on resume means other data
     backend_kind: str | None = None  # launcher.backends.BackendKind; None in checkpoints written before it was recorded
+    trackers: dict[str, str] = field(default_factory=dict)  # tracker name: its run id (launcher.trackers), so a resume continues it
 
 
 def checkpoint_root(output_dir: Path) -> Path:

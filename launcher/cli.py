@@ -1,4 +1,4 @@
-"""`launcher train|inspect|plan CONFIG [key=value ...]`, `launcher plot OUTPUT_DIR`, `launcher make-tiny-model DIR`:
+"""`launcher train|inspect|plan|preview|tokenize CONFIG [key=value ...]`, `launcher plot OUTPUT_DIR`, `launcher make-tiny-model DIR`:
 parse, build, run. Bad input: one line per problem, exit 2."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from launcher.exits import EXIT_OK, end_with_error
 # and the stop-signal handler is installed before anything slow.
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
+    """Every command, argument and flag of `launcher` (docs/reference/cli.md is generated from it)."""
     parser = argparse.ArgumentParser(prog="launcher", description="Exact, fast training from one GPU to many nodes.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train from a YAML config")
@@ -62,12 +62,33 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--step-time-s", type=float, help="estimated seconds per optimizer step")
     plan.add_argument("--cpus-per-task", type=int, help="CPUs per node for the sbatch line (default: --exclusive, whole nodes)")
     plan.add_argument("--mem", help="memory per node for the sbatch line, e.g. 200G (default: 0, all of it)")
+    preview = commands.add_parser("preview", help="the first samples as the model sees them: trained tokens marked, rows, cuts, counts")
+    preview.add_argument("config", help="YAML config file")
+    preview.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    preview.add_argument("--n", type=int, default=5, help="samples to show (default 5)")
+    preview.add_argument("--split", choices=["train", "eval"], default="train", help="the training or the evaluation samples (default train)")
+    preview.add_argument("--ids", action="store_true", help="also print each sample's token ids")
+    plan.add_argument("--json", action="store_true", help="the plan as one JSON object on stdout (for scripts and schedulers)")
+    plan.add_argument("--gpu", help="check the peak against this GPU's memory: H100, H200, A100-40, A100-80, L40S, L4, A10, B200, ...")
+    plan.add_argument("--gpu-memory-gb", type=float, help="check the peak against this many GB (10^9 bytes) per GPU")
     tiny = commands.add_parser("make-tiny-model", help="write a tiny Hugging Face model and tokenizer folder (for examples and tests; no download)")
     tiny.add_argument("output_dir", help="the folder to write (it must not exist)")
     tiny.add_argument("--arch", choices=["llama", "gpt2"], default="llama", help="llama (BOS added, pad token) or gpt2 (no BOS, no pad token)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random initial weights")
+    tokenize = commands.add_parser("tokenize", help="prepare a run's data as its own step (the cache a run reads), in parallel, resumable")
+    tokenize.add_argument("config", help="YAML config file (the run's)")
+    tokenize.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    tokenize.add_argument("--num-proc", type=int, metavar="N", help="processes (default: data.num_proc); rerun with the same N to resume")
+    tokenize.add_argument("--tokens-out", metavar="DIR", help="also write the documents as token shards (data.format: tokens) under DIR")
+    tokenize.add_argument("--shard-tokens", type=int, default=1 << 28, metavar="N", help="tokens per shard of --tokens-out (default 2^28)")
     plot = commands.add_parser("plot", help="PNG charts of a run's metrics.jsonl: losses, learning rate, grad norm, throughput")
     plot.add_argument("output_dir", help="the run's output_dir (it holds metrics.jsonl)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
     # overrides may also follow the flags (`train CONFIG --debug train.max_steps=20`): argparse ends a
     # positional list at the first flag, so what it leaves over are overrides too (checked by load_config)
     args, rest = parser.parse_known_args(argv)
@@ -76,9 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(misplaced)}")
     if rest:
         args.overrides = args.overrides + rest
-    if args.command in ("inspect", "plan", "plot", "make-tiny-model"):
+    if args.command in ("inspect", "plan", "plot", "make-tiny-model", "preview", "tokenize"):
+        handlers = {
+            "inspect": run_inspect,
+            "plan": run_plan,
+            "plot": run_plot,
+            "make-tiny-model": run_make_tiny_model,
+            "preview": run_preview,
+            "tokenize": run_tokenize,
+        }
         try:
-            return {"inspect": run_inspect, "plan": run_plan, "plot": run_plot, "make-tiny-model": run_make_tiny_model}[args.command](args)
+            return handlers[args.command](args)
         except UsageError as err:
             return end_with_error(err)
     from launcher.preemption import PreemptionFlag
@@ -103,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         report_crash_to_parent()
         raise
     return end_process(exit_code_for_parent(code))  # the ranks end together (after a barrier, or on an input or fault every rank raised)
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    from launcher.config import load_config
+    from launcher.preview import preview
+
+    cfg = load_config(args.config, args.overrides)
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    preview(cfg, args.n, args.split, args.ids, sys.stdout, colour)
+    return EXIT_OK
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -178,17 +217,21 @@ def run_train(args: argparse.Namespace, argv: list[str], preemption) -> int:
 
     from launcher.build import build_run
     from launcher.exits import end_run
+    from launcher.hang import watch
     from launcher.loop import train
 
     torch.autograd.set_detect_anomaly(cfg.diagnostics.detect_anomaly)
     run = build_run(cfg, overwrite=overwrite, start=start, checked=checked, lock=lock)
     release_lock = run.lock.release if run.lock is not None else None
+    watchdog = watch(run.model, cfg.distributed, cfg.output_dir, run.accelerator.process_index, run.accelerator.num_processes)
     try:
         if args.debug:
             from launcher.debug import open_debug_run, summary_text
 
             before = open_debug_run(run, args.debug_steps)
         summary = train(run, preemption)
+        if watchdog is not None:
+            watchdog.stop()  # the ranks end together from here on: no hang report
         if run.is_main_process:
             report(summary, cfg)
             if args.debug:
@@ -256,6 +299,21 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_tokenize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher.config import load_config
+    from launcher.data.tokenize import tokenize
+    from launcher.tokenizer import load_tokenizer
+
+    if (args.num_proc is not None and args.num_proc < 1) or args.shard_tokens < 1:
+        raise UsageError("--num-proc and --shard-tokens must be 1 or more")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.tokens_out) if args.tokens_out else None
+    print(tokenize(cfg, load_tokenizer(cfg), args.num_proc, out, args.shard_tokens))
+    return 0
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from launcher.config import load_config
     from launcher.local_launch import processes_to_start
@@ -273,8 +331,27 @@ def run_plan(args: argparse.Namespace) -> int:
         cpus_per_task=args.cpus_per_task,
         mem=args.mem,
     )
-    print(plan_text(cfg, args.config, overrides, alloc, compare_backends=args.compare_backends))
+    device = gpu_memory(args.gpu, args.gpu_memory_gb)
+    print(plan_text(cfg, args.config, overrides, alloc, compare_backends=args.compare_backends, device=device, as_json=args.json))
     return 0
+
+
+def gpu_memory(name: str | None, gigabytes: float | None) -> tuple[str, int] | None:
+    """--gpu / --gpu-memory-gb as (name, bytes)."""
+    from launcher.memory import GB, GPUS
+
+    if name is not None and gigabytes is not None:
+        raise UsageError("--gpu and --gpu-memory-gb both give the memory; keep one of them")
+    if gigabytes is not None:
+        if not gigabytes > 0 or gigabytes == float("inf"):
+            raise UsageError(f"--gpu-memory-gb: {gigabytes} is not a memory size; give the GB per GPU, e.g. 80")
+        return f"{gigabytes:g} GB", int(gigabytes * GB)
+    if name is None:
+        return None
+    known = {key.lower(): key for key in GPUS}
+    if name.lower() not in known:
+        raise UsageError(f"--gpu: '{name}' is not a GPU this table knows ({', '.join(GPUS)}); give --gpu-memory-gb instead")
+    return known[name.lower()], GPUS[known[name.lower()]]
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -88,8 +88,26 @@ def _takes_numbers(annotation) -> bool:
 
 
 class TrainConfig(Section):
-    micro_batch_size: int = Field(8, ge=1, description="samples per process per micro-step", json_schema_extra=FREE_ON_RESUME)
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per optimizer step", json_schema_extra=FREE_ON_RESUME)
+    micro_batch_size: int | Literal["auto"] = Field(
+        8,
+        description="samples per process per micro-step; auto: the largest that fits the memory budget (needs global_batch_size)",
+        json_schema_extra=FREE_ON_RESUME,
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="micro-steps per optimizer step (set by micro_batch_size: auto)", json_schema_extra=FREE_ON_RESUME
+    )
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="samples per optimizer step; micro_batch_size: auto splits it; null: micro-batch x accumulation x world size",
+        json_schema_extra=FREE_ON_RESUME,
+    )
+    memory_budget_gb: float | None = Field(
+        None,
+        gt=0,
+        description="GB (10^9 bytes) per rank that micro_batch_size: auto may plan for; null: the GPU's memory",
+        json_schema_extra=FREE_ON_RESUME,
+    )
     max_steps: int | None = Field(
         None, ge=0, description="optimizer steps to run; 0 writes the initial weights and exits", json_schema_extra=FREE_ON_RESUME
     )
@@ -117,9 +135,21 @@ class TrainConfig(Section):
         description="also write the metrics as TensorBoard event files to output_dir/tensorboard (the tensorboard extra)",
         json_schema_extra=FREE_ON_RESUME,
     )
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="experiment trackers that also get every metrics row (each its extra): tensorboard, wandb, mlflow",
+        json_schema_extra=FREE_ON_RESUME,
+    )
     overfit_batches: int | None = Field(
         None, ge=1, description="train on the first N optimizer steps' batches over and over (the can-it-learn check); null: all data"
     )
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive_or_auto(cls, n: int | str) -> int | str:
+        if isinstance(n, int) and n < 1:
+            raise ValueError(f"input should be 1 or more (got {n}); set train.micro_batch_size to 1 or more, or auto")
+        return n
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -127,17 +157,57 @@ class TrainConfig(Section):
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
 
+class GenerateConfig(Section):
+    prompts: list[str] | None = Field(
+        None, min_length=1, description="the prompts, as text (format chat: each one a user turn); null: the first eval.generate.n held-out samples"
+    )
+    n: int = Field(2, ge=1, description="prompts taken from the evaluation set when eval.generate.prompts is null")
+    max_new_tokens: int = Field(32, ge=1, description="tokens generated per prompt (fewer when the model writes EOS)")
+
+
 class EvalConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="optimizer steps between evaluations; null: only at the end")
     at_start: bool = Field(True, description="also evaluate the initial weights (step 0)")
     micro_batch_size: int | None = Field(None, ge=1, description="samples per process per eval batch; null: train.micro_batch_size")
     max_samples: int | None = Field(None, ge=1, description="evaluate on the first N held-out samples only; null: all")
+    generate: GenerateConfig | None = Field(
+        None, description="at each evaluation, also write the model's greedy answers to prompts to output_dir/samples.jsonl; null: none"
+    )
+
+
+class SourceConfig(Section):
+    """One source of a data.sources mixture: its files, its share, and the data.* keys it sets for itself (null: data's)."""
+
+    path: Path = Field(description="a data file, folder, glob or save_to_disk folder, as data.path takes")
+    weight: float | None = Field(None, gt=0, description="sampling weight: the source's share of the target tokens is weight / sum of weights")
+    epochs: float | None = Field(None, gt=0, description="instead of weight: passes over the source per epoch of the mixture (e.g. 2, or 0.5)")
+    format: Literal["text", "prompt_completion", "chat"] | None = Field(None, description="data.format for this source")
+    split: str | None = Field(None, min_length=1, description="data.split for this source (a DatasetDict save_to_disk folder)")
+    text_field: str | None = Field(None, min_length=1, description="data.text_field for this source")
+    prompt_field: str | None = Field(None, min_length=1, description="data.prompt_field for this source")
+    completion_field: str | None = Field(None, min_length=1, description="data.completion_field for this source")
+    messages_field: str | None = Field(None, min_length=1, description="data.messages_field for this source")
+    too_long: Literal["truncate", "drop"] | None = Field(None, description="data.too_long for this source")
+
+    @field_validator("path")
+    @classmethod
+    def _existing_path(cls, path: Path) -> Path:
+        try:
+            return DataConfig._existing_data(path)
+        except ValueError as err:  # a source has no built-in corpus to fall back to
+            raise ValueError(str(err).removesuffix(", or null for the built-in corpus")) from None
+
+    @property
+    def data_keys(self) -> dict:
+        """The data.* keys this source sets for itself."""
+        return {key: value for key, value in self if key not in ("weight", "epochs") and value is not None}
 
 
 class DataConfig(Section):
     path: Path | None = Field(
         None,
-        description="a .txt/.jsonl/.json/.csv/.parquet file, a folder of such files or a glob, or a save_to_disk folder; null: the built-in corpus",
+        description="a .txt/.jsonl/.json/.csv/.parquet file, a folder of such files or a glob, or a save_to_disk folder; null: the built-in corpus;"
+        " format tokens: a .bin token shard, a folder or a glob of them",
     )
     name: str | None = Field(
         None, min_length=1, description="instead of path: a dataset for datasets.load_dataset (a hub name, or a local folder of data files)"
@@ -148,19 +218,35 @@ class DataConfig(Section):
     eval_split: str | None = Field(
         None, min_length=1, description="a split of data.name (or of a DatasetDict folder) to evaluate on; replaces the held-out fraction"
     )
-    format: Literal["text", "prompt_completion", "chat"] = Field(
-        "text", description="text: every token is a target; prompt_completion: only the completion; chat: only assistant turns (data.train_on)"
+    format: Literal["text", "prompt_completion", "chat", "tokens"] = Field(
+        "text",
+        description="text: every token is a target; prompt_completion: only the completion; chat: only assistant turns (data.train_on);"
+        " tokens: token shards NAME.bin + NAME.idx (docs/guides/pretraining-data.md), packed as text",
     )
     text_field: str = Field("text", min_length=1, description="column holding the text (format text)")
     prompt_field: str = Field("prompt", min_length=1, description="column holding the prompt (format prompt_completion)")
     completion_field: str = Field("completion", min_length=1, description="column holding the completion (format prompt_completion)")
     messages_field: str = Field("messages", min_length=1, description="column holding the conversation, a list of {role, content} (format chat)")
+    message_fields: dict[Literal["role", "content"], str] = Field(
+        default_factory=dict, description="format chat: the message keys holding role and content, e.g. {role: from, content: value} (ShareGPT)"
+    )
+    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=dict, description="format chat: the data's roles as system/user/assistant/tool, e.g. {human: user, gpt: assistant} (ShareGPT)"
+    )
     chat_template: str | None = Field(
         None,
         min_length=1,
-        description="format chat: null: the tokenizer's own template (the byte-level tokenizer: the default); 'default': the launcher's; or a .jinja file",
+        description="format chat: null: the tokenizer's own template (byte-level: 'default'); a name (chatml, qwen, llama3, mistral, gemma,"
+        " default); or a .jinja file. Written into the exported tokenizer",
     )
-    train_on: Literal["assistant", "all"] = Field("assistant", description="format chat: the loss counts assistant turns only, or every token")
+    train_on: Literal["assistant", "all", "last_assistant"] = Field(
+        "assistant", description="format chat: the loss counts assistant turns, every token, or the last assistant turn only"
+    )
+    train_field: str | None = Field(
+        None,
+        min_length=1,
+        description="format chat: a message key (e.g. train, weight) whose false/0 takes that turn out of the loss and true/1 puts it in",
+    )
     too_long: Literal["truncate", "drop"] = Field(
         "truncate",
         description="prompt_completion and chat samples longer than seq_len + 1 tokens: cut the end off, or drop the sample (both counted)",
@@ -173,6 +259,9 @@ class DataConfig(Section):
     cache_dir: Path | None = Field(
         None, description="where tokenized data is cached; null: ~/.cache/launcher (or $LAUNCHER_CACHE)", json_schema_extra=FREE_ON_RESUME
     )
+    sources: list[SourceConfig] | None = Field(
+        None, min_length=1, description="instead of path/name: a mixture, each source {path, weight or epochs, per-source data keys}"
+    )
 
     @field_validator("path", "eval_path")
     @classmethod
@@ -183,8 +272,8 @@ class DataConfig(Section):
             if not glob.glob(str(path), recursive=True):
                 raise ValueError(f"the pattern '{path}' matches no file; check the folder and the pattern")
             return path
-        if path.suffix not in DATA_SUFFIXES:
-            raise ValueError(f"'{path}' has an unsupported suffix; use one of {', '.join(DATA_SUFFIXES)}, a folder or a glob")
+        if path.suffix not in (*DATA_SUFFIXES, ".bin"):  # .bin: a token shard (data.format: tokens)
+            raise ValueError(f"'{path}' has an unsupported suffix; use one of {', '.join(DATA_SUFFIXES)}, a folder or a glob (or a .bin token shard)")
         if not path.is_file():
             raise ValueError(f"file '{path}' not found; point it at an existing file, or null for the built-in corpus")
         return path
@@ -197,8 +286,12 @@ class DataConfig(Section):
             raise ValueError("data.config is the configuration of data.name; set data.name or remove data.config")
         if self.eval_path is not None and self.eval_split is not None:
             raise ValueError("data.eval_path and data.eval_split both choose the evaluation set; keep one of them")
+        if self.format == "tokens" and (self.path is None or not self.pack):
+            raise ValueError("data.format tokens reads token shards from data.path, packed; set data.path and data.pack: true")
         if (self.eval_path is not None or self.eval_split is not None) and "eval_fraction" in self.model_fields_set and self.eval_fraction:
             raise ValueError("data.eval_fraction holds out training documents, but data.eval_path/eval_split gives an evaluation set; remove one")
+        if self.sources is not None:
+            check_sources(self)
         unread = [f"data.{key}" for key in changed(self, FORMAT_FIELDS) if self.format not in FORMAT_FIELDS[key]]
         if unread:
             raise ValueError(
@@ -211,6 +304,28 @@ class DataConfig(Section):
         return self.eval_path is not None or self.eval_split is not None or self.eval_fraction > 0
 
 
+def check_sources(cfg: DataConfig) -> None:
+    """data.sources: no other training source beside it, weights or epochs given alike, each key read by its format."""
+    if cfg.path is not None or cfg.name is not None:
+        raise ValueError(f"data.{'path' if cfg.path is not None else 'name'} and data.sources both choose the training data; keep one of them")
+    if cfg.eval_split is not None:
+        raise ValueError(
+            "data.eval_split: a mixture has no one split to evaluate; give data.eval_path, or hold out data.eval_fraction of each source"
+        )
+    shares = [("weight" if s.weight is not None else "") + ("epochs" if s.epochs is not None else "") for s in cfg.sources]
+    if len(set(shares)) > 1 or shares[0] not in ("weight", "epochs"):
+        raise ValueError(
+            "data.sources: give every source a weight (its share of tokens), or every source epochs (passes per epoch); not both, not mixed"
+        )
+    for i, source in enumerate(cfg.sources):
+        form = source.format or cfg.format
+        unread = [f"data.sources.{i}.{key}" for key in source.data_keys if key in FORMAT_FIELDS and form not in FORMAT_FIELDS[key]]
+        if unread:
+            raise ValueError(
+                f"{', '.join(unread)}: not read with format {form}; remove {'them' if len(unread) > 1 else 'it'}, or set that source's format"
+            )
+
+
 # the data formats that read each field: a field of another format is refused rather than silently ignored
 FORMAT_FIELDS = {
     "text_field": ("text",),
@@ -219,6 +334,9 @@ FORMAT_FIELDS = {
     "messages_field": ("chat",),
     "chat_template": ("chat",),
     "train_on": ("chat",),
+    "message_fields": ("chat",),
+    "roles": ("chat",),
+    "train_field": ("chat",),
     "too_long": ("prompt_completion", "chat"),
 }
 
@@ -371,9 +489,9 @@ class FsdpConfig(Section):
         description="free each block's gathered parameters after its forward (gathered again for the backward): less memory, one more all-gather per block",
         json_schema_extra=FREE_ON_RESUME,
     )
-    sync_every_micro_step: bool = Field(
+    sync_every_micro_step: bool | Literal["auto"] = Field(
         False,
-        description="reduce-scatter after every micro-step instead of the window's last (the same numbers; k x the communication, sharded instead of full accumulated gradients in memory)",
+        description="reduce-scatter after every micro-step instead of the window's last (the same numbers; k x the communication, sharded instead of full accumulated gradients in memory); auto: true only when false does not fit the memory budget",
         json_schema_extra=FREE_ON_RESUME,
     )
     cpu_offload: bool = Field(
@@ -388,7 +506,7 @@ class CheckpointConfig(Section):
     every_minutes: float | None = Field(
         None,
         gt=0,
-        description="also checkpoint at the first step boundary this many minutes after the last one (agreed by all ranks); null: 30 inside a SLURM job, else off",
+        description="also checkpoint at the end of the first step that starts this many minutes after the last one (agreed by all ranks); null: 30 inside a SLURM job, else off",
     )
     keep_last: int | None = Field(None, ge=1, description="keep the newest N checkpoints; null: keep all")
 
@@ -413,6 +531,38 @@ class DistributedConfig(Section):
     timeout_s: float = Field(
         600, gt=0, description="seconds a collective may wait before the run fails with a timeout (DDP and DeepSpeed; a hung rank, GPU or node)"
     )
+    hang_report_s: float = Field(
+        120,
+        gt=0,
+        description="seconds without progress on every rank, some waiting in a collective, before the hang report names the rank behind (off when not below timeout_s)",
+    )
+    setup_timeout_s: float = Field(
+        7200, gt=0, description="seconds the other ranks wait, outside any collective, for the main process's set-up (data preparation, output_dir)"
+    )
+    straggler_factor: float = Field(
+        1.5, gt=1, description="a rank whose compute per step is this many times the other ranks' median is a straggler (metrics at log steps)"
+    )
+    straggler_intervals: int = Field(3, ge=1, description="log intervals in a row a rank must straggle before the one warning line names it")
+
+
+class WandbConfig(Section):
+    project: str = Field("launcher", min_length=1, description="the W&B project of the run")
+    entity: str | None = Field(None, min_length=1, description="the W&B team or user; null: the account's default")
+    name: str | None = Field(None, min_length=1, description="the W&B run's display name; null: output_dir's folder name")
+    tags: list[str] = Field(default_factory=list, description="tags of the W&B run")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files under output_dir/wandb to `wandb sync` later (no network); online: to the W&B server"
+    )
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = Field(
+        None,
+        min_length=1,
+        description="http(s)://host:port, sqlite:///path.db, file:///folder or postgresql://...; null: sqlite in output_dir/mlflow.db",
+    )
+    experiment: str = Field("launcher", min_length=1, description="the MLflow experiment (created when missing)")
+    run_name: str | None = Field(None, min_length=1, description="the MLflow run's name; null: output_dir's folder name")
 
 
 SEED_MAX = 2**31 - 1  # numpy seeds take 32 bits, and each rank adds its rank to the seed
@@ -455,6 +605,8 @@ class Config(Section):
         description="keys (or sections) whose values may differ from the resumed checkpoint's, e.g. [train.learning_rate]; the new values take effect",
         json_schema_extra=FREE_ON_RESUME,
     )
+    wandb: WandbConfig = Field(default_factory=WandbConfig, json_schema_extra=FREE_ON_RESUME)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, json_schema_extra=FREE_ON_RESUME)
     launch: LaunchConfig = Field(default_factory=LaunchConfig, json_schema_extra=FREE_ON_RESUME)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, json_schema_extra=FREE_ON_RESUME)
 
@@ -474,6 +626,8 @@ class Config(Section):
     def _cross_field_rules(self) -> Config:
         if self.train.max_steps is None and self.train.epochs is None:
             raise ValueError("set train.max_steps or train.epochs (or both: the smaller bound wins)")
+        if self.train.micro_batch_size == "auto" and self.train.global_batch_size is None:
+            raise ValueError("train.micro_batch_size: auto splits train.global_batch_size, which is not set; set train.global_batch_size")
         if self.launch.simulate_world_size and self.launch.nproc_per_node != 1:
             raise ValueError("launch.simulate_world_size runs one process; set launch.nproc_per_node to 1")
         if self.launch.simulate_world_size and self.deepspeed is not None:
@@ -491,11 +645,18 @@ class Config(Section):
                 raise ValueError("train.mixed_precision: fp16 needs a sharded loss scaler, which fsdp does not set up; use bf16")
             if self.train.compile:
                 raise ValueError("train.compile: not available with fsdp; set train.compile to false")
-        unused_eval = [f"eval.{key}" for key in changed(self.eval, ("every_steps", "micro_batch_size", "max_samples"))]  # at_start: false agrees
+        unused_eval = [
+            f"eval.{key}" for key in changed(self.eval, ("every_steps", "micro_batch_size", "max_samples", "generate"))
+        ]  # at_start: false agrees
         if unused_eval and not self.data.has_eval_set:
             raise ValueError(
                 f"{', '.join(unused_eval)}: there is no evaluation set (data.eval_fraction is 0, no data.eval_path or eval_split);"
                 f" hold out documents with data.eval_fraction, or remove {'them' if len(unused_eval) > 1 else 'it'}"
+            )
+        if self.eval.generate is not None and (self.fsdp is not None or self.deepspeed is not None):
+            raise ValueError(
+                f"eval.generate: not available with {'fsdp' if self.fsdp is not None else 'deepspeed'} (each generated token would need"
+                " every rank's forward); remove eval.generate, or train with DDP"
             )
         if changed(self.diagnostics, ["dump_grad_steps"]) and not self.diagnostics.dump_grad:
             raise ValueError(
@@ -671,13 +832,13 @@ def _explain(path: Path, error: dict) -> str:
 def _section_at(loc: list[str]) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc:
+        if part.isdigit():
+            continue  # an item of a list of sections (data.sources.0)
         field = model.model_fields.get(part)
-        # an optional section (lora, fsdp) is `Section | None`
-        kinds = [
-            a
-            for a in (getattr(field, "annotation", None), *typing.get_args(getattr(field, "annotation", None)))
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
+        # an optional section (lora, fsdp) is `Section | None`; a list of sections (data.sources) `list[Section] | None`
+        annotation = getattr(field, "annotation", None)
+        args = typing.get_args(annotation)
+        kinds = [a for a in (annotation, *args, *(x for a in args for x in typing.get_args(a))) if isinstance(a, type) and issubclass(a, BaseModel)]
         if not kinds:
             return None
         model = kinds[0]
@@ -699,15 +860,35 @@ def to_yaml(config: Config) -> str:
 
 def sections_and_fields(model: type[BaseModel] = None, prefix: str = ""):
     """(dotted key, field, its section class or None) of every field, depth first in declaration order; a section
-    field (train, lora, fsdp, ...) comes before its own keys."""
+    field (train, lora, fsdp, ...) comes before its own keys, and a list of sections (data.sources) before the keys
+    of its items (data.sources[].path)."""
     for name, info in (model or Config).model_fields.items():
         key = prefix + name
-        section = next((a for a in (info.annotation, *typing.get_args(info.annotation)) if isinstance(a, type) and issubclass(a, Section)), None)
+        kinds = [info.annotation, *typing.get_args(info.annotation)]
+        section = next((a for a in kinds if isinstance(a, type) and issubclass(a, Section)), None)
+        items = next((typing.get_args(a)[0] for a in kinds if typing.get_origin(a) is list and _is_section(typing.get_args(a)[0])), None)
         yield key, info, section
         if section is not None:
             yield from sections_and_fields(section, key + ".")
+        elif items is not None:
+            yield from sections_and_fields(items, key + "[].")
+
+
+def _is_section(kind) -> bool:
+    return isinstance(kind, type) and issubclass(kind, Section)
 
 
 def free_on_resume_keys() -> tuple[str, ...]:
     """The keys (and whole sections) whose values may change on resume without resume_allow_changes (FREE_ON_RESUME)."""
     return tuple(key for key, info, _ in sections_and_fields() if (info.json_schema_extra or {}).get("free_on_resume"))
+
+
+def flatten_keys(values: dict, prefix: str = "") -> dict:
+    """A nested mapping (a config as YAML or JSON) as {dotted.key: value}; an empty mapping is a value."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -11,6 +11,9 @@
 76  a rank was lost: killed by a signal (kill -9, the OOM killer) or stopped responding for
     distributed.timeout_s (SIGSTOP, a hang); the others were stopped; one line names the rank (a plain
     multi-process `launcher train`); the newest complete checkpoint is kept, resume=auto continues
+77  a hang: no rank made progress for distributed.hang_report_s while some waited in a collective; the hang
+    report (output_dir/hang.json, one line on the console) names the rank behind, its host and line; the run
+    was ended at distributed.timeout_s (a plain multi-process `launcher train`); resume=auto continues
 130 a second Ctrl-C: stopped at once, without a checkpoint
 """
 
@@ -31,11 +34,13 @@ EXIT_NONFINITE = 3
 EXIT_FAULT = 74  # sysexits' EX_IOERR
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped early on purpose, run it again to continue
 EXIT_RANK_LOST = 76  # the launcher's own (sysexits' EX_PROTOCOL means nothing here)
+EXIT_HUNG = 77  # the launcher's own (sysexits' EX_NOPERM means nothing here)
 EXIT_ABORTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
 
 # beside the run in output_dir; both are removed when the next run in that folder starts
 PREEMPTED_MARKER = "preempted.json"  # where a stop by signal left its checkpoint, and whether it asks for a requeue
 NONFINITE_MARKER = "nonfinite.json"  # the inf/nan report of a run stopped on one
+HANG_MARKER = "hang.json"  # the hang report (launcher.hang): which rank the others waited for, and every rank's stack
 
 
 @dataclass

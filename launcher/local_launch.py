@@ -17,7 +17,8 @@ from pathlib import Path
 
 from launcher.config import LaunchConfig
 from launcher.distributed import env_rank, set_parent_death_signal
-from launcher.exits import EXIT_ABORTED, EXIT_FAULT, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RANK_LOST, EXIT_USAGE
+from launcher.exits import EXIT_ABORTED, EXIT_FAULT, EXIT_HUNG, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RANK_LOST, EXIT_USAGE
+from launcher.hang import flight_recorder_lines, read_report
 from launcher.preemption import ABORTED, INTERRUPTED, STOP_SIGNALS, PreemptionFlag, leave_closed_terminal, requeue_signal
 
 
@@ -101,7 +102,7 @@ def relaunch(nproc: int, argv: list[str], preemption: PreemptionFlag, timeout_s:
                 code = child.wait(timeout=1)
                 break
             except subprocess.TimeoutExpired:
-                end_stopped_ranks(control)
+                end_stopped_ranks(control, output_dir)
         if arrived.count(signal.SIGINT) + preemption.received.count(signal.SIGINT) > 1:
             return EXIT_ABORTED
         if code != 0:  # a worker ended by an exception or a signal, or torchrun failed
@@ -115,15 +116,21 @@ def relaunch(nproc: int, argv: list[str], preemption: PreemptionFlag, timeout_s:
         shutil.rmtree(control, ignore_errors=True)
 
 
-def end_stopped_ranks(control: Path) -> None:
+def end_stopped_ranks(control: Path, output_dir: Path) -> None:
     """Once a worker has failed waiting for ranks whose process is stopped (SIGSTOP): end those (SIGKILL). torchrun
-    would send them SIGTERM, which a stopped process does not act on, and wait 30 s before killing them itself."""
-    for report in control.glob("failed-*.json"):
-        for _, pid in (_read_json(report) or {}).get("stopped", []):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    would send them SIGTERM, which a stopped process does not act on, and wait 30 s before killing them itself. After
+    a hang report of this run, the same for every rank that has not ended: a hung rank does not act on SIGTERM either."""
+    failed = [_read_json(report) or {} for report in control.glob("failed-*.json")]
+    doomed = {pid for report in failed for _, pid in report.get("stopped", [])}
+    if failed and read_report(output_dir, set(_announced(control).values())) is not None:
+        failed_ranks = {report.get("rank") for report in failed}
+        ended = {int(p.name[5:]) for p in control.glob("exit-*")}
+        doomed |= {pid for rank, pid in _announced(control).items() if rank not in failed_ranks | ended}
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def report_failure(control: Path, code: int, timeout_s: float, output_dir: Path) -> int:
@@ -146,6 +153,15 @@ def report_failure(control: Path, code: int, timeout_s: float, output_dir: Path)
     # hung, then ended by torchrun, which is why a timeout comes first: torchrun's kill of a hung rank is no cause)
     stopped = sorted({(rank, pid, " (its process was stopped: SIGSTOP?)") for c in crashes for rank, pid in c["stopped"]})
     silent = [(rank, pid, "") for rank, pid in sorted(pids.items()) if rank not in crashed and rank not in ended]
+    hang = read_report(output_dir, set(pids.values())) if first is not None else None
+    if hang is not None:  # a collective failed after the hang report named the rank behind (launcher.hang): its line
+        flight = flight_recorder_lines(output_dir)  # GPUs: NCCL's own record, dumped at the timeout
+        print(
+            f"launcher: error: {hang['line']}{'; NCCL flight recorder: ' + ', '.join(flight) if flight else ''}; the run was ended after distributed.timeout_s = {timeout_s:g} s (every rank's"
+            f" stack: {output_dir}/hang.json; their output in {output_dir}/logs/); resume=auto continues from the newest complete checkpoint",
+            file=sys.stderr,
+        )
+        return EXIT_HUNG
     if first is not None and "timed out" in first["error"].lower() and (stopped or silent):
         rank, pid, why = (stopped or silent)[0]
         what = (

@@ -23,21 +23,26 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from launcher.agreement import StepAgreement
 from launcher.build import Run
 from launcher.checkpoints import TrainerState, save_checkpoint
 from launcher.config import CheckpointConfig, to_yaml
-from launcher.data import IGNORE_INDEX, Batch
+from launcher.data import IGNORE_INDEX, Batch, trained_template
 from launcher.diagnostics import GradNorms, NonFiniteWatch, format_stats, gradient_stats, is_dump_step, layer_norms
 from launcher.distributed import first_failed_rank
 from launcher.errors import RunFault
 from launcher.exits import RunOutcome
 from launcher.final import WEIGHTS, final_dir, write_final
 from launcher.flops import Mfu, make_mfu
+from launcher.generate import write_generations
+from launcher.hang import mark
 from launcher.metrics import MetricsLog, peak_memory_gb
 from launcher.models import logits_of
 from launcher.models.hf import export_hf, is_hf_model
 from launcher.outputs import save_weights, storage_fault
-from launcher.preemption import Agreement, PreemptionFlag
+from launcher.preemption import PreemptionFlag
+from launcher.stragglers import Stragglers
+from launcher.trackers import open_trackers, uses_tensorboard
 
 
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -69,12 +74,15 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
     An inf/nan loss or gradient stops the run (no checkpoint after it) or skips the step, per diagnostics.nonfinite.
     """
     acc, model, optimizer, cfg, backend = run.accelerator, run.model, run.optimizer, run.cfg, run.backend
-    tensorboard = cfg.output_dir / "tensorboard" if cfg.train.tensorboard else None
+    tensorboard = cfg.output_dir / "tensorboard" if uses_tensorboard(cfg.train) else None
     mfu, mfu_line = make_mfu(
         acc.unwrap_model(model), cfg.data.seq_len, acc.device, cfg.train.mixed_precision, cfg.train.peak_tflops, acc.num_processes
     )
     acc.print(mfu_line)  # before the progress bar starts drawing
-    metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps, run.start_step, tensorboard)
+    facts = {"world_size": acc.num_processes, "global_batch_size": run.plan.global_batch_size, "backend": backend.name}
+    facts["trainable_parameters"] = sum(p.numel() for p in acc.unwrap_model(model).parameters() if p.requires_grad)
+    trackers = open_trackers(cfg, run.start_step, facts) if acc.is_main_process else None  # W&B, MLflow: one run per output_dir
+    metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", acc.is_main_process, run.total_steps, run.start_step, tensorboard, trackers=trackers)
     names, params = map(list, zip(*[(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]))
     micro_steps = run.plan.micro_steps_per_process  # gradient_accumulation_steps x the ranks this process plays
     if preemption is not None:
@@ -93,7 +101,13 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
     interval, preempted, requeue, nonfinite = LogInterval(acc.device, mfu), False, False, None
     checkpoint = None  # the newest this run saved
     clock = CheckpointClock(cfg.checkpoint.every_minutes)
+    stragglers = Stragglers(acc, cfg.distributed)  # per-rank compute time, gathered at log steps
+    agreement = StepAgreement(preemption)
     for step in range(run.start_step, run.total_steps):
+        mark("data", step + 1)  # launcher.hang's record: plain attribute writes, no sync
+        # the stop flags, a failed metrics write and rank 0's clock go out as the step starts and are read at its end:
+        # the step hides the CPU all-reduce, whose latency grows with the ranks (launcher.agreement)
+        agreement.start(metrics.fault is not None, clock.due() and acc.is_main_process)
         window = run.train_data.window(step)
         scale = micro_steps * run.plan.processes / window.global_target_tokens
         lr = run.lr_schedule.get_last_lr()[0]
@@ -103,11 +117,14 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
             # gradients accumulate locally; they are all-reduced (FSDP2: reduce-scattered) once, in the window's last backward,
             # the only micro-step on which the optimizer (and DeepSpeed's engine) may step
             with backend.micro_step(model, is_sync):
+                mark("forward")
                 loss_sum = token_loss_sum(model, micro.to(acc.device))
+                mark("backward")
                 acc.backward(loss_sum * scale)
             step_loss += loss_sum.detach()  # no sync per micro-step
         steps_done = step + 1
         is_log_step = steps_done % cfg.train.log_every == 0 or steps_done == run.total_steps
+        mark("optimizer")
         backend.unscale()  # fp16: the loss scale divided out (the scaler's inf check); a no-op otherwise
         norms = backend.gradient_norms(params, cfg.train.grad_norm_type)  # pre-clip, global over the ranks; logged
         bad = watch.record(steps_done, step_loss, norms)  # device-side: no sync
@@ -128,12 +145,16 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
         interval.add_step(window.global_target_tokens)
         metrics.advance()
 
+        told = None  # a log step: the boundary's stop flags, summed over the ranks with the loss
         if is_log_step:  # the only host-device syncs of a training step, once per log interval
+            straggler_row = stragglers.row(interval.steps)  # before the flush, which resets the count
+            row, told = interval.flush(acc, agreement.flags(metrics.fault is not None))
             metrics.write(
                 {
                     "step": steps_done,
                     "epoch": step // run.train_data.steps_per_epoch,
-                    **interval.flush(acc),
+                    **straggler_row,
+                    **row,
                     "lr": lr,
                     "grad_norm": float(norms.total),
                     "skipped_steps": skipped_steps,
@@ -141,11 +162,8 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
                 }
             )
         due = checkpoint_due(cfg.checkpoint, steps_done, run.total_steps)
-        # one small CPU collective per step: a signal on any rank, rank 0's clock, a failed metrics write on the main process
-        time_due = clock.due() and acc.is_main_process
-        agreed = (
-            preemption.agreed(metrics.fault is not None, time_due) if preemption else Agreement(False, False, metrics.fault is not None, time_due)
-        )
+        # a signal on any rank, rank 0's clock, a failed metrics write on the main process: the same answer on every rank
+        agreed = agreement.settle(metrics.fault is not None, told)
         preempted, requeue, faulted, due = agreed.stop, agreed.requeue, agreed.fault, due or agreed.time_due
         if faulted:  # a full disk, a vanished output_dir: stop with the newest complete checkpoint as it is
             raise write_fault(run, metrics.fault, "metrics.jsonl")
@@ -155,7 +173,7 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
         if run.eval_data is not None and cfg.eval.every_steps and steps_done % cfg.eval.every_steps == 0:
             last_eval = log_eval(run, metrics, steps_done)
         if preempted or due:
-            checkpoint = save_run_checkpoint(run, steps_done, skipped_steps, nonfinite_steps, metrics.fault)
+            checkpoint = save_run_checkpoint(run, steps_done, skipped_steps, nonfinite_steps, metrics.fault, trackers and trackers.run_ids())
             clock.saved()
         if preempted:
             break
@@ -168,6 +186,11 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
             last_eval = log_eval(run, metrics, run.total_steps)
         outcome.weights = save_final_weights(run, metrics.fault)
         outcome.eval_loss = last_eval and last_eval[1]
+    if run.train_data.mixture is not None and steps_done > run.start_step:  # data.sources: what the steps sampled, against the plan
+        acc.print(run.train_data.mixture.describe_sampled(f"steps {run.start_step + 1}-{steps_done}"))
+        metrics.write({"step": steps_done, "mixture_sampled": run.train_data.mixture.sampled()})
+    if trackers is not None:
+        trackers.end({"preempted": preempted, "eval_loss": outcome.eval_loss, "final": outcome.weights and str(outcome.weights)})
     metrics.close()
     return outcome
 
@@ -178,8 +201,8 @@ def checkpoint_due(cfg: CheckpointConfig, steps_done: int, total_steps: int) -> 
 
 
 class CheckpointClock:
-    """checkpoint.every_minutes: due at the first step boundary that many minutes after the last checkpoint (or the
-    start); only rank 0's clock counts, and the ranks agree on it with the stop signals."""
+    """checkpoint.every_minutes: due for the first step that starts that many minutes after the last checkpoint (or the
+    start), saved at that step's end; only rank 0's clock counts, and the ranks agree on it with the stop signals."""
 
     def __init__(self, every_minutes: float | None):
         self.every_s = every_minutes * 60 if every_minutes else None
@@ -233,8 +256,10 @@ class LogInterval:
         self.target_tokens += global_target_tokens
         self.steps += 1
 
-    def flush(self, acc) -> dict:
-        loss_sum = acc.reduce(self.loss_sum, reduction="sum").item()  # one collective and one sync per interval
+    def flush(self, acc, riders: list[int]) -> tuple[dict, list[float]]:
+        """The row since the last flush, and `riders` (a few counts) summed over the ranks in the same reduction."""
+        packed = torch.cat([self.loss_sum.view(1), torch.tensor(riders, dtype=torch.float64, device=self.device)])
+        loss_sum, *riders = acc.reduce(packed, reduction="sum").tolist()  # one collective and one sync per interval
         elapsed_s = time.perf_counter() - self.started_s
         row = {
             "loss": loss_sum / self.loss_tokens if self.loss_tokens else math.nan,
@@ -245,7 +270,7 @@ class LogInterval:
             row["mfu"] = self.mfu.of(row["tokens_per_s"])
         row.update(peak_memory_gb(self.device))  # this process's GPU; nothing on CPU
         self.reset()
-        return row
+        return row, riders
 
 
 @torch.no_grad()
@@ -257,16 +282,20 @@ def evaluate(run: Run) -> float:
     try:
         loss_sum = torch.zeros((), dtype=torch.float64, device=run.accelerator.device)
         for batch in run.eval_data:
+            mark("eval")
             loss_sum += token_loss_sum(model, batch.to(run.accelerator.device))
         return run.accelerator.reduce(loss_sum, reduction="sum").item() / run.eval_data.target_tokens
     finally:
         model.train(was_training)
 
 
-def save_run_checkpoint(run: Run, steps_done: int, skipped_steps: int, nonfinite_steps: int, pending: BaseException | None) -> Path:
+def save_run_checkpoint(
+    run: Run, steps_done: int, skipped_steps: int, nonfinite_steps: int, pending: BaseException | None, trackers: dict | None = None
+) -> Path:
     """Every rank, at a step boundary: the checkpoint of the state after `steps_done` steps (atomic; a failed write on
     any rank ends every rank with the fault, `pending` one of this step's that already failed); returns its folder."""
     cfg, plan = run.cfg, run.plan
+    mark("checkpoint")
     state = TrainerState(
         steps_done,
         steps_done // run.train_data.steps_per_epoch,
@@ -278,6 +307,7 @@ def save_run_checkpoint(run: Run, steps_done: int, skipped_steps: int, nonfinite
         data=run.data_identity,
         train_samples=len(run.train_data),
         backend_kind=run.backend.kind.value,
+        trackers=trackers or {},
     )
 
     def fault(err: BaseException):
@@ -289,6 +319,8 @@ def save_run_checkpoint(run: Run, steps_done: int, skipped_steps: int, nonfinite
 def log_eval(run: Run, metrics: MetricsLog, step: int) -> tuple[int, float]:
     eval_loss = evaluate(run)
     metrics.write({"step": step, "eval_loss": eval_loss, "eval_tokens": run.eval_data.target_tokens})
+    # eval.generate: the main process's answers to samples.jsonl (a failed write stops the run like one of metrics.jsonl)
+    metrics.fault = metrics.fault or write_generations(run, step, metrics.tensorboard)
     return step, eval_loss
 
 
@@ -296,6 +328,7 @@ def save_final_weights(run: Run, pending: BaseException | None = None):
     """Full, unwrapped weights (gathered from every rank where they are sharded), written by the main process.
     `pending`: a write that already failed (the last metrics rows): the run ends on it instead."""
     acc = run.accelerator
+    mark("export")
     state_dict = run.backend.full_state_dict()  # a collective where the weights are sharded
     path, error, bare = None, None, acc.unwrap_model(run.model, keep_torch_compile=False)
     if run.is_main_process:
@@ -306,7 +339,11 @@ def save_final_weights(run: Run, pending: BaseException | None = None):
                 raise FileNotFoundError(errno.ENOENT, "output_dir vanished", str(run.cfg.output_dir))
             path = final_dir(run.cfg.output_dir)
             if is_hf_model(bare):  # a folder from_pretrained loads (or a LoRA adapter), with the tokenizer
-                write_final(path, run.cfg, lambda folder: export_hf(bare, state_dict, run.tokenizer, run.cfg, folder))
+                write_final(
+                    path,
+                    run.cfg,
+                    lambda folder: export_hf(bare, state_dict, run.tokenizer, run.cfg, folder, trained_template(run.cfg.data, run.tokenizer)),
+                )
             else:
                 write_final(path, run.cfg, lambda folder: save_weights(state_dict, folder))
                 path = path / WEIGHTS

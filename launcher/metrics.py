@@ -32,6 +32,7 @@ class MetricsLog:
         tensorboard_dir: Path | None = None,
         out: TextIO | None = None,
         err: TextIO | None = None,
+        trackers=None,  # launcher.trackers.Trackers (which imports this module for `scalars`)
     ):
         self.total_steps = total_steps
         self.path = path
@@ -42,6 +43,7 @@ class MetricsLog:
         self.lines = out if is_main_process and (not out.isatty() or not show_bar) else None
         self.started_s = time.monotonic()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not show_bar, file=err)
+        self.trackers = trackers  # W&B, MLflow (launcher.trackers): each row is queued for them, never waited on
         self.tensorboard = None
         if tensorboard_dir is not None and is_main_process:
             from torch.utils.tensorboard import SummaryWriter
@@ -58,8 +60,10 @@ class MetricsLog:
         except OSError as err:  # a torn last line may remain: a resume cuts metrics.jsonl back to its checkpoint
             self.fault = err
             return
+        if self.trackers is not None:
+            self.trackers.log(row)
         if self.tensorboard is not None:
-            for tag, value in _scalars(row):
+            for tag, value in scalars(row):
                 self.tensorboard.add_scalar(tag, value, global_step=row["step"])
         if self.lines is not None and ("loss" in row or "eval_loss" in row):
             print(self.progress_line(row), file=self.lines, flush=True)
@@ -126,13 +130,13 @@ def close_progress_bars() -> None:
         bar.close()
 
 
-def _scalars(row: dict, prefix: str = ""):
+def scalars(row: dict, prefix: str = ""):
     """(tag, number) pairs of a metrics row; nested rows (per-layer norms, gradient statistics) as tag/sub/..."""
     for key, value in row.items():
         if key == "step":
             continue
         if isinstance(value, dict):
-            yield from _scalars(value, f"{prefix}{key}/")
+            yield from scalars(value, f"{prefix}{key}/")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             yield f"{prefix}{key}", value
 

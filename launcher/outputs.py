@@ -13,13 +13,28 @@ from safetensors.torch import save_file
 
 from launcher.config import Config, to_yaml
 from launcher.errors import RunFault, UsageError
-from launcher.exits import NONFINITE_MARKER, PREEMPTED_MARKER
+from launcher.exits import HANG_MARKER, NONFINITE_MARKER, PREEMPTED_MARKER
 from launcher.final import FINAL, WEIGHTS
 from launcher.formatting import bytes_text
+from launcher.hang import HEARTBEATS
 from launcher.lock import LOCK_FILE
 
 # --overwrite removes only these
-RUN_FILES = ("config.yaml", "metrics.jsonl", FINAL, "checkpoints", "tensorboard", "plots", "logs", PREEMPTED_MARKER, NONFINITE_MARKER)
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    FINAL,
+    "checkpoints",
+    "tensorboard",
+    "plots",
+    "logs",
+    PREEMPTED_MARKER,
+    NONFINITE_MARKER,
+    HANG_MARKER,
+    HEARTBEATS,
+)
+RUN_FILES += ("trackers.json", "wandb", "mlflow.db")  # launcher.trackers: a new run in this output_dir gets new tracker runs
+RUN_FILES += ("samples.jsonl",)  # eval.generate (launcher.generate)
 
 
 def cleared_by_overwrite(output_dir: Path, path: Path) -> str | None:
@@ -57,6 +72,7 @@ def prepare_output_dir(cfg: Config, clear: bool, resume_step: int | None) -> Non
     out.mkdir(parents=True, exist_ok=True)
     (out / PREEMPTED_MARKER).unlink(missing_ok=True)
     (out / NONFINITE_MARKER).unlink(missing_ok=True)
+    (out / HANG_MARKER).unlink(missing_ok=True)  # an earlier run's: this run's exit code must not read it
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         kept = metrics_until(metrics, resume_step) if resume_step is not None else ""

@@ -12,13 +12,13 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from launcher.backends.deepspeed_config import zero_stage
+from launcher.bare_model import inspection_model
 from launcher.config import Config
-from launcher.data import prepare_splits, target_counts
+from launcher.data import make_mixture, prepare_splits, target_counts
 from launcher.errors import Problems, UsageError
 from launcher.formatting import bytes_text
 from launcher.freezing import parameter_table
-from launcher.memory import memory_per_rank
+from launcher.memory import activation_line, chosen_backend, memory_table, suggestions
 from launcher.validate import check_documents, validate_run
 
 
@@ -33,7 +33,16 @@ class Allocation:
     mem: str | None = None  # memory per node (sbatch --mem); None: all of it (--mem=0)
 
 
-def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Allocation, compare_backends: bool = False) -> str:
+def plan_text(
+    cfg: Config,
+    config_path: str,
+    overrides: list[str],
+    alloc: Allocation,
+    compare_backends: bool = False,
+    device: tuple[str, int] | None = None,
+    as_json: bool = False,
+) -> str:
+    """The plan as text, or (`as_json`) as one JSON object. `device`: (name, bytes) of the GPU to check the peak against."""
     world_size = alloc.nodes * alloc.processes_per_node
     problems = Problems()  # what the run checks, and fails on, first: every problem in one report
     checked = validate_run(cfg, world_size, problems)
@@ -41,23 +50,46 @@ def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Alloca
     problems.report()
     ds_config, batch, model = checked.deepspeed, checked.plan, checked.model
     train_blocks, eval_blocks = prepare_splits(cfg.data, cfg.seed, checked.tokenizer)
-    n_train = len(train_blocks)
+    mixture = make_mixture(cfg.data, train_blocks, cfg.seed)  # data.sources: an epoch is the mixture's rows, not the sources'
+    n_train = mixture.epoch_size if mixture is not None else len(train_blocks)
     steps_per_epoch = batch.steps_per_epoch(n_train)
     total_steps = batch.total_steps(n_train, cfg.train.max_steps, cfg.train.epochs)
-    targets_per_epoch = int(target_counts(train_blocks).sum())
+    targets_per_epoch = mixture.target_tokens_per_epoch if mixture is not None else int(target_counts(train_blocks).sum())
+    memory, chosen, fit = plan_memory(cfg, ds_config, model, batch.world_size, device)
+    if as_json:
+        data = {
+            "world_size": world_size,
+            "nodes": alloc.nodes,
+            "processes_per_node": alloc.processes_per_node,
+            "global_batch_size": batch.global_batch_size,
+            "micro_batch_size": batch.micro_batch_size,
+            "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+            "seq_len": cfg.data.seq_len,
+            "training_samples": n_train,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "backend": chosen,
+            "memory": {name: row.as_json() for name, row in memory.items()},
+            "decided": checked.notes,
+        }
+        if fit is not None:
+            data["device"] = fit
+        return json.dumps(data, indent=2)
 
     lines = [
         f"world size {world_size} = {alloc.nodes} node(s) x {alloc.processes_per_node} process(es)",
         f"{batch.describe()}",
+        *checked.notes,
         f"tokens per optimizer step: up to {batch.global_batch_size * cfg.data.seq_len:,} inputs"
         f" ({cfg.data.seq_len} per sample); {targets_per_epoch / steps_per_epoch:,.0f} target tokens on average",
         f"{n_train} training samples, {steps_per_epoch} steps per epoch, {total_steps} steps"
         f" ({total_steps / steps_per_epoch:.2f} epochs); {len(eval_blocks) if eval_blocks is not None else 0} held-out samples",
+        *([mixture.describe()] if mixture is not None else []),
         "",
         parameter_table(model),
         "",
     ]
-    lines += memory_lines(cfg, ds_config, model, world_size, compare_backends) + [""]
+    lines += memory_lines(cfg, memory, chosen, batch.world_size, compare_backends, fit) + [""]
     if ds_config is not None:
         lines += [f'DeepSpeed config ({cfg.deepspeed or "from the accelerate config"}), every "auto" filled:', json.dumps(ds_config, indent=2), ""]
     lines += checkpoint_cadence(cfg, total_steps, alloc)
@@ -65,27 +97,51 @@ def plan_text(cfg: Config, config_path: str, overrides: list[str], alloc: Alloca
     return "\n".join(lines)
 
 
-def memory_lines(cfg: Config, ds_config: dict | None, model, world_size: int, compare_backends: bool) -> list[str]:
-    """Per-rank bytes of parameters, gradients and optimizer state: the run's backend, or every backend."""
+def plan_memory(cfg: Config, ds_config: dict | None, model, world_size: int, device: tuple[str, int] | None):
+    """(rows per backend, the run's backend, whether its peak fits `device` (None: no device given))."""
 
-    table = memory_per_rank(model, world_size)
-    chosen = f"ZeRO-{zero_stage(ds_config)}" if ds_config is not None else "FSDP2" if cfg.fsdp is not None else "DDP"
-    if chosen not in table:  # ZeRO-0: DeepSpeed without sharding
-        chosen = "DDP"
+    line = activation_line(cfg, model)
+    table = memory_table(cfg, model, world_size, cfg.train.micro_batch_size, ds_config, line)
+    chosen = chosen_backend(cfg, ds_config)
+    if device is None:
+        return table, chosen, None
+    name, capacity = device
+    peak = table[chosen].peak
+    fit = {"name": name, "bytes": capacity, "fits": peak <= capacity, "margin": capacity - peak}
+    if peak > capacity:
+        checkpointed = None
+        if not cfg.model.gradient_checkpointing and cfg.model.factory is None:
+            trial = cfg.model_copy(deep=True)
+            trial.model.gradient_checkpointing = True
+            checkpointed = inspection_model(trial)[0]
+        fit["suggestions"] = suggestions(cfg, model, world_size, capacity, ds_config, line, checkpointed)
+    return table, chosen, fit
+
+
+def memory_lines(cfg: Config, table: dict, chosen: str, world_size: int, compare_backends: bool, fit: dict | None) -> list[str]:
+    """Per-rank bytes at the step's peak: the run's backend, or every backend; whether it fits the device."""
+
     rows = table if compare_backends else {chosen: table[chosen]}
     lines = [
-        f"memory per rank (world size {world_size}; activations and communication buffers not counted; ZeRO rows estimated):",
-        f"  {'backend':<8} {'parameters':>12} {'gradients':>12} {'optimizer':>12} {'total':>12}",
+        f"memory per rank at the step's peak (world size {world_size}, micro-batch {cfg.train.micro_batch_size}, seq_len {cfg.data.seq_len};"
+        " activations traced on the meta device; ZeRO rows estimated):",
+        f"  {'backend':<8} {'parameters':>11} {'gradients':>11} {'optimizer':>11} {'activations':>11} {'buffers':>11} {'peak':>11}",
     ]
-    for name, (params, grads, optimizer) in rows.items():
+    for name, row in rows.items():
         mark = "  <- this run" if compare_backends and name == chosen else ""
+        parts = (row.parameters, row.gradients, row.optimizer, row.activations, row.buffers, row.peak)
+        lines.append(f"  {name:<8} " + " ".join(f"{bytes_text(n):>11}" for n in parts) + mark)
+    row = table[chosen]
+    lines.append(f"  activations include the logits and loss at seq_len x vocab: {bytes_text(row.logits)}")
+    if chosen == "FSDP2" and cfg.train.gradient_accumulation_steps > 1 and not cfg.fsdp.sync_every_micro_step:
+        lines.append("  FSDP2 gradients include the window's unsharded gradients (fsdp.sync_every_micro_step: true keeps them sharded)")
+    if fit is not None:
+        verdict = "fits" if fit["fits"] else "does NOT fit"
         lines.append(
-            f"  {name:<8} {bytes_text(params):>12} {bytes_text(grads):>12} {bytes_text(optimizer):>12} {bytes_text(params + grads + optimizer):>12}{mark}"
+            f"  on {fit['name']} ({bytes_text(fit['bytes'])}): the peak {verdict}, margin {'' if fit['fits'] else '-'}{bytes_text(abs(fit['margin']))}"
         )
-    if "FSDP2" in rows and not (cfg.fsdp is not None and cfg.fsdp.sync_every_micro_step):
-        lines.append(
-            f"  FSDP2 with accumulation also holds the full gradients ({bytes_text(table['DDP'][1])}) during a window, unless fsdp.sync_every_micro_step"
-        )
+        if not fit["fits"]:
+            lines += ["  what would fit (predicted peak per rank, the same global batch):", *fit["suggestions"]]
     if not compare_backends:
         lines.append("  (--compare-backends: DDP, ZeRO-1/2/3 and FSDP2 side by side)")
     return lines

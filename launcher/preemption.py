@@ -16,8 +16,9 @@ What each signal means:
 Nothing heavy runs inside the handler. At each step boundary all ranks agree, with one small all-reduce
 on a CPU (gloo) group, on whether any rank was signalled (and how), whether rank 0's clock says a
 time-based checkpoint is due, and whether the main process met a write fault; so the check never waits
-for the GPU, and every rank saves the same checkpoint. The gloo group is a second set of connections
-beside NCCL's: GLOO_SOCKET_IFNAME chooses its network interface.
+for the GPU, and every rank saves the same checkpoint. The all-reduce is started as a step starts and
+read at its end (launcher.agreement), so the step hides its latency. The gloo group is a second set of
+connections beside NCCL's: GLOO_SOCKET_IFNAME chooses its network interface.
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ class Agreement(NamedTuple):
     fault: bool  # the main process met a write fault
     time_due: bool  # rank 0's clock: a time-based checkpoint is due
 
+    @classmethod
+    def of(cls, values) -> Agreement:
+        """From the flags of `PreemptionFlag.flags`, reduced over the ranks by MAX (or SUM: any non-zero is a yes)."""
+        requeue, stop, fault, time_due = (bool(v) for v in values)
+        return cls(stop=requeue or stop, requeue=requeue and not stop, fault=fault, time_due=time_due)
+
 
 class PreemptionFlag:
     """Create it as early as possible: a signal that arrives before the handler exists kills the process."""
@@ -113,15 +120,24 @@ class PreemptionFlag:
             leave_closed_terminal()
         self.received.append(signum)
 
+    @property
+    def group(self):
+        """The gloo group the flags are agreed on; None in a single process (nothing to agree with)."""
+        return self._group
+
+    def flags(self, fault: bool = False, time_due: bool = False) -> list[int]:
+        """This rank's side of an agreement, in `Agreement.of`'s order."""
+        requeue = self.requeue_signal in self.received
+        stop = any(s != self.requeue_signal for s in self.received)
+        return [int(requeue), int(stop), int(fault), int(time_due)]
+
     def agreed(self, fault: bool = False, time_due: bool = False) -> Agreement:
-        """The same answer on every rank (a collective: all ranks call it at each step boundary)."""
+        """The same answer on every rank, at once: a blocking collective that every rank calls (the loop uses the
+        non-blocking launcher.agreement.StepAgreement instead; its latency grows with the ranks)."""
         import torch
         import torch.distributed as dist
 
-        requeue = self.requeue_signal in self.received
-        stop = any(s != self.requeue_signal for s in self.received)
-        local = torch.tensor([int(requeue), int(stop), int(fault), int(time_due)], dtype=torch.int32)
+        local = torch.tensor(self.flags(fault, time_due), dtype=torch.int32)
         if self._group is not None:
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group)
-        requeue, stop, fault, time_due = (bool(v) for v in local.tolist())
-        return Agreement(stop=requeue or stop, requeue=requeue and not stop, fault=fault, time_due=time_due)
+        return Agreement.of(local.tolist())

@@ -10,8 +10,8 @@
   the launch, the step bounds and the split of the global batch may change; any other difference (data,
   model, optimizer and schedule values, seed, ...) is refused in one line listing each, unless
   `resume_allow_changes` names it: then the new value takes effect and the run header says so.
-- The data is part of the config: the checkpoint records the identity of the files of data.path and
-  data.eval_path (launcher.data.identity: size and content) and the number of training samples; other
+- The data is part of the config: the checkpoint records the identity of the files of data.path,
+  data.eval_path and each data.sources path (launcher.data.identity: size and content) and the number of training samples; other
   bytes there, or another number of samples, are refused like a changed data.path.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import yaml
 
 from launcher.checkpoints import TrainerState, checkpoint_root, complete_checkpoints, resume_path, verify_checkpoint
-from launcher.config import Config, free_on_resume_keys, to_yaml
+from launcher.config import Config, flatten_keys, free_on_resume_keys, to_yaml
 from launcher.data.identity import describe
-from launcher.data.sources import data_identity  # reads a few blocks of each file (identity.py)
+from launcher.data.sources import data_identity, data_path  # reads a few blocks of each file (identity.py)
 from launcher.errors import UsageError
 from launcher.final import finished_config
 from launcher.lock import check_not_held
@@ -143,6 +143,7 @@ def input_paths(cfg: Config, checkpoint: Path | None) -> list[tuple[str, Path]]:
         ("data.chat_template", cfg.data.chat_template if cfg.data.chat_template != "default" else None),
         ("deepspeed", cfg.deepspeed),
         ("resume", checkpoint),
+        *((f"data.sources.{i}.path", source.path) for i, source in enumerate(cfg.data.sources or ())),
     ]
     if cfg.model.factory is not None:  # the module's file, where the factory's import would find it
         module = cfg.model.factory.split(":")[0].replace(".", "/")
@@ -152,7 +153,7 @@ def input_paths(cfg: Config, checkpoint: Path | None) -> list[tuple[str, Path]]:
     for key, value in named:
         if value is None:
             continue
-        if key in ("data.path", "data.eval_path") and any(c in str(value) for c in "*?["):
+        if (key in ("data.path", "data.eval_path") or key.startswith("data.sources.")) and any(c in str(value) for c in "*?["):
             paths += [(key, Path(match)) for match in sorted(glob.glob(str(value), recursive=True))]
         elif Path(value).exists():
             paths.append((key, Path(value)))
@@ -206,16 +207,12 @@ def data_differences(cfg: Config, state: TrainerState | None) -> list[DataChange
         return []
 
     now = data_identity(cfg.data)
-    return [
-        DataChange(key, old, now[key], str(getattr(cfg.data, key.removeprefix("data."))))
-        for key, old in state.data.items()
-        if key in now and now[key] != old
-    ]
+    return [DataChange(key, old, now[key], str(data_path(cfg.data, key))) for key, old in state.data.items() if key in now and now[key] != old]
 
 
 def config_differences(old: dict | None, cfg: Config) -> list[Difference]:
     """Keys whose values differ between a saved config and `cfg` (keys only one of them knows are skipped)."""
-    before, after = _flatten(old if isinstance(old, dict) else {}), _flatten(yaml.safe_load(to_yaml(cfg)))
+    before, after = flatten_keys(old if isinstance(old, dict) else {}), flatten_keys(yaml.safe_load(to_yaml(cfg)))
     differences = []
     for key in after:
         if key not in before:
@@ -247,25 +244,16 @@ def check_samples(start: StartingPoint, train_samples: int, cfg: Config) -> None
     """Once the data is tokenized: another number of training samples than the checkpoint's means other data (a
     change identity.py cannot see, or a source it does not cover: data.name), unless a change was allowed."""
     recorded = start.state.train_samples if start.state is not None else None
-    key = "data.name" if cfg.data.name is not None else "data.path"
+    key = "data.name" if cfg.data.name is not None else "data.sources" if cfg.data.sources is not None else "data.path"
     if recorded is None or recorded == train_samples or start.allowed or _matches(key, cfg.resume_allow_changes):
         return
+    where = ", ".join(str(s.path) for s in cfg.data.sources) if key == "data.sources" else getattr(cfg.data, key.removeprefix("data."))
     raise UsageError(
         f"resume: checkpoint '{start.checkpoint}' was trained on {recorded} training samples, this run has {train_samples}:"
-        f" the data of {key} '{getattr(cfg.data, key.removeprefix('data.')) or 'the built-in corpus'}' changed; restore the data,"
+        f" the data of {key} '{where or 'the built-in corpus'}' changed; restore the data,"
         f" or allow the change with resume_allow_changes=[{key}], or set output_dir=NEW_DIR for a new run"
     )
 
 
 def _matches(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def _flatten(raw: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in raw.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

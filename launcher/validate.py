@@ -5,7 +5,7 @@ Also the checks that need more than the config: the documents (reading them writ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -16,11 +16,13 @@ from launcher.bare_model import inspection_model
 from launcher.batches import BatchLayout
 from launcher.config import Config
 from launcher.data import cache_root, load_documents
+from launcher.data.mixture import source_config
 from launcher.distributed import check_hardware
 from launcher.errors import Problems, UsageError
-from launcher.memory import checkpoint_bytes
+from launcher.memory import checkpoint_bytes, resolve_auto
 from launcher.outputs import check_storage
 from launcher.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from launcher.trackers import tracker_problems
 
 
 def batch_layout(cfg: Config, processes: int) -> BatchLayout:
@@ -28,7 +30,13 @@ def batch_layout(cfg: Config, processes: int) -> BatchLayout:
     simulated = cfg.launch.simulate_world_size
     if simulated and processes > 1:
         raise UsageError(f"launch.simulate_world_size runs one process, but {processes} were launched; start one process (launch.nproc_per_node: 1)")
-    return BatchLayout(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, simulated or processes, ranks_per_process=simulated or 1)
+    plan = BatchLayout(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, simulated or processes, ranks_per_process=simulated or 1)
+    if cfg.train.global_batch_size not in (None, plan.global_batch_size):
+        raise UsageError(
+            f"train.global_batch_size: {cfg.train.global_batch_size}, but {plan.describe()}; set train.micro_batch_size: auto"
+            f" to split it, or make the product equal"
+        )
+    return plan
 
 
 def check_storage_for(cfg: Config, model: nn.Module) -> None:
@@ -56,6 +64,7 @@ class ValidatedRun:
     deepspeed: dict | None  # the resolved DeepSpeed config ("auto" filled), if DeepSpeed runs
     model: nn.Module  # names, shapes and freeze status: on the meta device, or a factory's real model on CPU
     frozen: set[str]
+    notes: list[str] = field(default_factory=list)  # what was decided automatically (micro_batch_size: auto), to print
 
 
 def validate_run(cfg: Config, world_size: int, problems: Problems | None = None) -> ValidatedRun | None:
@@ -69,22 +78,41 @@ def validate_run(cfg: Config, world_size: int, problems: Problems | None = None)
     problems = problems if problems is not None else Problems()
     found_before = len(problems.lines)
     problems.check(check_hardware, cfg.train)
-    ds_config = problems.check(resolved_deepspeed_config, cfg.deepspeed, cfg.train, world_size)
+    # an automatic micro-batch (or FSDP2 sync) is decided from the model's shapes first: the batch checks need it
+    auto = cfg.train.micro_batch_size == "auto" or (cfg.fsdp is not None and cfg.fsdp.sync_every_micro_step == "auto")
+    ds_config = plan = None
+    if not auto:
+        ds_config = problems.check(resolved_deepspeed_config, cfg.deepspeed, cfg.train, world_size)
     problems.check(check_options, cfg, uses_deepspeed=deepspeed_json(cfg.deepspeed) is not None)
-    plan = problems.check(batch_layout, cfg, world_size)
+    if not auto:
+        plan = problems.check(batch_layout, cfg, world_size)
     tokenizer = problems.check(load_tokenizer, cfg)
     built = problems.check(inspection_model, cfg, tokenizer) if tokenizer is not None else None
+    notes = []
+    if auto and built is not None:
+        notes = problems.check(resolve_auto, cfg, built[0], simulated_or(cfg, world_size)) or []
+        if not (cfg.train.micro_batch_size == "auto" or (cfg.fsdp is not None and cfg.fsdp.sync_every_micro_step == "auto")):
+            ds_config = problems.check(resolved_deepspeed_config, cfg.deepspeed, cfg.train, world_size)
+            plan = problems.check(batch_layout, cfg, world_size)
     if own:
         problems.report()
     if len(problems.lines) > found_before:
         return None
-    return ValidatedRun(tokenizer, plan, ds_config, *built)
+    return ValidatedRun(tokenizer, plan, ds_config, *built, notes=notes)
+
+
+def simulated_or(cfg: Config, world_size: int) -> int:
+    """The ranks the batch is split over: launch.simulate_world_size's, or the processes'."""
+    return cfg.launch.simulate_world_size or world_size
 
 
 def check_documents(cfg: Config) -> None:
     """The training (and evaluation) documents load: files exist, formats and fields are right."""
     problems = Problems()
-    problems.check(load_documents, cfg.data)
+    for i in range(len(cfg.data.sources or ())):  # a mixture: each source as it will be read
+        problems.check(load_documents, source_config(cfg.data, i))
+    if cfg.data.sources is None:
+        problems.check(load_documents, cfg.data)
     if cfg.data.eval_path is not None or cfg.data.eval_split is not None:
         problems.check(load_documents, cfg.data, evaluation=True)
     problems.report()
@@ -93,12 +121,6 @@ def check_documents(cfg: Config) -> None:
 def check_options(cfg: Config, uses_deepspeed: bool) -> None:
     """Options that depend on the backend or on an optional package, checked before anything starts."""
     problems = backend_problems(backend_kind(cfg, uses_deepspeed), cfg.diagnostics)
+    problems += tracker_problems(cfg)  # train.tensorboard, train.trackers: packages installed, tracking URI well formed
     if problems:
         raise UsageError(*problems)
-    if cfg.train.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UsageError(
-                "train.tensorboard: the tensorboard package is not installed; pip install -e '.[tensorboard]' or set it to false"
-            ) from None

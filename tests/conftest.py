@@ -131,6 +131,14 @@ def no_teardown_with_groups(proc: subprocess.CompletedProcess) -> subprocess.Com
     return proc
 
 
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one line of a run refused as bad input (exit 2, no traceback)."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launcher: error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
 LIBRARY_NOISE = re.compile(r"\b(Future|User|Deprecation|Runtime)Warning\b|\[WARNING\]|^WARNING|^\[transformers\]|Removed shared tensor")
 
 
@@ -316,6 +324,12 @@ LONGEST_FIRST = [
     "test_fsdp",
     "test_deepspeed",
     "test_hf_models",
+    "test_hang",
+    "test_trackers",
+    "test_memory_plan",
+    "test_mixtures",
+    "test_chat",
+    "test_tokens",
     "test_resume_contract",
     "test_resume",
     "test_bad_input",

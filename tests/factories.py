@@ -1,5 +1,8 @@
 """Model factories for tests, loaded through `model.factory: factories:NAME` (tests/ is on sys.path)."""
 
+import os
+import time
+
 import torch
 from torch import nn
 
@@ -89,19 +92,29 @@ def slow_stop_save_gpt(vocab_size: int, seq_len: int, **kwargs) -> nn.Module:
 
 class Hanging(GPT):
     """The built-in GPT whose `forward`-th training forward (1-based) on global rank `rank` sleeps `seconds`: a hung
-    GPU or node, as the other ranks see it."""
+    GPU or node, as the other ranks see it. With `once` (a file path), only in the run that creates that file: the
+    resumed run trains through."""
 
-    def __init__(self, vocab_size: int, seq_len: int, rank: int, forward: int, seconds: float, **kwargs):
+    def __init__(self, vocab_size: int, seq_len: int, rank: int, forward: int, seconds: float, once: str | None = None, **kwargs):
         super().__init__(vocab_size, seq_len, **kwargs)
         self.hang_rank, self.hang_forward, self.seconds, self.forwards = rank, forward, seconds, 0
+        self.once = None
+        if once is not None and int(os.environ.get("RANK", 0)) == rank and "LOCAL_RANK" in os.environ:
+            # the first process of that rank to build it writes its pid there (a worker may build its model twice)
+            if not os.path.exists(once):
+                with open(once, "w") as f:
+                    f.write(str(os.getpid()))
+            with open(once) as f:
+                self.once = f.read().split()[0] == str(os.getpid())
+            self.once_file = once
 
     def forward(self, input_ids):
-        import os
-        import time
-
-        if self.training and int(os.environ.get("RANK", 0)) == self.hang_rank:
+        if self.training and int(os.environ.get("RANK", 0)) == self.hang_rank and self.once is not False:
             self.forwards += 1
             if self.forwards == self.hang_forward + 1:  # the first forward settles DDP's buckets
+                if self.once:  # when the sleep began, for the test
+                    with open(self.once_file, "a") as f:
+                        f.write(f" {time.time()}")
                 time.sleep(self.seconds)
         return super().forward(input_ids)
 
@@ -130,3 +143,56 @@ class Raising(GPT):
 
 def raising_gpt(vocab_size: int, seq_len: int, **kwargs) -> nn.Module:
     return Raising(vocab_size, seq_len, **kwargs)
+
+
+class Slow(GPT):
+    """The built-in GPT whose training forwards on global rank `rank` each take `seconds` more: a slow GPU, a
+    rank that every other rank waits for at each step."""
+
+    def __init__(self, vocab_size: int, seq_len: int, rank: int, seconds: float, **kwargs):
+        super().__init__(vocab_size, seq_len, **kwargs)
+        self.slow = int(os.environ.get("RANK", 0)) == rank and "LOCAL_RANK" in os.environ
+        self.delay_s = seconds
+
+    def forward(self, input_ids):
+        if self.training and self.slow:
+            time.sleep(self.delay_s)
+        return super().forward(input_ids)
+
+
+def slow_gpt(vocab_size: int, seq_len: int, **kwargs) -> nn.Module:
+    return Slow(vocab_size, seq_len, **kwargs)
+
+
+def slow_data_gpt(vocab_size: int, seq_len: int, rank: int, step: int, seconds: float, **kwargs) -> nn.Module:
+    """The built-in GPT, trained from a data source that on global rank `rank` takes `seconds` for the batches of
+    optimizer step `step` (0-based): a stuck file system or data loader on one rank. (The factory runs in each worker
+    before its data is read, so it can slow that worker's TrainData there.)"""
+    if int(os.environ.get("RANK", 0)) == rank and "LOCAL_RANK" in os.environ:
+        from launcher.data import store
+
+        window = store.TrainData.window
+
+        def slow_window(self, at: int):
+            if at == step:
+                time.sleep(seconds)
+            return window(self, at)
+
+        store.TrainData.window = slow_window
+    return GPT(vocab_size, seq_len, **kwargs)
+
+
+def slow_setup_gpt(vocab_size: int, seq_len: int, seconds: float, **kwargs) -> nn.Module:
+    """The built-in GPT, with data that takes rank 0 `seconds` more to prepare (a large corpus to tokenize) while
+    the other ranks wait: the factory runs in each worker before the data is prepared."""
+    if int(os.environ.get("RANK", 0)) == 0 and "LOCAL_RANK" in os.environ:
+        from launcher import build
+
+        prepare = build.prepare_splits
+
+        def slow_prepare(*args, delay_s=seconds, **kwargs):
+            time.sleep(delay_s)
+            return prepare(*args, **kwargs)
+
+        build.prepare_splits = slow_prepare
+    return GPT(vocab_size, seq_len, **kwargs)

@@ -9,6 +9,7 @@ from launcher.config import Config, load_config, to_yaml
 from conftest import REPO
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))  # launcher configs; configs/accelerate holds accelerate's own
+# configs/examples/ name model folders and data to download first: test_examples.py loads and plans each in such a folder
 ACCELERATE = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 DEEPSPEED = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
 

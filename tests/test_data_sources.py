@@ -135,13 +135,14 @@ BAD_DATA = {  # name: (overrides, expected text in the one line)
     ),
     "unknown role": (
         ["data.path={tmp}/chat_role.jsonl", *CHAT],
-        "data.path: row 2 of '{tmp}/chat_role.jsonl': message 2 has the unknown role 'bot'; use one of system, user, assistant, tool",
+        "data.roles: row 2 of '{tmp}/chat_role.jsonl': message 2 has the unknown role 'bot'; map it to one of system, user, assistant,"
+        " tool with data.roles, e.g. {bot: assistant}",
     ),
     "no assistant turn": (["data.path={tmp}/chat_no_assistant.jsonl", *CHAT], "row 1 of '{tmp}/chat_no_assistant.jsonl' has no assistant turn"),
     "malformed JSON line": (["data.path={tmp}/chat_broken.jsonl", *CHAT], "'{tmp}/chat_broken.jsonl' line 3 is not valid JSON"),
     "no chat template": (
         ["data.path={tmp}/chat_ok.jsonl", *CHAT, "tokenizer={llama}"],
-        "data.chat_template: tokenizer '{llama}' has no chat template; set data.chat_template to a Jinja file",
+        "data.chat_template: tokenizer '{llama}' has no chat template; set data.chat_template to a name (chatml, qwen,",
     ),
     "template without growing turns": (
         ["data.path={tmp}/chat_ok.jsonl", *CHAT, "data.chat_template={tmp}/reversed.jinja"],

@@ -86,7 +86,7 @@ def test_one_process_simulating_two_ranks_equals_a_real_two_rank_run(tmp_path: P
         config, {**yaml.safe_load(config.read_text()), "train": {**yaml.safe_load(config.read_text())["train"], "max_steps": max_steps}}
     )
     real = check(run_cli("train", str(config), "output_dir=" + str(tmp_path / "real"), nproc=2))
-    # an override may follow the flags too (as in the README's commands)
+    # an override may follow the flags too (as in the first-run guide's commands)
     simulated = check(run_cli("train", str(config), "--simulate-world-size", "2", "output_dir=" + str(tmp_path / "sim")))
     assert "global batch 8 = micro-batch 2 x accumulation 2 x world size 2 (simulated by one process: 4 micro-steps)" in simulated.stdout
     assert "DDP (gloo): global batch 8 = micro-batch 2 x accumulation 2 x world size 2;" in real.stdout

@@ -1,4 +1,4 @@
-"""A one-process DeepSpeed run from a plain `launcher train` (the README's example) needs no MPI (mpi4py is not
+"""A one-process DeepSpeed run from a plain `launcher train` (the DeepSpeed guide's example) needs no MPI (mpi4py is not
 installed here) and trains what one plain process trains."""
 
 from pathlib import Path

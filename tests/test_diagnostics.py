@@ -121,14 +121,15 @@ def test_gradient_statistics_and_layer_norms_equal_a_hand_written_loop(tmp_path:
     assert checked_steps == [1, 2, 3]
 
 
-def test_tensorboard_event_files_hold_the_metrics(tmp_path: Path):
+@pytest.mark.parametrize("spelling", [{"tensorboard": True}, {"trackers": ["tensorboard"]}], ids=["train.tensorboard", "train.trackers"])
+def test_tensorboard_event_files_hold_the_metrics(tmp_path: Path, spelling: dict):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = write_config(
         tmp_path / "c.yaml",
         tiny_config(
             tmp_path,
-            train={"max_steps": 4, "log_every": 2, "tensorboard": True},
+            train={"max_steps": 4, "log_every": 2, **spelling},
             eval={"at_start": True, "every_steps": 2},
             diagnostics={"grad_norms_every": 2},
         ),

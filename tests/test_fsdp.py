@@ -249,14 +249,14 @@ def test_planned_bytes_per_rank_are_what_a_run_allocates(tmp_path: Path, backend
     """`launcher plan`'s per-rank bytes of parameters, gradients and AdamW moments, from the meta model, against the
     storage a real CPU run allocates (the vocabulary, 257 rows, shards unevenly: rank 0 holds the padded share)."""
     from launcher.bare_model import inspection_model
-    from launcher.memory import memory_per_rank
+    from launcher.memory import model_states
 
     from conftest import run_worker
 
     sections = {"fsdp": {}} if backend == "FSDP2" else {}
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, freeze=["pos_embed.*"], train={"max_steps": 1}, **sections))
     check(run_worker("measure_memory.py", str(config), str(tmp_path / "result.json"), nproc=nproc))
-    planned = memory_per_rank(inspection_model(load_config(config))[0], nproc)[backend]
+    planned = model_states(inspection_model(load_config(config))[0], nproc)[backend]
     for rank in range(nproc):
         measured = json.loads((tmp_path / f"result.json.rank{rank}").read_text())
         got = (measured["parameters"], measured["gradients"], measured["optimizer"])

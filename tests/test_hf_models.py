@@ -378,11 +378,10 @@ def test_factory_module_beside_the_config_gets_the_tokenizers_vocabulary(tiny_hf
     assert final_weights(tmp_path / "out")["tok_embed.weight"].shape == (1025, 16)
 
 
-def test_readme_fine_tuning_example(tmp_path):
-    """The README's "Fine-tune a Hugging Face model" commands, shortened, and its loading snippet as written."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Fine-tune a Hugging Face model") :]
-    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def test_fine_tuning_guide_example(tmp_path):
+    """The fine-tuning guide's commands (docs/guides/fine-tune-hf.md), shortened, and its loading snippet as written."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "fine-tune-hf.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", guide, re.S).group(1)
     check(run_cli("make-tiny-model", str(tmp_path / "tiny-llama")))
     check(
         run_cli(

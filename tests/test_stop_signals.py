@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.checkpoints import complete_checkpoints, verify_checkpoint
 from launcher.config import load_config
 from launcher.errors import UsageError
 from launcher.preemption import PreemptionFlag
@@ -94,6 +95,22 @@ def test_time_based_checkpoints_are_agreed_across_ranks(tmp_path: Path):
     check(run_cli("train", str(config), nproc=2))
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == [f"step-{s:09d}" for s in (1, 2, 3, 4)]
     assert json.loads((tmp_path / "out" / "checkpoints" / "step-000000004" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_a_signal_on_one_rank_of_four_stops_every_rank_after_the_same_step(tmp_path: Path):
+    """SIGUSR1 reaches rank 2 alone, in the first micro-step of step 2 (log_every 100: no metrics row to carry it).
+    The agreement sent as step 3 starts carries it, so all 4 ranks stop after step 3 with one checkpoint: one step
+    later than a blocking agreement, which no rank waits for any more (launcher.agreement)."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train={"max_steps": 6, "log_every": 100}))
+    cmd = torchrun(4, str(REPO / "tests" / "workers" / "train_with_signal.py"), str(config), "2")
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO), SIGNAL_RANK="2"), capture_output=True, text=True, timeout=300)
+    stops = sorted(line for line in proc.stdout.splitlines() if "stopped after step" in line)
+    assert stops == [f"rank {rank}: stopped after step 3, preempted True" for rank in range(4)], proc.stderr[-3000:]
+    out = tmp_path / "out"
+    marker = json.loads((out / "preempted.json").read_text())
+    assert marker["step"] == 3 and marker["requeue"] is True, marker
+    assert [p.name for p in complete_checkpoints(out)] == ["step-000000003"]  # once, for every rank
+    verify_checkpoint(out / "checkpoints" / "step-000000003")
 
 
 def test_a_hung_rank_ends_the_run_after_the_timeout(tmp_path: Path):

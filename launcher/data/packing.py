@@ -30,7 +30,7 @@ import pyarrow as pa
 from datasets.fingerprint import Hasher
 
 from launcher.data.formats import CONTEXT, TARGET, Encoder
-from launcher.data.identity import check_entry, commit_entry, manifest_path, remove_entry
+from launcher.data.identity import check_entry, commit_entry, entry_files, manifest_path, remove_entry
 from launcher.errors import UsageError
 
 LAYOUT_VERSION = 3  # bump when the samples or rows change, so old caches are not reused
@@ -43,6 +43,10 @@ class SampleCounts:
     truncated: int = 0  # cut to fit a row, targets left
     dropped_too_long: int = 0  # longer than a row under too_long: drop
     dropped_no_target: int = 0  # no target token within the row
+    no_target: int = 0  # no target token at all (before any cut)
+    all_targets: int = 0  # every token a target but the first
+    tokens: int = 0  # in all samples, before any cut
+    targets: int = 0
 
     def describe(self, what: str) -> str | None:
         if not (self.truncated or self.dropped_too_long or self.dropped_no_target):
@@ -57,18 +61,56 @@ def default_num_proc(n_rows: int) -> int:
     return 1 if n_rows < 10_000 else max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-def cache_file(docs: datasets.Dataset, cache_dir: Path | None, fingerprint: str, report: Callable[[str], None] | None) -> str | None:
+def cache_file(docs: datasets.Dataset, cache_dir: Path | None, fingerprint: str, report: Callable[[str], None] | None, shards: int = 1) -> str | None:
     """Where a stage's output goes: a file under the cache folder for sources read from disk; in memory otherwise.
     An entry there that is not as it was written (truncated, other bytes, no manifest) is removed, with a warning
-    naming the file, so the stage builds it again instead of reading it."""
+    naming the file, so the stage builds it again instead of reading it; except the finished shards of an
+    interrupted build of `shards` processes, which are kept (datasets renames a shard into place once written)
+    and read, while the missing ones are made."""
     if not docs.cache_files or cache_dir is None:
         return None
     (cache_dir / "tokenized").mkdir(parents=True, exist_ok=True)
     entry = cache_dir / "tokenized" / f"{fingerprint}.arrow"
     if (problem := check_entry(entry)) is not None:
-        (report or warn)(f"data: the tokenized cache file {problem}; building it again")
-        remove_entry(entry)
+        if (finished := finished_shards(entry, shards)) is not None:
+            (report or warn)(f"data: resuming the tokenization of '{entry.name}': {finished} of {shards} shards were finished")
+        else:
+            (report or warn)(f"data: the tokenized cache file {problem}; building it again")
+            remove_entry(entry)
     return str(entry)
+
+
+def finished_shards(entry: Path, shards: int) -> int | None:
+    """How many shards an interrupted build of `shards` processes finished (no manifest yet, every file a shard of
+    that many); None when the entry is anything else."""
+    files = entry_files(entry)
+    names = {f"{entry.stem}_{rank:05d}_of_{shards:05d}.arrow" for rank in range(shards)}
+    if shards < 2 or manifest_path(entry).exists() or not files or any(f.name not in names for f in files):
+        return None
+    return len(files)
+
+
+def rows_fingerprint(samples_fingerprint: str, width: int, pack: bool, too_long: str | None, pad_id: int) -> str:
+    """The cache key of stage 2 (`too_long`: None for format text)."""
+    return Hasher.hash((samples_fingerprint, width, pack, too_long, pad_id, LAYOUT_VERSION))
+
+
+def samples_fingerprint(docs: datasets.Dataset, encoder: Encoder) -> str:
+    """The cache key of stage 1."""
+    return Hasher.hash((docs._fingerprint, encoder.identity, LAYOUT_VERSION))
+
+
+def cached_rows(docs: datasets.Dataset, encoder: Encoder, seq_len: int, pack: bool, too_long: str, pad_id: int, cache_dir: Path | None):
+    """Stage 2's output when its cache entry is complete: a start reads neither stage 1 nor the samples (whatever
+    data.num_proc made them, e.g. `launcher tokenize --num-proc`); None otherwise."""
+    if not docs.cache_files or cache_dir is None:
+        return None
+    masked = encoder.format != "text"
+    key = rows_fingerprint(samples_fingerprint(docs, encoder), seq_len + 1, pack, too_long if masked else None, pad_id)
+    entry = cache_dir / "tokenized" / f"{key}.arrow"
+    if not manifest_path(entry).is_file() or check_entry(entry) is not None or entry_files(entry) != [entry]:
+        return None
+    return datasets.Dataset.from_file(str(entry)).with_format("numpy")
 
 
 def committed(result: datasets.Dataset, cache_file_name: str | None) -> datasets.Dataset:
@@ -90,9 +132,9 @@ def tokenize_samples(
     features = {"ids": datasets.Sequence(datasets.Value("int32"))}
     if masked:
         features["kinds"] = datasets.Sequence(datasets.Value("uint8"))
-    fingerprint = Hasher.hash((docs._fingerprint, encoder.identity, LAYOUT_VERSION))
+    fingerprint = samples_fingerprint(docs, encoder)
     procs = min(num_proc or default_num_proc(len(docs)), max(1, len(docs)))
-    cache_file_name = cache_file(docs, cache_dir, fingerprint, report)
+    cache_file_name = cache_file(docs, cache_dir, fingerprint, report, procs)
     try:
         samples = docs.map(
             encoder,
@@ -127,6 +169,11 @@ def count_samples(samples: datasets.Dataset, width: int, too_long: str) -> Sampl
         position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
         kept = np.concatenate([[0], np.cumsum((flat == TARGET) & (position < width))])
         targets_kept = kept[offsets[1:]] - kept[offsets[:-1]]  # targets within the first `width` tokens
+        every = np.concatenate([[0], np.cumsum(flat == TARGET)])
+        targets = every[offsets[1:]] - every[offsets[:-1]]
+        counts.no_target += int((targets == 0).sum())
+        counts.tokens, counts.targets = counts.tokens + len(flat), counts.targets + int(every[-1])
+        counts.all_targets += int(((targets == lengths - 1) & (lengths > 1)).sum())
         too_long_mask = lengths > width
         if too_long == "drop":
             counts.dropped_too_long += int(too_long_mask.sum())
@@ -156,7 +203,7 @@ def layout_rows(
     }
     if masked:
         features["kinds"] = datasets.Sequence(datasets.Value("uint8"), length=width)
-    fingerprint = Hasher.hash((samples._fingerprint, width, pack, too_long if masked else None, pad_id, LAYOUT_VERSION))
+    fingerprint = rows_fingerprint(samples._fingerprint, width, pack, too_long if masked else None, pad_id)
 
     def rows_of_group(table: pa.Table) -> pa.Table:
         ids = table.column("ids").combine_chunks()
@@ -196,8 +243,17 @@ def text_rows(pieces: list, width: int, pack: bool) -> list[tuple[np.ndarray, No
 
 
 def masked_rows(pieces: list, width: int, pack: bool, too_long: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    rows, ids_in_row, kinds_in_row, used = [], [], [], 0
-    for ids, kinds in pieces:
+    return [
+        (np.concatenate([pieces[i][0][:width] for i in members]), np.concatenate([pieces[i][1][:width] for i in members]))
+        for members in row_members(pieces, width, pack, too_long)
+    ]
+
+
+def row_members(pieces: list, width: int, pack: bool, too_long: str) -> list[list[int]]:
+    """The samples (indexes into `pieces`, in order) each row holds; a sample longer than a row is cut to `width`
+    (too_long: truncate) or left out (drop), and one with no target within the row is left out."""
+    rows, members, used = [], [], 0
+    for i, (ids, kinds) in enumerate(pieces):
         if len(ids) > width:
             if too_long == "drop":
                 continue
@@ -205,16 +261,15 @@ def masked_rows(pieces: list, width: int, pack: bool, too_long: str) -> list[tup
         if not (kinds == TARGET).any():
             continue
         if not pack:
-            rows.append((ids, kinds))
+            rows.append([i])
             continue
         if used + len(ids) > width:
-            rows.append((np.concatenate(ids_in_row), np.concatenate(kinds_in_row)))
-            ids_in_row, kinds_in_row, used = [], [], 0
-        ids_in_row.append(ids)
-        kinds_in_row.append(kinds)
+            rows.append(members)
+            members, used = [], 0
+        members.append(i)
         used += len(ids)
-    if ids_in_row:
-        rows.append((np.concatenate(ids_in_row), np.concatenate(kinds_in_row)))
+    if members:
+        rows.append(members)
     return rows
 
 

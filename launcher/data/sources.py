@@ -18,10 +18,11 @@ from datasets.fingerprint import Hasher
 
 from launcher.config import DATA_SUFFIXES, DataConfig
 from launcher.data.identity import files_identity
+from launcher.data.messages import MessageMap
+from launcher.data.tokens import open_tokens, shard_files
 from launcher.errors import UsageError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -52,6 +53,9 @@ FORMAT_FIELDS = {  # per format: canonical column -> the config key naming the s
 def load_documents(cfg: DataConfig, evaluation: bool = False) -> datasets.Dataset:
     """The training rows (or, with `evaluation`, those of data.eval_path / data.eval_split), checked, with
     the format's columns under their canonical names: `text`; `prompt`, `completion`; or `messages`."""
+    if cfg.format == "tokens":  # token shards: their headers and sizes checked (the vocabulary: when the tokenizer is known)
+        key = "data.eval_path" if evaluation and cfg.eval_path is not None else "data.path"
+        return open_tokens((cfg.eval_path or cfg.path) if evaluation else cfg.path, key, cfg.seq_len + 1, 0, 1 << 32)
     datasets.disable_progress_bars()  # bars would be noise in the log, and around a one-line error
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own error log of a bad file would be a second line
@@ -73,17 +77,39 @@ def load_documents(cfg: DataConfig, evaluation: bool = False) -> datasets.Datase
     for canonical, field_key in FORMAT_FIELDS[cfg.format].items():
         field = "text" if files and files[0].suffix == ".txt" and canonical == "text" else getattr(cfg, field_key)
         if field not in docs.column_names:
+            if cfg.format == "text" and (chat := next((c for c in ("messages", "conversations") if c in docs.column_names), None)):
+                raise UsageError(
+                    f"data.format: '{where}' has no column '{field}' but a '{chat}' column of conversations; set data.format: chat"
+                    + ("" if chat == "messages" else f" and data.messages_field: {chat}")
+                )
             raise UsageError(
                 f"data.{field_key}: '{where}' has no column '{field}' (columns: {', '.join(docs.column_names)});"
                 f" set data.{field_key} to the column that holds it"
             )
-        if canonical == "messages":
-            check_messages(docs, field, key, where)
-        else:
-            check_text_column(docs, field, key, where, files, field_key)
+        marker = checked_marker(cfg, docs, canonical, field)
+        if marker is None or not marker.is_file():  # the check reads every row: once per source (and chat mapping)
+            if canonical == "messages":
+                check_messages(docs, field, key, where, cfg)
+            else:
+                check_text_column(docs, field, key, where, files, field_key)
+            if marker is not None:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
         columns[field] = canonical
     docs = docs.select_columns(list(columns))
     return docs.rename_columns({f: c for f, c in columns.items() if f != c}) if any(f != c for f, c in columns.items()) else docs
+
+
+def checked_marker(cfg: DataConfig, docs: datasets.Dataset, canonical: str, field: str) -> Path | None:
+    """The file that records that every row of `field` of these documents passed the checks, so a start reads no row:
+    keyed by the documents' fingerprint (from their files' identity for data.path; identity.py), and for chat by the
+    mapping of its messages. None in memory."""
+    if not docs.cache_files or docs._indices is not None:
+        return None
+    mapping = ""
+    if canonical == "messages":  # the chat mapping decides what a valid row is
+        mapping = "-" + Hasher.hash([cfg.message_fields, cfg.roles, cfg.train_field])
+    return cache_root(cfg) / "checked" / f"{docs._fingerprint}-{canonical}-{field}{mapping}"
 
 
 def load_named(cfg: DataConfig, split: str) -> datasets.Dataset:
@@ -113,6 +139,8 @@ def load_path(path: Path, key: str, split: tuple[str, str], cfg: DataConfig) -> 
             " give the evaluation data as data.eval_path"
         )
     files = source_files(path)
+    if path.suffix == ".bin":
+        raise UsageError(f"{key}: '{path}' is a token shard; set data.format: tokens to read it")
     suffixes = sorted({p.suffix for p in files})
     if not files:
         raise UsageError(f"{key}: '{path}' holds no {'/'.join(DATA_SUFFIXES)} file; point it at data files or a save_to_disk folder")
@@ -152,7 +180,18 @@ def data_identity(cfg: DataConfig) -> dict[str, dict]:
     """What identifies the data read from files (data.path, data.eval_path; identity.py), recorded in checkpoints:
     a resume on other bytes is refused. data.name is identified by datasets (a hub revision)."""
     sources = {"data.path": cfg.path if cfg.name is None else None, "data.eval_path": cfg.eval_path}
+    sources.update({f"data.sources.{i}.path": source.path for i, source in enumerate(cfg.sources or ())})  # a mixture's weights: config.yaml
+    if cfg.format == "tokens":  # a shard is its .bin and its .idx
+        listed = {key: (f for b in shard_files(path, key) for f in (b, b.with_suffix(".idx"))) for key, path in sources.items() if path is not None}
+        return {key: files_identity([f for f in files if f.is_file()]) for key, files in listed.items()}
     return {key: identity for key, path in sources.items() if path is not None and (identity := files_identity(source_files(path)))}
+
+
+def data_path(cfg: DataConfig, key: str) -> Path | None:
+    """The path a data_identity key names: data.path, data.eval_path or data.sources.N.path."""
+    if key.startswith("data.sources."):
+        return cfg.sources[int(key.split(".")[2])].path if cfg.sources and int(key.split(".")[2]) < len(cfg.sources) else None
+    return getattr(cfg, key.removeprefix("data."))
 
 
 def load_saved(path: Path, key: str, split: tuple[str, str]) -> datasets.Dataset:
@@ -174,6 +213,21 @@ def load_saved(path: Path, key: str, split: tuple[str, str]) -> datasets.Dataset
     # unchanged state.json would be tokenized from the old cache; keyed by the files' identity too, they are not
     saved._fingerprint = Hasher.hash((saved._fingerprint, files_identity(source_files(path))["digest"]))
     return saved
+
+
+def saved_eval_split(cfg: DataConfig) -> str | None:
+    """The split of a DatasetDict data.path folder that evaluates when no evaluation set is chosen (data.eval_path,
+    data.eval_split, a data.eval_fraction other than the default): its 'test' split, else its 'validation' split."""
+    if cfg.name is not None or cfg.path is None or cfg.eval_path is not None or cfg.eval_split is not None or cfg.eval_fraction != 0.05:
+        return None
+    listing = cfg.path / "dataset_dict.json"
+    if not (cfg.path.is_dir() and listing.is_file()):
+        return None
+    try:
+        splits = json.loads(listing.read_text())["splits"]
+    except (ValueError, KeyError, TypeError):
+        return None  # load_saved names the unreadable folder
+    return next((split for split in ("test", "validation") if split in splits and split != cfg.split), None)
 
 
 def check_not_empty(file: Path, key: str) -> None:
@@ -241,8 +295,10 @@ def check_text_column(
     )
 
 
-def check_messages(docs: datasets.Dataset, field: str, key: str, where: str) -> None:
-    """Format chat: every row is a list of {role, content} strings with a known role and at least one assistant turn."""
+def check_messages(docs: datasets.Dataset, field: str, key: str, where: str, cfg: DataConfig) -> None:
+    """Format chat: every row is a list of messages that map (messages.py) to {role, content} strings with a known
+    role, and has at least one assistant turn."""
+    mapping = MessageMap(cfg)
     for row, messages in enumerate(docs[field], 1):
         if not isinstance(messages, list) or not messages:
             raise UsageError(
@@ -250,13 +306,10 @@ def check_messages(docs: datasets.Dataset, field: str, key: str, where: str) -> 
                 " give every row a list of {role, content} messages"
             )
         for number, message in enumerate(messages, 1):
-            role = message.get("role") if isinstance(message, dict) else None
-            content = message.get("content") if isinstance(message, dict) else None
-            if not isinstance(role, str) or not isinstance(content, str):
-                raise UsageError(f"{key}: row {row} of '{where}': message {number} needs a string 'role' and 'content'; fix that message")
-            if role not in CHAT_ROLES:
-                raise UsageError(f"{key}: row {row} of '{where}': message {number} has the unknown role '{role}'; use one of {', '.join(CHAT_ROLES)}")
-        if not any(m["role"] == "assistant" for m in messages):
+            if problem := mapping.problem(number, message):
+                name, _, rest = problem.partition(": ")
+                raise UsageError(f"{name}: row {row} of '{where}': {rest}")
+        if not any(m["role"] == "assistant" for m in mapping.canonical(messages)[0]):
             raise UsageError(f"{key}: row {row} of '{where}' has no assistant turn, so nothing in it would be trained on; add one or remove the row")
 
 

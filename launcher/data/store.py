@@ -14,6 +14,8 @@ import torch
 
 from launcher.batches import BatchLayout, epoch_order, rank_micro_batches, step_window
 from launcher.data.formats import START, TARGET
+from launcher.data.mixture import Mixture
+from launcher.data.tokens import TokenRows
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (padding, prompts, non-assistant turns)
 
@@ -71,8 +73,10 @@ def sample_lengths(blocks: datasets.Dataset) -> np.ndarray:
     return np.asarray(blocks.select_columns(["length"])[:]["length"], dtype=np.int64)
 
 
-def target_counts(blocks: datasets.Dataset) -> np.ndarray:
+def target_counts(blocks: datasets.Dataset | TokenRows) -> np.ndarray:
     """Target tokens per row: the label positions that are not IGNORE_INDEX."""
+    if isinstance(blocks, TokenRows):  # computed per row asked for (its .sum(): all rows')
+        return blocks.target_counts
     return np.asarray(blocks.select_columns(["n_targets"])[:]["n_targets"], dtype=np.int64)
 
 
@@ -87,8 +91,9 @@ class RowStore:
         self.width = blocks.features["input_ids"].length
         self.columns = {name: self.views(blocks, name) for name in ("input_ids", "kinds") if name in blocks.column_names}
         self.starts = np.cumsum([0] + [len(c) for c in self.columns["input_ids"]])
-        self.lengths = sample_lengths(blocks)
-        self.target_counts = target_counts(blocks)
+        # 4 bytes a row each (int32 holds a row's counts): all a rank holds per row of the corpus, besides the order
+        self.lengths = blocks.data.table.column("length").to_numpy()
+        self.target_counts = blocks.data.table.column("n_targets").to_numpy()
 
     def views(self, blocks: datasets.Dataset, name: str) -> list[np.ndarray]:
         return [c.flatten().to_numpy(zero_copy_only=True).reshape(-1, self.width) for c in blocks.data.table.column(name).chunks]
@@ -107,6 +112,11 @@ class RowStore:
         return out
 
 
+def row_store(blocks: datasets.Dataset | TokenRows, pad_id: int) -> RowStore | TokenRows:
+    """Token shards (format tokens) are their own store: memory-mapped, located per row."""
+    return blocks if isinstance(blocks, TokenRows) else RowStore(blocks, pad_id)
+
+
 class TrainData:
     """This rank's micro-batches for any optimizer step, computed from the step alone (O(1) to seek)."""
 
@@ -120,17 +130,20 @@ class TrainData:
         pin: bool,
         overfit_batches: int | None = None,
         pad_id: int = 0,
+        mixture: Mixture | None = None,
     ):
-        self.store, self.plan, self.seed, self.shuffle, self.pin = RowStore(blocks, pad_id), plan, seed, shuffle, pin
+        self.store, self.plan, self.seed, self.shuffle, self.pin = row_store(blocks, pad_id), plan, seed, shuffle, pin
+        self.mixture = mixture  # data.sources: its epochs replace the plain permutation of the rows
         # the ranks this process plays: its own, or all of them one after the other when simulating
         self.ranks = range(process_index * plan.ranks_per_process, (process_index + 1) * plan.ranks_per_process)
         self.target_counts = self.store.target_counts
-        self.steps_per_epoch = plan.steps_per_epoch(len(self.store))
+        self.steps_per_epoch = plan.steps_per_epoch(len(self))
         self.overfit_batches = overfit_batches
         self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
-        return len(self.store)
+        """Samples per epoch."""
+        return self.mixture.epoch_size if self.mixture is not None else len(self.store)
 
     def window(self, step: int) -> Window:
         """Micro-batches of optimizer step `step` for the ranks this process plays (rank by rank), and the
@@ -139,8 +152,11 @@ class TrainData:
             step = step % min(self.overfit_batches, self.steps_per_epoch)
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, epoch_order(len(self.store), self.seed, epoch, self.shuffle)
+            order = self.mixture.epoch_order(epoch) if self.mixture is not None else epoch_order(len(self.store), self.seed, epoch, self.shuffle)
+            self._epoch, self._order = epoch, order
         window = step_window(self._order, step_in_epoch, self.plan.global_batch_size)
+        if self.mixture is not None:
+            self.mixture.record(window)
         micro = [
             rows_to_batch(self.store.rows(idx), self.plan.micro_batch_size, self.store.width, self.pin, self.store.pad_id)
             for rank in self.ranks
@@ -156,7 +172,7 @@ class EvalData:
         self, blocks: datasets.Dataset, rank: int, world_size: int, micro_batch_size: int, max_samples: int | None, pin: bool, pad_id: int = 0
     ):
         n = min(len(blocks), max_samples or len(blocks))
-        self.store, self.micro_batch_size, self.pin = RowStore(blocks, pad_id), micro_batch_size, pin
+        self.store, self.micro_batch_size, self.pin = row_store(blocks, pad_id), micro_batch_size, pin
         self.target_tokens = int(self.store.target_counts[:n].sum())  # all ranks: the loss denominator
         self.mine = np.arange(rank, n, world_size)
         per_rank = -(-n // world_size)

@@ -159,10 +159,14 @@ def is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "save_pretrained") and hasattr(model, "config")
 
 
-def export_hf(model: nn.Module, state_dict: dict[str, torch.Tensor], tokenizer, cfg: Config, directory: Path) -> Path:
+def export_hf(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], tokenizer, cfg: Config, directory: Path, chat_template: str | None = None
+) -> Path:
     """Main process: a folder that from_pretrained loads as it is. A full model (config.json, safetensors, sharded
     when large, generation config, tokenizer files), or with LoRA the adapter (PeftModel.from_pretrained) and,
-    with export.merge_lora, the merged model in directory/merged. `state_dict` holds the full fp32 master weights."""
+    with export.merge_lora, the merged model in directory/merged. `state_dict` holds the full fp32 master weights.
+    `chat_template`: the template that trained (format chat), written into every exported tokenizer, so that
+    apply_chat_template at inference renders conversations as training did."""
     directory.mkdir(parents=True, exist_ok=True)
     dtype = _export_dtype(cfg.export)
 
@@ -176,11 +180,20 @@ def export_hf(model: nn.Module, state_dict: dict[str, torch.Tensor], tokenizer, 
         _point_adapter_at_base(directory, cfg)
         if cfg.export.merge_lora:
             _save_full(model.get_base_model(), cast(merged_state_dict(model, state_dict)), dtype, cfg.export, directory / "merged")
-            if hasattr(tokenizer, "tokenizer"):
-                tokenizer.tokenizer.save_pretrained(str(directory / "merged"))
-    if hasattr(tokenizer, "tokenizer"):  # the byte-level tokenizer has no files to save
-        tokenizer.tokenizer.save_pretrained(str(directory))
+            _save_tokenizer(tokenizer, directory / "merged", chat_template)
+    _save_tokenizer(tokenizer, directory, chat_template)
     return directory
+
+
+def _save_tokenizer(tokenizer, directory: Path, chat_template: str | None) -> None:
+    if not hasattr(tokenizer, "tokenizer"):  # the byte-level tokenizer has no files to save
+        return
+    hf = tokenizer.tokenizer
+    own, hf.chat_template = hf.chat_template, chat_template or hf.chat_template
+    try:
+        hf.save_pretrained(str(directory))
+    finally:
+        hf.chat_template = own  # the run's tokenizer stays as loaded
 
 
 def _export_dtype(cfg: ExportConfig) -> torch.dtype:

@@ -1,4 +1,5 @@
-"""Under torchrun (or alone): train, and have rank 0 send itself SIGUSR1 at its N-th training micro-step.
+"""Under torchrun (or alone): train, and have rank 0 (SIGNAL_RANK=R: rank R) send itself SIGUSR1 at its N-th
+training micro-step; each rank prints the step it stopped after.
 
 The signal is real and reaches the real handler; the hook only chooses the moment (mid-window when
 N is not the last micro-step of a step). Ends like `launcher train` (end_run: the marker, EXIT_PREEMPTED after a preemption).
@@ -28,7 +29,7 @@ forwards = [-1 if isinstance(run.model, DistributedDataParallel) else 0]
 
 def signal_at_micro_step(module, args):
     if module.training:
-        if forwards[0] == int(micro_step) and run.accelerator.process_index == 0:
+        if forwards[0] == int(micro_step) and run.accelerator.process_index == int(os.environ.get("SIGNAL_RANK", "0")):
             os.kill(os.getpid(), signal.SIGUSR1)
         forwards[0] += 1
 
@@ -37,5 +38,6 @@ run.accelerator.unwrap_model(run.model).register_forward_pre_hook(signal_at_micr
 if os.environ.get("SECOND_SIGNAL_DURING_SAVE") == "1":
     run.accelerator.register_save_state_pre_hook(lambda *args: os.kill(os.getpid(), signal.SIGTERM))
 summary = train(run, preemption)
+print(f"rank {run.accelerator.process_index}: stopped after step {summary.steps}, preempted {summary.preempted}", flush=True)
 code = end_run(summary, run.cfg.output_dir, run.is_main_process, run.lock.release if run.lock is not None else None)
 sys.exit(end_process(code))
