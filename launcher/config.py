@@ -543,6 +543,11 @@ class DistributedConfig(Section):
         1.5, gt=1, description="a rank whose compute per step is this many times the other ranks' median is a straggler (metrics at log steps)"
     )
     straggler_intervals: int = Field(3, ge=1, description="log intervals in a row a rank must straggle before the one warning line names it")
+    straggler_min_lag_s: float = Field(
+        0.25,
+        ge=0,
+        description="seconds per step a straggler must cost the others, beyond the median, to be named (below it: a loaded host's noise, or the main process's logging at log_every 1)",
+    )
 
 
 class WandbConfig(Section):

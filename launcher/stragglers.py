@@ -5,7 +5,8 @@ to its completion) and the rest, its compute. A slow rank (a throttled GPU, a ba
 longer and waits less; the others wait for it. At each log step the ranks' compute times are gathered (one small
 collective per log interval, beside the loss's: no collective or sync per step) and the metrics row gets the slowest
 rank, its host, and its lag: its compute per step over the median of the other ranks'. A rank whose lag is above
-distributed.straggler_factor for distributed.straggler_intervals log intervals in a row is named in one warning line.
+distributed.straggler_factor (and behind the median by more than distributed.straggler_min_lag_s per step) for
+distributed.straggler_intervals log intervals in a row is named in one warning line.
 On GPUs the host times a collective until it is issued or its callback runs, so the split is approximate there.
 """
 
@@ -23,7 +24,7 @@ from launcher.hang import RECORD
 
 class Stragglers:
     def __init__(self, acc, cfg: DistributedConfig):
-        self.acc, self.factor, self.intervals = acc, cfg.straggler_factor, cfg.straggler_intervals
+        self.acc, self.factor, self.intervals, self.min_lag_s = acc, cfg.straggler_factor, cfg.straggler_intervals, cfg.straggler_min_lag_s
         self.hosts: list[str] | None = None
         self.streak: dict[int, int] = {}  # rank: log intervals in a row above the factor
         self.warned: set[int] = set()
@@ -51,8 +52,10 @@ class Stragglers:
         slowest = max(range(len(per_rank)), key=per_rank.__getitem__)
         others = statistics.median(v for r, v in enumerate(per_rank) if r != slowest)
         lag = per_rank[slowest] / others if others > 0 else float("inf")
+        # both a ratio and seconds: a rank that computes 5x the others' 10 ms steps on a busy CPU costs nobody much
+        straggles = lag > self.factor and per_rank[slowest] - others > self.min_lag_s
         for rank in range(len(per_rank)):
-            self.streak[rank] = self.streak.get(rank, 0) + 1 if rank == slowest and lag > self.factor else 0
+            self.streak[rank] = self.streak.get(rank, 0) + 1 if rank == slowest and straggles else 0
         if self.streak[slowest] >= self.intervals and slowest not in self.warned and acc.is_main_process:
             self.warned.add(slowest)
             from tqdm.auto import tqdm

@@ -160,13 +160,14 @@ def test_a_long_set_up_on_rank_0_is_no_hang_and_equal_ranks_are_no_stragglers(tm
 
 
 def test_a_slow_rank_is_named_by_one_straggler_warning(tmp_path: Path):
-    """Rank 1 sleeps 50 ms in each forward (two per step): several times its compute per step."""
+    """Rank 1 sleeps 150 ms in each forward (two per step): several times its compute per step, and 0.3 s per step
+    more than the other's, over distributed.straggler_min_lag_s."""
     config = write_config(
         tmp_path / "c.yaml",
         tiny_config(
             tmp_path,
             train={"max_steps": 12, "log_every": 2},
-            model={"factory": "factories:slow_gpt", "factory_kwargs": {"rank": 1, "seconds": 0.05, "n_layer": 2, "n_head": 2, "d_model": 32}},
+            model={"factory": "factories:slow_gpt", "factory_kwargs": {"rank": 1, "seconds": 0.15, "n_layer": 2, "n_head": 2, "d_model": 32}},
         ),
     )
     proc = check(train(config, 2))
