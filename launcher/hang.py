@@ -126,32 +126,22 @@ def _leave(seq: int, waited_s: float) -> None:
     RECORD.wait_s += waited_s
 
 
-def count_ddp_reductions(model) -> None:
-    """Under DDP: a communication hook that does what DDP's built-in all-reduce does (sum, divided by the world
-    size) and counts each bucket. Call it before the first backward."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    ddp = getattr(model, "_orig_mod", model)  # a compiled model wraps the DDP module
-    if not isinstance(ddp, DistributedDataParallel) or ddp._comm_hooks:
-        return  # DDP takes one hook: one of the user's (Accelerate's comm_hook) stays, and DDP's bucket reductions go uncounted
+def counted_ddp_allreduce(bucket, group):
+    """What DDP's built-in all-reduce of a gradient bucket does (sum, divided by the world size; torch's
+    default_hooks.allreduce_hook), counted in RECORD once per bucket. The DDP backend's communication hook calls it
+    (launcher.backends.ddp: DDP takes one hook, which also records each rank's own gradient norms)."""
     import torch.distributed as dist
 
-    all_reduce = _UNCOUNTED.get("all_reduce", dist.all_reduce)
-    group = ddp.process_group
+    all_reduce = _UNCOUNTED.get("all_reduce", dist.all_reduce)  # the wrapped one would count the bucket twice
+    seq, started_s = _enter("all-reduce (DDP gradients)"), time.perf_counter()
+    tensor = bucket.buffer().div_(group.size())
 
-    def counted_allreduce(state, bucket):
-        # what torch's default_hooks.allreduce_hook does, with the uncounted all_reduce: one count per bucket
-        seq, started_s = _enter("all-reduce (DDP gradients)"), time.perf_counter()
-        tensor = bucket.buffer().div_(group.size())
+    def done(future):
+        _leave(seq, time.perf_counter() - started_s)
+        future.value()  # raises a failed all-reduce's error (a timeout) in the backward, as DDP's own would
+        return tensor
 
-        def done(future):
-            _leave(seq, time.perf_counter() - started_s)
-            future.value()  # raises a failed all-reduce's error (a timeout) in the backward, as DDP's own would
-            return tensor
-
-        return all_reduce(tensor, group=group, async_op=True).get_future().then(done)
-
-    ddp.register_comm_hook(None, counted_allreduce)
+    return all_reduce(tensor, group=group, async_op=True).get_future().then(done)
 
 
 # ---- where a thread is
@@ -371,8 +361,7 @@ def watch(model, cfg: DistributedConfig, output_dir: Path, rank: int, world_size
     when hang_report_s is not below timeout_s (the timeout would end the run first)."""
     if world_size == 1:
         return None
-    count_collectives()
-    count_ddp_reductions(model)
+    count_collectives()  # DDP's gradient buckets are counted by the DDP backend's hook (counted_ddp_allreduce)
     if cfg.hang_report_s >= cfg.timeout_s:
         return None
 

@@ -92,10 +92,9 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
         first_eval = last_eval = log_eval(run, metrics, step=0)
 
     model.train()
+    local_norms = backend.local_gradient_norms(params)  # DDP: its comm hook, before any backward
     backend.before_first_step(lambda: zero_loss_backward(run))  # DDP: settles its gradient buckets
-    watch = NonFiniteWatch(
-        names, acc.process_index, acc.device, cfg.train.mixed_precision == "fp16", backend.local_gradient_norms(params), backend.no_local_norms
-    )
+    watch = NonFiniteWatch(names, acc.process_index, acc.device, cfg.train.mixed_precision == "fp16", local_norms, backend.no_local_norms)
     optimizer.zero_grad(set_to_none=True)
     steps_done, skipped_steps, nonfinite_steps = run.start_step, run.skipped_steps, run.nonfinite_steps
     interval, preempted, requeue, nonfinite = LogInterval(acc.device, mfu), False, False, None

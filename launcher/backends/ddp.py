@@ -10,6 +10,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from launcher.backends.base import Backend, BackendKind
+from launcher.hang import counted_ddp_allreduce
 
 
 class DdpBackend(Backend):
@@ -35,19 +36,19 @@ class DdpBackend(Backend):
 
     def local_gradient_norms(self, params: list[nn.Parameter]) -> list[torch.Tensor] | None:
         """Each rank's own gradient norms before they are averaged, filled in every backward that communicates
-        (through a DDP comm hook), so a non-finite report can say which rank produced a nan; None where there are
-        none (one process: its gradients are the local ones; another comm hook already set)."""
+        (through a DDP comm hook, which also counts each bucket's all-reduce for the hang report), so a non-finite
+        report can say which rank produced a nan; None where there are none (one process: its gradients are the local
+        ones; another comm hook already set). Call it before the first backward."""
         if not isinstance(self.model, nn.parallel.DistributedDataParallel):
             return None
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
         index = {id(p): i for i, p in enumerate(params)}
         local_norms = [torch.zeros((), device=self.acc.device)] * len(params)
+        group = self.model.process_group
 
         def record_then_allreduce(state, bucket):
             for param, norm in zip(bucket.parameters(), torch._foreach_norm(bucket.gradients())):
                 local_norms[index[id(param)]] = norm
-            return allreduce_hook(state, bucket)  # DDP's default: divide by the world size, all-reduce
+            return counted_ddp_allreduce(bucket, group)  # DDP's default (divide by the world size, all-reduce), counted
 
         try:
             self.model.register_comm_hook(None, record_then_allreduce)
