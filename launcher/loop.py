@@ -146,8 +146,10 @@ def train(run: Run, preemption: PreemptionFlag | None = None) -> RunOutcome:
 
         told = None  # a log step: the boundary's stop flags, summed over the ranks with the loss
         if is_log_step:  # the only host-device syncs of a training step, once per log interval
-            straggler_row = stragglers.row(interval.steps)  # before the flush, which resets the count
-            row, told = interval.flush(acc, agreement.flags(metrics.fault is not None))
+            flags = agreement.flags(metrics.fault is not None)
+            # the stop flags and each rank's compute time ride in the loss reduction: one collective per log interval
+            row, summed = interval.flush(acc, flags + stragglers.own_time(interval.steps))  # own_time before the flush's reset
+            told, straggler_row = summed[: len(flags)], stragglers.row(summed[len(flags) :])
             metrics.write(
                 {
                     "step": steps_done,

@@ -2,8 +2,8 @@
 
 Each rank's time per step splits into waiting in collectives (launcher.hang's counters: from entering a collective
 to its completion) and the rest, its compute. A slow rank (a throttled GPU, a bad NIC, a noisy neighbour) computes
-longer and waits less; the others wait for it. At each log step the ranks' compute times are gathered (one small
-collective per log interval, beside the loss's: no collective or sync per step) and the metrics row gets the slowest
+longer and waits less; the others wait for it. At each log step the ranks' compute times ride in the loss's reduction
+(a vector over the ranks, each rank's own entry filled: no collective or sync of their own) and the metrics row gets the slowest
 rank, its host, and its lag: its compute per step over the median of the other ranks'. A rank whose lag is above
 distributed.straggler_factor (and behind the median by more than distributed.straggler_min_lag_s per step) for
 distributed.straggler_intervals log intervals in a row is named in one warning line.
@@ -15,8 +15,6 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-
-import torch
 
 from launcher.config import DistributedConfig
 from launcher.hang import RECORD
@@ -33,15 +31,24 @@ class Stragglers:
     def reset(self) -> None:
         self.started_s, self.wait_s = time.perf_counter(), RECORD.wait_s
 
-    def row(self, steps: int) -> dict:
-        """Every rank, at a log step (`steps`: the optimizer steps since the last): the slowest rank's columns of the
-        metrics row (written by the main process); nothing for one process."""
+    def own_time(self, steps: int) -> list[float]:
+        """Every rank, at a log step (`steps`: the optimizer steps since the last): a vector over the ranks holding this
+        rank's compute time per step at its own index, zeros elsewhere; summed over the ranks (the loop adds it to the
+        log step's loss reduction: no collective of its own) it is every rank's time. Empty for one process."""
         acc = self.acc
         if acc.num_processes == 1:
-            return {}
+            return []
         elapsed_s, waited_s = time.perf_counter() - self.started_s, RECORD.wait_s - self.wait_s
-        compute_s = torch.tensor([max(elapsed_s - waited_s, 0.0) / max(steps, 1)], dtype=torch.float64, device=acc.device)
-        per_rank = acc.gather(compute_s).tolist()  # one collective per log interval (and a sync on a GPU)
+        times = [0.0] * acc.num_processes
+        times[acc.process_index] = max(elapsed_s - waited_s, 0.0) / max(steps, 1)
+        return times
+
+    def row(self, per_rank: list[float]) -> dict:
+        """Every rank, with `per_rank` (own_time summed over the ranks): the slowest rank's columns of the metrics row
+        (written by the main process), and the warning; nothing for one process."""
+        acc = self.acc
+        if not per_rank:
+            return {}
         if self.hosts is None:
             import socket
 
