@@ -253,6 +253,11 @@ class DataConfig(Section):
     )
     seq_len: int = Field(128, ge=2, description="tokens per training sequence")
     pack: bool = Field(True, description="several documents (samples) per row; false: one padded row per document chunk (sample)")
+    separate_documents: bool = Field(
+        False,
+        description="formats text and tokens, packed: positions restart at each document, a token attends only within its document"
+        " (block-diagonal causal mask) and a document's first token is not a target; false: both run on across documents (GPT-2)",
+    )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="fraction of documents held out for evaluation; 0 disables evaluation")
     shuffle: bool = Field(True, description="reshuffle the training samples every epoch (seeded)")
     num_proc: int | None = Field(None, ge=1, description="processes that tokenize; null: one per CPU core (up to 8) from 10,000 rows on, else 1")
@@ -297,6 +302,10 @@ class DataConfig(Section):
             raise ValueError(
                 f"{', '.join(unread)}: not read with data.format: {self.format}; remove {'them' if len(unread) > 1 else 'it'}, or set data.format"
             )
+        if self.separate_documents and not self.pack:
+            raise ValueError(
+                "data.separate_documents keeps packed documents apart; with data.pack: false each row holds one document already: remove it"
+            )
         return self
 
     @property
@@ -338,6 +347,7 @@ FORMAT_FIELDS = {
     "roles": ("chat",),
     "train_field": ("chat",),
     "too_long": ("prompt_completion", "chat"),
+    "separate_documents": ("text", "tokens"),  # prompt_completion and chat samples are always kept apart in a row
 }
 
 

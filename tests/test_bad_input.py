@@ -88,6 +88,8 @@ CASES = {
     "cache_dir under a file": (["data.cache_dir=README.md/cache"], "data.cache_dir: 'README.md/cache' lies under 'README.md', which is a file"),
     # settings that cannot take effect in this run
     "field of another format": (["data.format=chat", "data.prompt_field=question"], "data.prompt_field: not read with data.format: chat"),
+    "separate documents of chat": (["data.format=chat", "data.separate_documents=true"], "data.separate_documents: not read with data.format: chat"),
+    "separate documents unpacked": (["data.pack=false", "data.separate_documents=true"], "with data.pack: false each row holds one document already"),
     "eval without an eval set": (["data.eval_fraction=0", "eval.every_steps=2"], "eval.every_steps: there is no evaluation set"),
     "dump steps without names": (["--dump-grad-steps", "1,2"], "diagnostics.dump_grad_steps: says when to print diagnostics.dump_grad"),
     "shards of the built-in GPT": (["export.max_shard_size=1GB"], "export.max_shard_size: only Hugging Face exports are sharded"),

@@ -16,8 +16,10 @@ import torch
 
 from launcher.batches import BatchLayout
 from launcher.config import load_config
-from launcher.data import TrainData, prepare_splits, target_counts
-from launcher.data.tokens import HEADER, MAGIC, write_shard
+from launcher.data import IGNORE_INDEX, TrainData, prepare_splits, rows_to_batch, target_counts
+from launcher.data.formats import START, TARGET
+from launcher.data.packing import text_rows
+from launcher.data.tokens import HEADER, MAGIC, Shard, TokenRows, write_shard
 from launcher.errors import UsageError
 from launcher.tokenizer import ByteTokenizer
 from tests.conftest import PYTHON, REPO, check, cpu_env, final_weights, metrics, run_cli, tiny_config, write_config, write_documents
@@ -67,15 +69,40 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "text": text, "tokens": tokens, "shards": root / "shards" / "train"}
 
 
-def test_token_shards_give_the_rows_and_batches_of_the_text(corpus):
-    """Every window of two epochs, 2 ranks x 2 micro-steps: the same ids, labels and target counts as the text."""
+def documents_starting_inside_a_row(shards: Path, width: int) -> int:
+    """By a plain walk over the documents' lengths: those starting past a row's first id (groups of 1,000 documents,
+    each cut into rows of `width`; a group's last id alone is in no row)."""
+    lengths = []
+    for idx in sorted(shards.glob("*.idx")):
+        offsets = np.fromfile(idx, dtype="<u8", offset=HEADER.size).astype(np.int64)
+        lengths += np.diff(offsets).tolist()
+    inside = 0
+    for first in range(0, len(lengths), 1000):
+        group = lengths[first : first + 1000]
+        covered = sum(group) - (sum(group) % width == 1)
+        at = 0
+        for n in group:
+            inside += 0 < at < covered and at % width != 0 and n > 0
+            at += n
+    return inside
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["continue", "separate_documents"])
+def test_token_shards_give_the_rows_and_batches_of_the_text(corpus, separate: bool):
+    """Every window of two epochs, 2 ranks x 2 micro-steps: the same ids, labels, positions and target counts as the
+    text; separate documents take one target from a row for each document starting inside it."""
     shards = sorted(p.name for p in corpus["shards"].iterdir())
     assert shards == [f"train_{i:05d}.{suffix}" for i in range(4) for suffix in ("bin", "idx")]
-    text_rows, _ = prepare_splits(load_config(str(corpus["text"])).data, 1)
-    token_rows, _ = prepare_splits(load_config(str(corpus["tokens"])).data, 1)
+    text_cfg, tokens_cfg = (load_config(str(corpus[name]), [f"data.separate_documents={separate}"]).data for name in ("text", "tokens"))
+    text_rows, _ = prepare_splits(text_cfg, 1)
+    token_rows, _ = prepare_splits(tokens_cfg, 1)
     assert len(token_rows) == len(text_rows) == 4815
-    assert target_counts(token_rows).sum() == int(target_counts(text_rows).sum()) == 158_842 - 4815  # a target per token in a row but its first
+    every = 158_842 - 4815  # a target per token in a row but its first
+    inside = documents_starting_inside_a_row(corpus["shards"], text_cfg.seq_len + 1) if separate else 0
+    assert not separate or 2000 < inside < 2500 - 3  # every document but each group's first, less those starting a row
+    assert target_counts(token_rows).sum() == int(target_counts(text_rows).sum()) == every - inside
     plan = BatchLayout(micro_batch_size=3, gradient_accumulation_steps=2, world_size=2)
+    restarts = 0
     for rank in (0, 1):
         text, tokens = TrainData(text_rows, plan, rank, 1, True, False), TrainData(token_rows, plan, rank, 1, True, False)
         for step in range(2 * text.steps_per_epoch):
@@ -83,10 +110,40 @@ def test_token_shards_give_the_rows_and_batches_of_the_text(corpus):
             assert a.global_target_tokens == b.global_target_tokens, step
             for x, y in zip(a.micro_batches, b.micro_batches, strict=True):
                 assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels), step
-                assert x.position_ids is None and y.position_ids is None
+                if x.position_ids is None or not separate:  # separate: no row of this micro-batch has a document start inside
+                    assert x.position_ids is None and y.position_ids is None
+                    continue
+                assert torch.equal(x.position_ids, y.position_ids), step
+                # a document's first input has position 0 and its last input (its EOS) predicts nothing
+                restart = x.position_ids[:, 1:] == 0
+                assert torch.all(x.labels[:, :-1][restart] == IGNORE_INDEX)
+                restarts += int(restart.sum())
+    assert (restarts > 0) == separate
+
+
+def test_separate_documents_restart_positions_at_each_document_within_a_row(tmp_path: Path):
+    """Documents of 3, 1, 0, 5 and 2 tokens in two shards, rows of 5 ids: by hand, the text layout and the shards give
+    START (no target, position 0) where the row and each document begin, once per position (an empty document starts
+    where the next does); the 11th id, a row of one, is left out."""
+    docs = [np.array([10, 11, 12]), np.array([20]), np.array([], dtype=np.int64), np.array([30, 31, 32, 33, 34]), np.array([40, 41])]
+    write_shard(tmp_path / "a.bin", [d.astype(np.uint16) for d in docs[:3]], np.uint16)
+    write_shard(tmp_path / "b.bin", [d.astype(np.uint16) for d in docs[3:]], np.uint16)
+    rows = TokenRows([Shard(tmp_path / name, "data.path", 257) for name in ("a.bin", "b.bin")], 5, 0, 257, separate=True)
+    S, T = START, TARGET
+    want_ids, want_kinds = [[10, 11, 12, 20, 30], [31, 32, 33, 34, 40]], [[S, T, T, S, S], [S, T, T, T, S]]
+    got = rows.rows(np.arange(len(rows)))
+    assert got["input_ids"].tolist() == want_ids and got["kinds"].tolist() == want_kinds
+    assert rows.target_counts[:].tolist() == [2, 3] and rows.target_counts.sum() == 5
+    text = text_rows([(d, None) for d in docs], 5, True, separate=True)
+    assert [r.tolist() for r, _ in text] == want_ids and [k.tolist() for _, k in text] == want_kinds
+    batch = rows_to_batch(got, 2, 5, False)
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 2, 3]]
+    assert batch.labels.tolist() == [[11, 12, IGNORE_INDEX, IGNORE_INDEX], [32, 33, 34, IGNORE_INDEX]]
+    assert TokenRows(rows.shards, 5, 0, 257).target_counts.sum() == 8  # positions running on: every id but each row's first
 
 
 def test_token_shards_train_as_the_text_on_1_and_2_ranks_and_resume_bitwise(corpus):
+    """Positions running on (the default) on 1 and 2 ranks, and data.separate_documents on 2; a resume of the shards."""
     root = corpus["root"]
     runs = {}
     for nproc in (1, 2):
@@ -98,6 +155,14 @@ def test_token_shards_train_as_the_text_on_1_and_2_ranks_and_resume_bitwise(corp
         for key, tensor in text.items():
             assert torch.equal(tokens[key], tensor), (nproc, key)
         assert [r["loss"] for r in metrics(runs["tokens", nproc]) if "loss" in r] == [r["loss"] for r in metrics(runs["text", nproc]) if "loss" in r]
+    separate = {}  # data.separate_documents: the same on both, and not the weights of positions and attention running on
+    for name in ("text", "tokens"):
+        separate[name] = root / f"{name}-separate"
+        check(run_cli("train", str(corpus[name]), f"output_dir={separate[name]}", "data.separate_documents=true", nproc=2))
+    text, tokens, continued = (final_weights(p) for p in (separate["text"], separate["tokens"], runs["text", 2]))
+    for key, tensor in text.items():
+        assert torch.equal(tokens[key], tensor), key
+    assert any(not torch.equal(continued[key], tensor) for key, tensor in text.items())
     resumed = root / "tokens-resumed"
     checkpoint = runs["tokens", 1] / "checkpoints" / "step-000000002"
     check(run_cli("train", str(corpus["tokens"]), f"output_dir={resumed}", f"resume={checkpoint}"))

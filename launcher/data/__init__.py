@@ -76,7 +76,8 @@ def tokenize_into_blocks(
     template = chat_template(cfg, tokenizer) if cfg.format == "chat" else None
     cache_dir = cache_root(cfg) if docs.cache_files else None
     encoder = Encoder(cfg, tokenizer, template)
-    if (rows := cached_rows(docs, encoder, seq_len, pack, cfg.too_long, tokenizer.pad_id, cache_dir)) is not None:
+    separate = cfg.separate_documents
+    if (rows := cached_rows(docs, encoder, seq_len, pack, cfg.too_long, tokenizer.pad_id, cache_dir, separate)) is not None:
         return rows  # prepared already (a run before, or `launcher tokenize`): the samples are not opened
     samples = tokenize_samples(docs, encoder, cfg.num_proc, cache_dir, report)
     if cfg.format != "text":
@@ -90,7 +91,7 @@ def tokenize_into_blocks(
             )
         if report is not None and (line := counts.describe(what)):
             report(line)
-    return layout_rows(samples, seq_len, pack, cfg.too_long, tokenizer.pad_id, cache_dir, report)
+    return layout_rows(samples, seq_len, pack, cfg.too_long, tokenizer.pad_id, cache_dir, report, separate)
 
 
 def check_trained_tokens(counts: SampleCounts, cfg: DataConfig, what: str) -> None:

@@ -10,7 +10,9 @@ A row has `input_ids` (padded with the tokenizer's pad id), `length` (valid ids)
 ids the loss counts) and, for masked formats, `kinds` (formats.py; padding is CONTEXT).
 - text: packed, documents are concatenated and cut into full rows (the last one of each group of
   1,000 documents may be short); unpacked, each document is cut into rows of its own. Positions
-  run on across documents, as in pretraining.
+  run on across documents, as in GPT-2 pretraining; with `data.separate_documents` a packed row gets
+  `kinds` too: START where the row and each document in it begin (no target: positions restart there
+  and attention stays within the document), TARGET on every other id.
 - prompt_completion, chat: a sample longer than a row is truncated (its end cut off) or dropped
   (`data.too_long`); a sample left with no target is dropped. Packed, whole samples fill a row in
   order while they fit (a START kind marks where each begins); unpacked, one sample per padded row.
@@ -29,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from datasets.fingerprint import Hasher
 
-from launcher.data.formats import CONTEXT, TARGET, Encoder
+from launcher.data.formats import CONTEXT, START, TARGET, Encoder
 from launcher.data.identity import check_entry, commit_entry, entry_files, manifest_path, remove_entry
 from launcher.errors import UsageError
 
@@ -90,9 +92,10 @@ def finished_shards(entry: Path, shards: int) -> int | None:
     return len(files)
 
 
-def rows_fingerprint(samples_fingerprint: str, width: int, pack: bool, too_long: str | None, pad_id: int) -> str:
-    """The cache key of stage 2 (`too_long`: None for format text)."""
-    return Hasher.hash((samples_fingerprint, width, pack, too_long, pad_id, LAYOUT_VERSION))
+def rows_fingerprint(samples_fingerprint: str, width: int, pack: bool, too_long: str | None, pad_id: int, separate: bool = False) -> str:
+    """The cache key of stage 2 (`too_long`: None for format text; `separate`: data.separate_documents, format text)."""
+    key = (samples_fingerprint, width, pack, too_long, pad_id, LAYOUT_VERSION)
+    return Hasher.hash(key + ("separate",) if separate else key)  # rows made before the key existed keep their entries
 
 
 def samples_fingerprint(docs: datasets.Dataset, encoder: Encoder) -> str:
@@ -100,13 +103,17 @@ def samples_fingerprint(docs: datasets.Dataset, encoder: Encoder) -> str:
     return Hasher.hash((docs._fingerprint, encoder.identity, LAYOUT_VERSION))
 
 
-def cached_rows(docs: datasets.Dataset, encoder: Encoder, seq_len: int, pack: bool, too_long: str, pad_id: int, cache_dir: Path | None):
+def cached_rows(
+    docs: datasets.Dataset, encoder: Encoder, seq_len: int, pack: bool, too_long: str, pad_id: int, cache_dir: Path | None, separate: bool = False
+):
     """Stage 2's output when its cache entry is complete: a start reads neither stage 1 nor the samples (whatever
     data.num_proc made them, e.g. `launcher tokenize --num-proc`); None otherwise."""
     if not docs.cache_files or cache_dir is None:
         return None
     masked = encoder.format != "text"
-    key = rows_fingerprint(samples_fingerprint(docs, encoder), seq_len + 1, pack, too_long if masked else None, pad_id)
+    key = rows_fingerprint(
+        samples_fingerprint(docs, encoder), seq_len + 1, pack, too_long if masked else None, pad_id, separate and pack and not masked
+    )
     entry = cache_dir / "tokenized" / f"{key}.arrow"
     if not manifest_path(entry).is_file() or check_entry(entry) is not None or entry_files(entry) != [entry]:
         return None
@@ -192,18 +199,21 @@ def layout_rows(
     pad_id: int,
     cache_dir: Path | None,
     report: Callable[[str], None] | None = None,
+    separate: bool = False,
 ) -> datasets.Dataset:
-    """Stage 2: rows of `seq_len + 1` ids; rows with no target are dropped."""
+    """Stage 2: rows of `seq_len + 1` ids; rows with no target are dropped. `separate`: data.separate_documents (format
+    text, packed): the rows get kinds marking where each document starts."""
     width = seq_len + 1
     masked = "kinds" in samples.column_names
+    separate = separate and pack and not masked
     features = {
         "input_ids": datasets.Sequence(datasets.Value("int32"), length=width),
         "length": datasets.Value("int32"),
         "n_targets": datasets.Value("int32"),
     }
-    if masked:
+    if masked or separate:
         features["kinds"] = datasets.Sequence(datasets.Value("uint8"), length=width)
-    fingerprint = rows_fingerprint(samples._fingerprint, width, pack, too_long if masked else None, pad_id)
+    fingerprint = rows_fingerprint(samples._fingerprint, width, pack, too_long if masked else None, pad_id, separate)
 
     def rows_of_group(table: pa.Table) -> pa.Table:
         ids = table.column("ids").combine_chunks()
@@ -211,8 +221,8 @@ def layout_rows(
         values = ids.flatten().to_numpy(zero_copy_only=False)
         kinds = table.column("kinds").combine_chunks().flatten().to_numpy(zero_copy_only=False) if masked else None
         pieces = [(values[a:b], kinds[a:b] if masked else None) for a, b in zip(offsets[:-1], offsets[1:])]
-        rows = masked_rows(pieces, width, pack, too_long) if masked else text_rows(pieces, width, pack)
-        return to_table(rows, width, pad_id, masked)
+        rows = masked_rows(pieces, width, pack, too_long) if masked else text_rows(pieces, width, pack, separate)
+        return to_table(rows, width, pad_id, masked or separate)
 
     cache_file_name = cache_file(samples, cache_dir, fingerprint, report)
     rows = (
@@ -231,14 +241,27 @@ def layout_rows(
     return committed(rows, cache_file_name)
 
 
-def text_rows(pieces: list, width: int, pack: bool) -> list[tuple[np.ndarray, None]]:
+def text_rows(pieces: list, width: int, pack: bool, separate: bool = False) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Rows of `width` ids (a stream's last row may be shorter; a tail of one id has no target and is left out);
+    `separate`: each with its kinds, START where the row and each document in it begin, TARGET elsewhere."""
     streams = [np.concatenate([ids for ids, _ in pieces])] if pack and pieces else [ids for ids, _ in pieces]
+    kinds = None
+    if separate and pieces:
+        kinds = np.full(len(streams[0]), TARGET, dtype=np.uint8)
+        starts = np.cumsum([0] + [len(ids) for ids, _ in pieces[:-1]])
+        kinds[starts[starts < len(kinds)]] = START  # empty documents start nowhere of their own
     rows = []
     for stream in streams:
         n_full = len(stream) // width
-        rows += [(row, None) for row in stream[: n_full * width].reshape(n_full, width)]
-        if len(stream) - n_full * width >= 2:  # a tail of one id has no target
-            rows.append((stream[n_full * width :], None))
+        cuts = [(i * width, (i + 1) * width) for i in range(n_full)]
+        if len(stream) - n_full * width >= 2:
+            cuts.append((n_full * width, len(stream)))
+        for a, b in cuts:
+            row_kinds = None
+            if kinds is not None:
+                row_kinds = kinds[a:b].copy()
+                row_kinds[0] = START
+            rows.append((stream[a:b], row_kinds))
     return rows
 
 

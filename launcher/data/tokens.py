@@ -12,7 +12,9 @@ documents are read in that order as one corpus.
 
 Rows are those format `text` makes with `pack: true` from the same documents (packing.py): groups of
 GROUP documents concatenated and cut into rows of `seq_len + 1`, a group's last short row kept when it has
-a target. So a corpus given as text and as tokens trains on identical batches. A row is located from its
+a target; with `data.separate_documents`, with the same kinds (START where the row and each document in it
+begin), found from the offsets inside the row. So a corpus given as text and as tokens trains on identical
+batches. A row is located from its
 index in O(log groups): the start reads one offset per group (every GROUP-th), never the tokens; a rank
 holds only memory maps and per-group arrays (16 bytes per GROUP documents), whatever the corpus size.
 
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from launcher.data.formats import CONTEXT, START, TARGET
 from launcher.errors import UsageError
 
 MAGIC = b"LTOKIDX1"
@@ -124,10 +127,19 @@ class Shard:
 
 class TokenRows:
     """Rows of `width` token ids from token shards, documents [doc_lo, doc_hi) of all shards in order, laid out as
-    format text packs them. The same interface as store.RowStore: len, width, pad_id, target_counts, rows(idx)."""
+    format text packs them. The same interface as store.RowStore: len, width, pad_id, target_counts, rows(idx).
+    `separate` (data.separate_documents): rows come with kinds, START where the row and each document begin."""
 
-    def __init__(self, shards: list[Shard], width: int, pad_id: int, vocab_size: int, doc_range: tuple[int, int] | None = None):
-        self.shards, self.width, self.pad_id, self.vocab_size = shards, width, pad_id, vocab_size
+    def __init__(
+        self,
+        shards: list[Shard],
+        width: int,
+        pad_id: int,
+        vocab_size: int,
+        doc_range: tuple[int, int] | None = None,
+        separate: bool = False,
+    ):
+        self.shards, self.width, self.pad_id, self.vocab_size, self.separate = shards, width, pad_id, vocab_size, separate
         self.doc_base = np.cumsum([0] + [s.n_docs for s in shards])  # first global document of each shard
         self.token_base = np.cumsum([0] + [s.n_tokens for s in shards])  # first global token of each shard
         lo, hi = doc_range or (0, int(self.doc_base[-1]))
@@ -152,6 +164,26 @@ class TokenRows:
 
     def __len__(self) -> int:
         return int(self.group_first_row[-1])
+
+    def doc_starts_in(self, start: int, end: int) -> np.ndarray:
+        """The global token offsets where documents start within [start, end) (one per position: an empty document
+        starts where the next one does)."""
+        parts = []
+        shard = int(np.searchsorted(self.token_base, start, side="right") - 1)
+        while shard < len(self.shards) and self.token_base[shard] < end:
+            base, offsets = int(self.token_base[shard]), self.shards[shard].offsets[:-1]
+            lo, hi = np.searchsorted(offsets, np.array([max(start - base, 0), end - base], dtype=np.uint64), side="left")
+            parts.append(offsets[lo:hi].astype(np.int64) + base)
+            shard += 1
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+    def row_kinds(self, start: int, n: int) -> np.ndarray:
+        """A row's kinds (separate documents): START at its first id and where each document in it begins."""
+        kinds = np.full(self.width, CONTEXT, dtype=np.uint8)
+        kinds[:n] = TARGET
+        kinds[self.doc_starts_in(start, start + n) - start] = START
+        kinds[0] = START
+        return kinds
 
     def locate(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each row's first global token and its length."""
@@ -185,7 +217,10 @@ class TokenRows:
                     " tokenize with the run's tokenizer"
                 )
             ids[i, :n] = row
-        return {"input_ids": ids, "length": lengths}
+        out = {"input_ids": ids, "length": lengths}
+        if self.separate:
+            out["kinds"] = np.stack([self.row_kinds(int(a), int(n)) for a, n in zip(starts, lengths)]) if len(starts) else ids.astype(np.uint8)
+        return out
 
 
 class RowTargets:
@@ -197,29 +232,44 @@ class RowTargets:
     def __getitem__(self, idx) -> np.ndarray:
         if isinstance(idx, slice):
             idx = np.arange(len(self.rows))[idx]
-        return np.maximum(self.rows.locate(idx)[1] - 1, 0)
+        starts, lengths = self.rows.locate(idx)
+        if not self.rows.separate:
+            return np.maximum(lengths - 1, 0)
+        return np.array([int((self.rows.row_kinds(int(a), int(n))[1:] == TARGET).sum()) for a, n in zip(starts, lengths)], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def sum(self) -> int:
-        """All rows' targets: every token of a group in a row, less one per row."""
+        """All rows' targets: every token of a group in a row, less one per row; separate documents: less one per
+        position inside a row where a document starts, read from every offset (launcher plan; a run never sums)."""
         r = self.rows
         in_rows = r.group_tokens - (r.group_tokens % r.width == 1)
-        return int(in_rows.sum() - len(r))
+        total = int(in_rows.sum() - len(r))
+        if not r.separate:
+            return total
+        lo, hi = r.doc_range
+        for first in range(lo, hi, 1 << 20):  # groups of documents at a time, 8 bytes each
+            docs = np.arange(first, min(hi, first + (1 << 20)))
+            group = (docs - lo) // GROUP
+            at = r.doc_token(docs) - r.group_start[group]  # within its group's stream
+            distinct = np.ones(len(at), dtype=bool)
+            distinct[1:] = (at[1:] != at[:-1]) | (group[1:] != group[:-1])
+            total -= int((distinct & (at > 0) & (at % r.width != 0) & (at < in_rows[group])).sum())
+        return total
 
 
-def open_tokens(path: Path, key: str, width: int, pad_id: int, vocab_size: int) -> TokenRows:
-    return TokenRows([Shard(p, key, vocab_size) for p in shard_files(path, key)], width, pad_id, vocab_size)
+def open_tokens(path: Path, key: str, width: int, pad_id: int, vocab_size: int, separate: bool = False) -> TokenRows:
+    return TokenRows([Shard(p, key, vocab_size) for p in shard_files(path, key)], width, pad_id, vocab_size, separate=separate)
 
 
 def token_splits(cfg, pad_id: int, vocab_size: int) -> tuple[TokenRows, TokenRows | None]:
     """Training and evaluation rows of format tokens: data.eval_path's shards, or the last data.eval_fraction of the
     documents (whole documents, the last ones: format text holds out documents drawn at random)."""
-    width = cfg.seq_len + 1
-    train = open_tokens(cfg.path, "data.path", width, pad_id, vocab_size)
+    width, separate = cfg.seq_len + 1, cfg.separate_documents
+    train = open_tokens(cfg.path, "data.path", width, pad_id, vocab_size, separate)
     if cfg.eval_path is not None:
-        return train, open_tokens(cfg.eval_path, "data.eval_path", width, pad_id, vocab_size)
+        return train, open_tokens(cfg.eval_path, "data.eval_path", width, pad_id, vocab_size, separate)
     if cfg.eval_fraction == 0:
         return train, None
     n_docs = train.doc_range[1]
@@ -227,4 +277,7 @@ def token_splits(cfg, pad_id: int, vocab_size: int) -> tuple[TokenRows, TokenRow
     if n_docs - n_eval < 1:
         raise UsageError(f"data.eval_fraction: {n_docs} document(s) cannot be split into train and eval; add documents or set data.eval_fraction=0")
     shards = train.shards
-    return TokenRows(shards, width, pad_id, vocab_size, (0, n_docs - n_eval)), TokenRows(shards, width, pad_id, vocab_size, (n_docs - n_eval, n_docs))
+    return (
+        TokenRows(shards, width, pad_id, vocab_size, (0, n_docs - n_eval), separate),
+        TokenRows(shards, width, pad_id, vocab_size, (n_docs - n_eval, n_docs), separate),
+    )
