@@ -110,8 +110,8 @@ def prepare(work: Path, size_mb: int) -> tuple[Path, Path]:
     return corpus, tokenizer
 
 
-def write_bench_config(work: Path, size_mb: int, corpus: Path, tokenizer: Path, cache: Path, steps: int, **data) -> Path:
-    config = work / f"bench-{size_mb}mb{'-tokens' if data else ''}.yaml"
+def write_bench_config(work: Path, size_mb: int, corpus: Path, tokenizer: Path, cache: Path, steps: int, name: str = "", **data) -> Path:
+    config = work / f"bench-{size_mb}mb{name}{'-tokens' if data else ''}.yaml"  # each its own file: they are read later
     config.write_text(
         yaml.safe_dump(
             {
@@ -238,7 +238,7 @@ def main() -> None:
         if n == 0:  # the scaling: the same corpus with 1 process, cold, into a cache of its own
             cache_1 = work / f"cache-{size_mb}mb-np1"
             shutil.rmtree(cache_1, ignore_errors=True)
-            config_1 = write_bench_config(work, size_mb, corpus, tokenizer, cache_1, args.steps)
+            config_1 = write_bench_config(work, size_mb, corpus, tokenizer, cache_1, args.steps, name="-np1")
             line, peak = run_tokenize(config_1, cache_1, 1, None)
             print(f"{size_mb} MB, launcher tokenize --num-proc 1: {line} (peak PSS {peak:,.0f} MiB)", flush=True)
             shutil.rmtree(cache_1, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Batch arithmetic and which samples make up each optimizer step.
 
-The samples of global step `s` are a slice of a seeded per-epoch permutation of the training split,
-`global_batch_size` long (shorter for the last step of an epoch). They depend on the seed, the
+The samples of global step `s` are a slice of a seeded per-epoch permutation of the training split
+(an array, or for very large splits a permutation computed per slice: `order_kind`), `global_batch_size` long (shorter for the last step of an epoch). They depend on the seed, the
 epoch and the global batch size only, never on how the global batch is split into ranks and
 micro-steps: a run moved from 2 ranks x 4 micro-steps to 1 rank x 8 gets the same updates.
 """
@@ -51,8 +51,20 @@ class BatchLayout:
         )
 
 
-def epoch_order(n_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The order of the training samples in `epoch`: the same on every rank and every world size."""
+ARRAY_ORDER_MAX = 1 << 24  # epochs up to this many samples are ordered by a shuffled array (64 MiB at most)
+ORDER_KINDS = ("array", "keyed")  # recorded in checkpoints (TrainerState.sample_order): a resume keeps its run's
+
+
+def order_kind(n_samples: int) -> str:
+    """How the samples of an epoch are ordered: a shuffled array (4 bytes a sample on every rank) up to
+    ARRAY_ORDER_MAX samples; above, a keyed permutation computed per step (KeyedOrder), whatever the size."""
+    return "array" if n_samples <= ARRAY_ORDER_MAX else "keyed"
+
+
+def epoch_order(n_samples: int, seed: int, epoch: int, shuffle: bool, kind: str = "array") -> np.ndarray | KeyedOrder:
+    """The order of the training samples in `epoch`: the same on every rank and every world size; sliced by step."""
+    if kind == "keyed":
+        return KeyedOrder(n_samples, seed, epoch, shuffle)
     # 4 bytes a sample held by every rank; shuffling the int32 range in place draws the order permutation(n) does
     order = np.arange(n_samples, dtype=np.int32 if n_samples < 2**31 else np.int64)
     if shuffle:
@@ -60,7 +72,49 @@ def epoch_order(n_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndar
     return order
 
 
-def step_window(order: np.ndarray, step_in_epoch: int, global_batch_size: int) -> np.ndarray:
+class KeyedOrder:
+    """A permutation of range(n) drawn from (seed, epoch), computed for the positions asked for: nothing is held per
+    sample, and a step's window costs its own length, whatever n (a corpus of billions of rows starts as fast as a
+    small one). A Feistel network of ROUNDS rounds is a bijection on the 2^(2h) values of h-bit halves (2^(2h) >= n,
+    under 4n); a value that lands at n or above is enciphered again until it falls below n (cycle walking, under 4
+    times on average), which keeps it a bijection on range(n)."""
+
+    ROUNDS = 6
+    TAG = 0x5EED_0DE5  # apart from the array order's [seed, epoch] and the mixture's streams
+
+    def __init__(self, n: int, seed: int, epoch: int, shuffle: bool):
+        self.n, self.shuffle = n, shuffle
+        self.half = max(1, ((n - 1).bit_length() + 1) // 2)
+        self.keys = np.random.default_rng([seed, epoch, self.TAG]).integers(0, 2**63, size=self.ROUNDS, dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, positions: slice) -> np.ndarray:
+        idx = np.arange(*positions.indices(self.n), dtype=np.uint64)
+        if not self.shuffle:
+            return idx.astype(np.int64)
+        out = self.encipher(idx)
+        while (walk := out >= self.n).any():
+            out[walk] = self.encipher(out[walk])
+        return out.astype(np.int64)
+
+    def encipher(self, x: np.ndarray) -> np.ndarray:
+        h, mask = np.uint64(self.half), np.uint64((1 << self.half) - 1)
+        left, right = x >> h, x & mask
+        for key in self.keys:
+            left, right = right, left ^ (mix(right ^ key) & mask)
+        return (left << h) | right
+
+
+def mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer: every output bit depends on every input bit (uint64 arithmetic wraps)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def step_window(order: np.ndarray | KeyedOrder, step_in_epoch: int, global_batch_size: int) -> np.ndarray:
     """Sample indices of one optimizer step (fewer than `global_batch_size` at the end of an epoch)."""
     start = step_in_epoch * global_batch_size
     return order[start : start + global_batch_size]

@@ -101,7 +101,10 @@ def _build_run(cfg: Config, overwrite: bool, start: StartingPoint | None, checke
 
     pin = accelerator.device.type == "cuda"
     mixture = make_mixture(cfg.data, train_blocks, cfg.seed)  # data.sources: which rows each epoch takes
-    train_data = TrainData(train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin, cfg.train.overfit_batches, tokenizer.pad_id, mixture)
+    resumed_order = (start.state.sample_order or "array") if start.state is not None else None  # a resume orders as its run did
+    train_data = TrainData(
+        train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin, cfg.train.overfit_batches, tokenizer.pad_id, mixture, resumed_order
+    )
     eval_data = None
     if eval_blocks is not None and len(eval_blocks):
         eval_mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size

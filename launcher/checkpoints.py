@@ -47,6 +47,7 @@ class TrainerState:
     train_samples: int | None = None  # the run's training samples: another number on resume means other data
     backend_kind: str | None = None  # launcher.backends.BackendKind; None in checkpoints written before it was recorded
     trackers: dict[str, str] = field(default_factory=dict)  # tracker name: its run id (launcher.trackers), so a resume continues it
+    sample_order: str | None = None  # launcher.batches.ORDER_KINDS; None in checkpoints written before it was recorded: "array"
 
 
 def checkpoint_root(output_dir: Path) -> Path:

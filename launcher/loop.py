@@ -309,6 +309,7 @@ def save_run_checkpoint(
         train_samples=len(run.train_data),
         backend_kind=run.backend.kind.value,
         trackers=trackers or {},
+        sample_order=run.train_data.sample_order,
     )
 
     def fault(err: BaseException):

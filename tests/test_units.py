@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from launcher.batches import BatchLayout, epoch_order, rank_micro_batches, step_window
+from launcher.batches import ARRAY_ORDER_MAX, BatchLayout, epoch_order, order_kind, rank_micro_batches, step_window
 from launcher.config import TrainConfig
 from launcher.errors import UsageError
 from launcher.freezing import apply_freeze, frozen_names, parameter_table
@@ -43,6 +43,31 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
     assert not np.array_equal(a, epoch_order(100, seed=0, epoch=1, shuffle=True))
     assert not np.array_equal(a, epoch_order(100, seed=1, epoch=0, shuffle=True))
     assert np.array_equal(epoch_order(5, seed=0, epoch=3, shuffle=False), np.arange(5))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 65, 1000, 4097, 65_537])
+def test_keyed_order_is_a_permutation_of_every_size(n):
+    order = epoch_order(n, seed=7, epoch=2, shuffle=True, kind="keyed")
+    whole = order[0:n]
+    assert sorted(whole.tolist()) == list(range(n))
+    assert np.array_equal(np.concatenate([order[a : a + 10] for a in range(0, n, 10)]), whole)  # a step's slice alone
+    assert np.array_equal(epoch_order(n, seed=0, epoch=0, shuffle=False, kind="keyed")[0:n], np.arange(n))
+    if n >= 64:
+        assert not np.array_equal(whole, np.arange(n))  # shuffled
+    if n >= 1000:  # no trace of the original order: a random permutation's correlation is about 1/sqrt(n)
+        assert np.abs(np.corrcoef(np.arange(n), whole)[0, 1]) < 4 / math.sqrt(n)
+
+
+def test_keyed_order_depends_on_seed_and_epoch_only_and_holds_nothing_per_sample():
+    n = 3_000_000_000  # rows of about 770 B tokens: a window costs its own length
+    a = epoch_order(n, seed=0, epoch=0, shuffle=True, kind="keyed")
+    window = a[512:1024]
+    assert np.array_equal(window, epoch_order(n, seed=0, epoch=0, shuffle=True, kind="keyed")[512:1024])
+    assert len(np.unique(window)) == 512 and window.min() >= 0 and window.max() < n
+    assert not np.array_equal(window, epoch_order(n, seed=0, epoch=1, shuffle=True, kind="keyed")[512:1024])
+    assert not np.array_equal(window, epoch_order(n, seed=1, epoch=0, shuffle=True, kind="keyed")[512:1024])
+    assert a.keys.nbytes == 48  # all it holds
+    assert order_kind(ARRAY_ORDER_MAX) == "array" and order_kind(ARRAY_ORDER_MAX + 1) == "keyed"
 
 
 def small_gpt():

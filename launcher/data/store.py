@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import torch
 
-from launcher.batches import BatchLayout, epoch_order, rank_micro_batches, step_window
+from launcher.batches import BatchLayout, epoch_order, order_kind, rank_micro_batches, step_window
 from launcher.data.formats import START, TARGET
 from launcher.data.mixture import Mixture
 from launcher.data.tokens import TokenRows
@@ -131,6 +131,7 @@ class TrainData:
         overfit_batches: int | None = None,
         pad_id: int = 0,
         mixture: Mixture | None = None,
+        sample_order: str | None = None,
     ):
         self.store, self.plan, self.seed, self.shuffle, self.pin = row_store(blocks, pad_id), plan, seed, shuffle, pin
         self.mixture = mixture  # data.sources: its epochs replace the plain permutation of the rows
@@ -138,6 +139,8 @@ class TrainData:
         self.ranks = range(process_index * plan.ranks_per_process, (process_index + 1) * plan.ranks_per_process)
         self.target_counts = self.store.target_counts
         self.steps_per_epoch = plan.steps_per_epoch(len(self))
+        # how epochs are ordered (batches.order_kind): a resumed run's as its checkpoint recorded, else by the size
+        self.sample_order = sample_order or order_kind(len(self))
         self.overfit_batches = overfit_batches
         self._epoch, self._order = -1, None
 
@@ -152,7 +155,11 @@ class TrainData:
             step = step % min(self.overfit_batches, self.steps_per_epoch)
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            order = self.mixture.epoch_order(epoch) if self.mixture is not None else epoch_order(len(self.store), self.seed, epoch, self.shuffle)
+            order = (
+                self.mixture.epoch_order(epoch)
+                if self.mixture is not None
+                else epoch_order(len(self.store), self.seed, epoch, self.shuffle, self.sample_order)
+            )
             self._epoch, self._order = epoch, order
         window = step_window(self._order, step_in_epoch, self.plan.global_batch_size)
         if self.mixture is not None:
