@@ -3,19 +3,19 @@
 For each --sizes-mb size, generates a JSON-lines corpus of about that many MB of text (documents of 200 to
 6,000 characters of random words; a byte-level BPE tokenizer of 1,024 ids, the tiny models'), then:
 1. `launcher tokenize` with 2 processes (and, for the first size, with 1 into a cache of its own: the
-   scaling), cold, with `--tokens-out`: the token shards of the same documents; a size prepared by an
-   earlier run of the benchmark is a cache hit here (its cold figures are that run's);
-2. `launcher train` on the text (a cache hit) and on the token shards (data.format: tokens): the time from
-   the process start to the first metrics row (step 1), and the peak memory of the process while it trains
-   --steps steps (PSS, and its resident memory less file-backed, i.e. memory-mapped, pages).
-
-With --text-max-mb, a size above it is token shards only: the first size's token shards' documents repeated
-to that size (what `launcher tokenize --tokens-out` writes of such a corpus, without tokenizing it: at 2 GB
-that alone is over an hour on 2 busy cores), and only the token-shard run is measured.
+   scaling), cold (the size's cache and shards of an earlier run are removed first; the corpora and the
+   tokenizer are kept, their contents fixed by the seed), with `--tokens-out`: the token shards of the same
+   documents;
+2. `launcher train` on the text (a cache hit) and on the token shards (data.format: tokens), --repeats times
+   each: the time from the process start to the first metrics row (step 1; the median), and the peak memory of
+   the process while it trains --steps steps (PSS, and its resident memory less file-backed, i.e.
+   memory-mapped, pages; the largest).
+At the end, the largest size against the first side by side (start difference, memory ratio) and the
+tokenize speed-up of 2 processes over 1.
 
 Run from the repository root (the corpora, caches and shards take about 3x the text on disk under --work:
 delete it afterwards):
-  .venv/bin/python benchmarks/data_pipeline.py --sizes-mb 50 2000 --text-max-mb 50 --work /tmp/launcher-data-bench
+  .venv/bin/python benchmarks/data_pipeline.py --sizes-mb 50 2000 --work /tmp/launcher-data-bench
 """
 
 from __future__ import annotations
@@ -130,33 +130,6 @@ def env_for(cache: Path) -> dict:
     return {**os.environ, "HF_DATASETS_CACHE": str(cache / "hf"), "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 
 
-def repeat_shards(source: Path, out: Path, size_mb: int, source_mb: int, shard_tokens: int = 1 << 28) -> None:
-    """Token shards of a `size_mb` MB corpus: the documents of the `source_mb` MB corpus's shards, repeated, in
-    shards of about `shard_tokens` tokens (what `launcher tokenize --tokens-out` writes of such a corpus)."""
-    sys.path.insert(0, str(REPO))
-    from launcher.data.tokens import Shard, write_shard
-
-    if (out / "done").exists():
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    shards = [Shard(p, "source", 1 << 32) for p in sorted(source.glob("*.bin"))]
-    docs = [s.tokens[a:b] for s in shards for a, b in zip(s.offsets[:-1].astype(np.int64), s.offsets[1:].astype(np.int64))]
-    per_copy = sum(len(d) for d in docs)
-    total = per_copy * size_mb // source_mb
-    written, n, pending, pending_tokens = 0, 0, [], 0
-    while written < total:
-        for doc in docs:
-            pending.append(doc)
-            pending_tokens += len(doc)
-            written += len(doc)
-            if pending_tokens >= shard_tokens or written >= total:
-                write_shard(out / f"train_{n:05d}.bin", pending, shards[0].tokens.dtype)
-                n, pending, pending_tokens = n + 1, [], 0
-            if written >= total:
-                break
-    (out / "done").touch()
-
-
 def run_tokenize(config: Path, cache: Path, num_proc: int, tokens_out: Path | None) -> tuple[str, float]:
     """`launcher tokenize`: its summary line and the peak PSS of it and its workers."""
     cmd = [sys.executable, "-m", "launcher", "tokenize", str(config), "--num-proc", str(num_proc)]
@@ -170,8 +143,14 @@ def run_tokenize(config: Path, cache: Path, num_proc: int, tokens_out: Path | No
     return out.strip().splitlines()[-1], memory.peak_tree / 2**20
 
 
-def run_train(config: Path, cache: Path, work: Path) -> tuple[float, float, float]:
-    """`launcher train` from process start: seconds to the first step's metrics row, peak PSS and peak anonymous RSS (MiB)."""
+def run_train(config: Path, cache: Path, work: Path, repeats: int) -> tuple[float, float, float]:
+    """`launcher train` from process start, `repeats` times: the median of the seconds to the first step's metrics row,
+    and the largest peak PSS and peak anonymous RSS (MiB)."""
+    runs = [train_once(config, cache, work) for _ in range(repeats)]
+    return float(np.median([r[0] for r in runs])), max(r[1] for r in runs), max(r[2] for r in runs)
+
+
+def train_once(config: Path, cache: Path, work: Path) -> tuple[float, float, float]:
     metrics = work / "run" / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     started_s = time.perf_counter()
@@ -200,62 +179,54 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[50, 2000])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each training measurement: the median start, the largest peak")
     parser.add_argument("--work", default="/tmp/launcher-data-bench")
-    parser.add_argument(
-        "--text-max-mb",
-        type=int,
-        default=1 << 30,
-        help="sizes above: token shards only, the first size's documents repeated (no text tokenized, nor trained on)",
-    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, scaling = [], None
     for n, size_mb in enumerate(args.sizes_mb):
-        if size_mb > args.text_max_mb:
-            first = args.sizes_mb[0]
-            shards = work / f"tokens-{size_mb}mb"
-            started_s = time.perf_counter()
-            repeat_shards(work / f"tokens-{first}mb" / "train", shards / "train", size_mb, first)
-            files = sorted((shards / "train").glob("*.bin"))
-            print(
-                f"{size_mb} MB: {len(files)} token shards of the {first} MB corpus's documents repeated,"
-                f" {sum(f.stat().st_size for f in files) / 1e9:.2f} GB, written in {time.perf_counter() - started_s:.0f}s",
-                flush=True,
-            )
-            tokens_config = write_bench_config(
-                work, size_mb, shards / "train", work / "tokenizer", work / f"cache-{size_mb}mb", args.steps, format="tokens"
-            )
-            first_step_s, pss, anon = run_train(tokens_config, work / f"cache-{size_mb}mb", work)
-            rows.append((size_mb, "token shards", first_step_s, pss, anon))
-            print(f"{size_mb} MB, token shards: process start to the first step {first_step_s:.1f}s; PSS {pss:,.0f} MiB, {anon:,.0f} MiB not mapped")
-            continue
         corpus, tokenizer = prepare(work, size_mb)
         cache, shards = work / f"cache-{size_mb}mb", work / f"tokens-{size_mb}mb"
+        for folder in (cache, shards):  # cold: what an earlier run of the benchmark prepared is made again
+            shutil.rmtree(folder, ignore_errors=True)
         config = write_bench_config(work, size_mb, corpus, tokenizer, cache, args.steps)
+        started_s = time.perf_counter()
         line, peak = run_tokenize(config, cache, 2, shards)
+        two_s = time.perf_counter() - started_s
         print(f"{size_mb} MB, launcher tokenize --num-proc 2: {line} (peak PSS with workers {peak:,.0f} MiB)", flush=True)
         if n == 0:  # the scaling: the same corpus with 1 process, cold, into a cache of its own
             cache_1 = work / f"cache-{size_mb}mb-np1"
             shutil.rmtree(cache_1, ignore_errors=True)
             config_1 = write_bench_config(work, size_mb, corpus, tokenizer, cache_1, args.steps, name="-np1")
+            started_s = time.perf_counter()
             line, peak = run_tokenize(config_1, cache_1, 1, None)
+            scaling = (time.perf_counter() - started_s, two_s)
             print(f"{size_mb} MB, launcher tokenize --num-proc 1: {line} (peak PSS {peak:,.0f} MiB)", flush=True)
             shutil.rmtree(cache_1, ignore_errors=True)
-        text = run_train(config, cache, work)
+        text = run_train(config, cache, work, args.repeats)
         tokens_config = write_bench_config(work, size_mb, shards / "train", tokenizer, cache, args.steps, format="tokens")
-        tokens = run_train(tokens_config, cache, work)
+        tokens = run_train(tokens_config, cache, work, args.repeats)
         for what, (first_step_s, pss, anon) in (("text (cache hit)", text), ("token shards", tokens)):
             rows.append((size_mb, what, first_step_s, pss, anon))
             print(
-                f"{size_mb} MB, {what}: process start to the first step {first_step_s:.1f}s; peak while training {args.steps} steps:"
-                f" PSS {pss:,.0f} MiB, {anon:,.0f} MiB without memory-mapped file pages",
+                f"{size_mb} MB, {what}: process start to the first step {first_step_s:.1f}s (median of {args.repeats});"
+                f" peak while training {args.steps} steps: PSS {pss:,.0f} MiB, {anon:,.0f} MiB without memory-mapped file pages",
                 flush=True,
             )
-    if rows:
-        print("\n| corpus | data | start to first step | peak PSS | of it not memory-mapped |\n|---|---|---|---|---|")
-        for size_mb, what, first_step_s, pss, anon in rows:
-            print(f"| {size_mb:,} MB | {what} | {first_step_s:.1f} s | {pss:,.0f} MiB | {anon:,.0f} MiB |")
+    print("\n| corpus | data | start to first step | peak PSS | of it not memory-mapped |\n|---|---|---|---|---|")
+    for size_mb, what, first_step_s, pss, anon in rows:
+        print(f"| {size_mb:,} MB | {what} | {first_step_s:.2f} s | {pss:,.0f} MiB | {anon:,.0f} MiB |")
+    small, large = args.sizes_mb[0], args.sizes_mb[-1]
+    if small != large:
+        print(f"\n{large:,} MB against {small:,} MB, side by side:")
+        for what in ("text (cache hit)", "token shards"):
+            a, b = (next(r for r in rows if r[0] == size and r[1] == what) for size in (small, large))
+            print(f"  {what}: start {b[2] - a[2]:+.2f} s; memory not mapped x{b[4] / a[4]:.3f}")
+    if scaling is not None:
+        print(
+            f"  launcher tokenize at {small:,} MB: 1 process {scaling[0]:.1f} s, 2 processes {scaling[1]:.1f} s: x{scaling[0] / scaling[1]:.2f} faster"
+        )
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
 
 

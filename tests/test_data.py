@@ -86,6 +86,28 @@ def test_held_out_documents_are_not_trained_on(tmp_path: Path):
     assert len(eval_texts) == 4 and len(train_texts) == 16 and not train_texts & eval_texts
 
 
+def test_a_cache_hit_draws_no_held_out_split(tmp_path: Path, monkeypatch):
+    """The held-out split is drawn (a permutation of every document) only when its documents are read: a start whose
+    rows are cached takes the split's fingerprint and the source's cache files, and gives the same rows."""
+    from launcher.data import sources
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document number {i} " * 3}) + "\n" for i in range(50)))
+    cfg = DataConfig(path=path, eval_fraction=0.2, pack=True, seq_len=16, cache_dir=tmp_path / "cache")
+    first = prepare_splits(cfg, seed=3)
+    drawn = []
+    monkeypatch.setattr(sources.DocumentSplit, "documents", property(lambda self: drawn.append(self) or pytest.fail("the split was drawn")))
+    again = prepare_splits(cfg, seed=3)
+    assert drawn == []
+    for a, b in zip(first, again):
+        assert a.cache_files == b.cache_files and np.array_equal(np.asarray(a["input_ids"]), np.asarray(b["input_ids"]))
+    monkeypatch.undo()
+    train, held_out = sources.split_documents(sources.load_documents(cfg), 0.2, seed=3)
+    assert len(train) == 40 and len(held_out) == 10 and not set(train["text"]) & set(held_out["text"])
+    want = sources.load_documents(cfg).train_test_split(test_size=10, seed=3, shuffle=True)
+    assert sorted(held_out["text"]) == sorted(want["test"]["text"]) and sorted(train["text"]) == sorted(want["train"]["text"])
+
+
 def test_row_store_reads_the_same_rows_as_datasets():
     import datasets
 

@@ -339,8 +339,7 @@ def first_bad_json_row(path: Path, field: str | None, field_key: str = "text_fie
 
 
 def split_documents(docs: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Hold out whole documents, so no evaluated text was trained on. The split's indices stay in memory (a few bytes
-    per document), so nothing is written beside the source (a save_to_disk folder stays as it was)."""
+    """Hold out whole documents, so no evaluated text was trained on: `DocumentSplit`s, drawn when first read."""
     if eval_fraction == 0:
         return docs, None
     n_eval = max(1, round(eval_fraction * len(docs)))
@@ -348,7 +347,43 @@ def split_documents(docs: datasets.Dataset, eval_fraction: float, seed: int) -> 
         raise UsageError(
             f"data.eval_fraction: {len(docs)} document(s) cannot be split into train and eval; add documents or set data.eval_fraction=0"
         )
-    import numpy as np
+    return DocumentSplit(docs, n_eval, seed, held_out=False), DocumentSplit(docs, n_eval, seed, held_out=True)
 
-    order = np.random.default_rng(seed).permutation(len(docs))  # the permutation of Dataset.train_test_split(seed=seed)
-    return docs.select(order[n_eval:], keep_in_memory=True), docs.select(order[:n_eval], keep_in_memory=True)
+
+class DocumentSplit:
+    """The training or the held-out documents of a source, as a Dataset once read (any attribute but those below).
+    Until then only its fingerprint (from the source's, the number held out and the seed) and the source's cache files
+    are known, which is all a start needs whose rows are cached (packing.cached_rows): it draws no permutation of the
+    documents, 8 bytes each in memory (seconds and gigabytes per rank at hundreds of GB of text). Read, the split is
+    the permutation of Dataset.train_test_split(seed=seed), its indices in memory, so nothing is written beside the
+    source (a save_to_disk folder stays as it was)."""
+
+    def __init__(self, docs: datasets.Dataset, n_eval: int, seed: int, held_out: bool):
+        self._source, self._n_eval, self._seed, self._held_out = docs, n_eval, seed, held_out
+        self._fingerprint = Hasher.hash((docs._fingerprint, "documents held out", n_eval, seed, held_out))
+        self.cache_files = docs.cache_files
+        self._documents: datasets.Dataset | None = None
+
+    def __len__(self) -> int:
+        return self._n_eval if self._held_out else len(self._source) - self._n_eval
+
+    @property
+    def documents(self) -> datasets.Dataset:
+        if self._documents is None:
+            import numpy as np
+
+            order = np.random.default_rng(self._seed).permutation(len(self._source))
+            mine = order[: self._n_eval] if self._held_out else order[self._n_eval :]
+            self._documents = self._source.select(mine, keep_in_memory=True, new_fingerprint=self._fingerprint)
+        return self._documents
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("_source", "_documents"):  # a copy or pickle probing a half-made object
+            raise AttributeError(name)
+        return getattr(self.documents, name)
+
+    def __getitem__(self, key):
+        return self.documents[key]
+
+    def __iter__(self):
+        return iter(self.documents)
