@@ -62,11 +62,11 @@ def write_corpus(path: Path, size_mb: int) -> int:
 
 class PeakMemory:
     """Samples the memory of a process and its children every 0.2 s: the peak of their summed proportional set size
-    (PSS: resident memory, pages shared between them counted once), and of the process alone its resident memory
-    with its file-backed (memory-mapped) pages left out."""
+    (PSS: resident memory, pages shared between them counted once), and of their summed resident memory with the
+    file-backed (memory-mapped) pages left out: what they allocated themselves."""
 
     def __init__(self, pid: int):
-        self.process, self.peak_tree, self.peak_main_anon = psutil.Process(pid), 0, 0
+        self.process, self.peak_tree, self.peak_tree_anon = psutil.Process(pid), 0, 0
         self.done = False
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -75,15 +75,16 @@ class PeakMemory:
         while not self.done:
             try:
                 procs = [self.process, *self.process.children(recursive=True)]
-                total = 0
+                total, anon = 0, 0
                 for p in procs:
                     try:
                         total += p.memory_full_info().pss
+                        info = p.memory_info()
+                        anon += info.rss - info.shared
                     except psutil.Error:
                         pass
-                info = self.process.memory_info()
                 self.peak_tree = max(self.peak_tree, total)
-                self.peak_main_anon = max(self.peak_main_anon, info.rss - info.shared)
+                self.peak_tree_anon = max(self.peak_tree_anon, anon)
             except psutil.Error:
                 pass
             time.sleep(0.2)
@@ -130,8 +131,8 @@ def env_for(cache: Path) -> dict:
     return {**os.environ, "HF_DATASETS_CACHE": str(cache / "hf"), "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 
 
-def run_tokenize(config: Path, cache: Path, num_proc: int, tokens_out: Path | None) -> tuple[str, float]:
-    """`launcher tokenize`: its summary line and the peak PSS of it and its workers."""
+def run_tokenize(config: Path, cache: Path, num_proc: int, tokens_out: Path | None) -> tuple[str, float, float]:
+    """`launcher tokenize`: its summary line, and the peak PSS of it and its workers and of their own memory (MiB)."""
     cmd = [sys.executable, "-m", "launcher", "tokenize", str(config), "--num-proc", str(num_proc)]
     cmd += ["--tokens-out", str(tokens_out)] if tokens_out else []
     proc = subprocess.Popen(cmd, cwd=REPO, env=env_for(cache), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -140,7 +141,7 @@ def run_tokenize(config: Path, cache: Path, num_proc: int, tokens_out: Path | No
     memory.stop()
     if proc.returncode != 0:
         sys.exit(f"launcher tokenize failed:\n{out[-3000:]}")
-    return out.strip().splitlines()[-1], memory.peak_tree / 2**20
+    return out.strip().splitlines()[-1], memory.peak_tree / 2**20, memory.peak_tree_anon / 2**20
 
 
 def run_train(config: Path, cache: Path, work: Path, repeats: int) -> tuple[float, float, float]:
@@ -172,7 +173,7 @@ def train_once(config: Path, cache: Path, work: Path) -> tuple[float, float, flo
     memory.stop()
     if run.returncode != 0:
         sys.exit(f"training failed:\n{err[-3000:]}")
-    return first_step_s, memory.peak_tree / 2**20, memory.peak_main_anon / 2**20
+    return first_step_s, memory.peak_tree / 2**20, memory.peak_tree_anon / 2**20
 
 
 def main() -> None:
@@ -192,17 +193,17 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
         config = write_bench_config(work, size_mb, corpus, tokenizer, cache, args.steps)
         started_s = time.perf_counter()
-        line, peak = run_tokenize(config, cache, 2, shards)
+        line, peak, own = run_tokenize(config, cache, 2, shards)
         two_s = time.perf_counter() - started_s
-        print(f"{size_mb} MB, launcher tokenize --num-proc 2: {line} (peak PSS with workers {peak:,.0f} MiB)", flush=True)
+        print(f"{size_mb} MB, launcher tokenize --num-proc 2: {line} (peak PSS with workers {peak:,.0f} MiB, {own:,.0f} MiB not mapped)", flush=True)
         if n == 0:  # the scaling: the same corpus with 1 process, cold, into a cache of its own
             cache_1 = work / f"cache-{size_mb}mb-np1"
             shutil.rmtree(cache_1, ignore_errors=True)
             config_1 = write_bench_config(work, size_mb, corpus, tokenizer, cache_1, args.steps, name="-np1")
             started_s = time.perf_counter()
-            line, peak = run_tokenize(config_1, cache_1, 1, None)
+            line, peak, own = run_tokenize(config_1, cache_1, 1, None)
             scaling = (time.perf_counter() - started_s, two_s)
-            print(f"{size_mb} MB, launcher tokenize --num-proc 1: {line} (peak PSS {peak:,.0f} MiB)", flush=True)
+            print(f"{size_mb} MB, launcher tokenize --num-proc 1: {line} (peak PSS {peak:,.0f} MiB, {own:,.0f} MiB not mapped)", flush=True)
             shutil.rmtree(cache_1, ignore_errors=True)
         text = run_train(config, cache, work, args.repeats)
         tokens_config = write_bench_config(work, size_mb, shards / "train", tokenizer, cache, args.steps, format="tokens")
