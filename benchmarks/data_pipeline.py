@@ -8,8 +8,8 @@ For each --sizes-mb size, generates a JSON-lines corpus of about that many MB of
    documents;
 2. `launcher train` on the text (a cache hit) and on the token shards (data.format: tokens), --repeats times
    each: the time from the process start to the first metrics row (step 1; the median), and the peak memory of
-   the process while it trains --steps steps (PSS, and its resident memory less file-backed, i.e.
-   memory-mapped, pages; the largest).
+   the process while it trains --steps steps (PSS, and its anonymous part: what it allocated, without the pages of
+   the files it maps; the largest).
 At the end, the largest size against the first side by side (start difference, memory ratio) and the
 tokenize speed-up of 2 processes over 1.
 
@@ -62,8 +62,8 @@ def write_corpus(path: Path, size_mb: int) -> int:
 
 class PeakMemory:
     """Samples the memory of a process and its children every 0.2 s: the peak of their summed proportional set size
-    (PSS: resident memory, pages shared between them counted once), and of their summed resident memory with the
-    file-backed (memory-mapped) pages left out: what they allocated themselves."""
+    (PSS: resident memory, a page shared by n processes counted 1/n in each), and of its anonymous and shared-memory
+    part (what they allocated themselves, without the pages of files they map: Pss_Anon + Pss_Shmem)."""
 
     def __init__(self, pid: int):
         self.process, self.peak_tree, self.peak_tree_anon = psutil.Process(pid), 0, 0
@@ -75,23 +75,28 @@ class PeakMemory:
         while not self.done:
             try:
                 procs = [self.process, *self.process.children(recursive=True)]
-                total, anon = 0, 0
-                for p in procs:
-                    try:
-                        total += p.memory_full_info().pss
-                        info = p.memory_info()
-                        anon += info.rss - info.shared
-                    except psutil.Error:
-                        pass
-                self.peak_tree = max(self.peak_tree, total)
-                self.peak_tree_anon = max(self.peak_tree_anon, anon)
             except psutil.Error:
-                pass
+                procs = []
+            total, anon = 0, 0
+            for p in procs:
+                fields = rollup(p.pid)
+                total += fields.get("Pss", 0)
+                anon += fields.get("Pss_Anon", 0) + fields.get("Pss_Shmem", 0)
+            self.peak_tree, self.peak_tree_anon = max(self.peak_tree, total), max(self.peak_tree_anon, anon)
             time.sleep(0.2)
 
     def stop(self):
         self.done = True
         self.thread.join()
+
+
+def rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup in bytes ({} for a process gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    except OSError:
+        return {}
+    return {name.rstrip(":"): int(kb) * 1024 for name, kb, *_ in (line.split() for line in lines)}
 
 
 def prepare(work: Path, size_mb: int) -> tuple[Path, Path]:
@@ -146,7 +151,7 @@ def run_tokenize(config: Path, cache: Path, num_proc: int, tokens_out: Path | No
 
 def run_train(config: Path, cache: Path, work: Path, repeats: int) -> tuple[float, float, float]:
     """`launcher train` from process start, `repeats` times: the median of the seconds to the first step's metrics row,
-    and the largest peak PSS and peak anonymous RSS (MiB)."""
+    and the largest peak PSS and anonymous PSS (MiB)."""
     runs = [train_once(config, cache, work) for _ in range(repeats)]
     return float(np.median([r[0] for r in runs])), max(r[1] for r in runs), max(r[2] for r in runs)
 
