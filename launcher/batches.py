@@ -51,7 +51,7 @@ class BatchLayout:
         )
 
 
-ARRAY_ORDER_MAX = 1 << 24  # epochs up to this many samples are ordered by a shuffled array (64 MiB at most)
+ARRAY_ORDER_MAX = 1 << 20  # epochs up to this many samples are ordered by a shuffled array (4 MiB, about 40 ms at most)
 ORDER_KINDS = ("array", "keyed")  # recorded in checkpoints (TrainerState.sample_order): a resume keeps its run's
 
 

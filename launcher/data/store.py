@@ -91,7 +91,7 @@ class RowStore:
         self.width = blocks.features["input_ids"].length
         self.columns = {name: self.views(blocks, name) for name in ("input_ids", "kinds") if name in blocks.column_names}
         self.starts = np.cumsum([0] + [len(c) for c in self.columns["input_ids"]])
-        # read in place too: a rank holds nothing per row of the corpus (batches.order_kind: nor per sample, above 2^24)
+        # read in place too: a rank holds nothing per row of the corpus (batches.order_kind: nor per sample, above 2^20)
         self.lengths = MappedColumn(blocks.data.table.column("length"))
         self.target_counts = MappedColumn(blocks.data.table.column("n_targets"))
 
