@@ -5,8 +5,10 @@ A start on format tokens reads each shard's header and file sizes, one offset pe
 rows), then a step reads its rows. This writes, per size, one shard whose `.idx` is real (documents of 200 to
 1,800 tokens) and whose `.bin` is a sparse file of the right size (no tokens on disk: a start reads none but the
 rows of its first window), then times in a fresh process: opening the shards (`launcher.data.tokens.open_tokens`),
-the epoch's order and the first window's 512 rows (their ids, and the target counts of the window). With --cold
-the page cache is dropped before each (root only), so the offsets come from the disk.
+the epoch's order and the first window's 512 rows (their ids, and the target counts of the window): a first start
+(which reads every 1,000th offset and writes the table of groups under the data cache) and a later one (which
+reads that table). With --cold the page cache is dropped before each (root only), so the offsets come from the
+disk.
 
 Run from the repository root (the indexes take 8 bytes a document under --work; delete it afterwards):
   .venv/bin/python benchmarks/token_start.py --docs 1e6 1e7 1e8 3e8 --work /tmp/launcher-token-start
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -62,7 +65,8 @@ import numpy as np
 from launcher.batches import BatchLayout, epoch_order, order_kind, step_window
 from launcher.data.tokens import open_tokens
 t1 = time.perf_counter()
-rows = open_tokens(__import__("pathlib").Path(sys.argv[1]), "data.path", int(sys.argv[2]), 0, 1 << 16)
+from pathlib import Path
+rows = open_tokens(Path(sys.argv[1]), "data.path", int(sys.argv[2]), 0, 1 << 16, cache_dir=Path(sys.argv[3]))
 t2 = time.perf_counter()
 kind = order_kind(len(rows))
 order = epoch_order(len(rows), 1, 0, True, kind)
@@ -98,35 +102,36 @@ def main() -> None:
         bin_path = write_index(work / f"docs-{n}", n)
         tokens = (bin_path.stat().st_size) // 2
         print(
-            f"{n:,} documents, {tokens / 1e9:.0f} B tokens ({2 * tokens / 1e9:,.0f} GB of uint16): index ready in {time.perf_counter() - started_s:.0f}s",
-            flush=True,
+            f"{n:,} documents, {tokens / 1e9:.0f} B tokens ({2 * tokens / 1e9:,.0f} GB of uint16): index ready in {time.perf_counter() - started_s:.0f}s"
         )
-        cold = drop_caches() if args.cold else False
-        out = subprocess.run(
-            [sys.executable, "-c", MEASURE, str(bin_path), str(WIDTH)],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            capture_output=True,
-            text=True,
-        )
-        if out.returncode != 0:
-            sys.exit(out.stderr[-3000:])
-        result = json.loads(out.stdout.strip().splitlines()[-1]) | {"docs": n, "tokens": tokens, "cold": cold}
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        result = {"docs": n, "tokens": tokens}
+        for start in ("first", "later"):
+            cold = drop_caches() if args.cold else False
+            cmd = [sys.executable, "-c", MEASURE, str(bin_path), str(WIDTH), str(work / "cache")]
+            out = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(out.stderr[-3000:])
+            result[start] = json.loads(out.stdout.strip().splitlines()[-1]) | {"cold": cold}
         results.append(result)
         print(f"  {json.dumps(result)}", flush=True)
     print(
-        "\n| documents | corpus (uint16) | rows of 2,049 | order | open the shards | first window (512 rows) | own memory | mapped pages resident |\n|---|---|---|---|---|---|---|---|"
+        "\n| documents | corpus (uint16) | rows of 2,049 | order | open the shards: first start | later start"
+        " | first window (512 rows) | own memory | mapped pages resident (first start) |\n|---|---|---|---|---|---|---|---|---|"
     )
     for r in results:
+        first, later = r["first"], r["later"]
         print(
-            f"| {r['docs']:,} | {2 * r['tokens'] / 1e9:,.0f} GB | {r['rows']:,} | {r['order']} | {1e3 * r['open_s']:,.1f} ms"
-            f" | {1e3 * r['first_window_s']:,.1f} ms | {r['anon_mib']:,.0f} MiB | {r['mapped_mib']:,.0f} MiB |"
+            f"| {r['docs']:,} | {2 * r['tokens'] / 1e9:,.0f} GB | {later['rows']:,} | {later['order']} | {1e3 * first['open_s']:,.1f} ms"
+            f" | {1e3 * later['open_s']:,.1f} ms | {1e3 * later['first_window_s']:,.1f} ms | {later['anon_mib']:,.0f} MiB"
+            f" | {first['mapped_mib']:,.0f} MiB |"
         )
-    first, last = results[0], results[-1]
+    small, large = results[0], results[-1]
+    ratio = lambda start, key: large[start][key] / small[start][key]  # noqa: E731
     print(
-        f"\n{last['docs'] / first['docs']:,.0f}x the documents: opening x{last['open_s'] / first['open_s']:.1f},"
-        f" first window x{last['first_window_s'] / first['first_window_s']:.1f}, own memory x{last['anon_mib'] / first['anon_mib']:.2f}"
-        f" ({'page cache dropped before each' if last['cold'] else 'index in the page cache'})"
+        f"\n{large['docs'] / small['docs']:,.0f}x the documents: opening x{ratio('first', 'open_s'):.1f} on a first start,"
+        f" x{ratio('later', 'open_s'):.1f} on a later one; first window x{ratio('later', 'first_window_s'):.1f};"
+        f" own memory x{ratio('later', 'anon_mib'):.2f} ({'page cache dropped before each' if large['later']['cold'] else 'index in the page cache'})"
     )
 
 

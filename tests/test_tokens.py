@@ -171,6 +171,26 @@ def test_token_shards_train_as_the_text_on_1_and_2_ranks_and_resume_bitwise(corp
         assert torch.equal(again[key], tensor), key
 
 
+def test_a_later_start_reads_the_group_table_instead_of_the_offsets(corpus, tmp_path: Path, monkeypatch):
+    """The first start writes each group's first token under the data cache; a later one reads it and no offset; a
+    shard written again (another modification time) is read afresh."""
+    shards = tmp_path / "shards"
+    shutil.copytree(corpus["shards"], shards)
+    cfg = load_config(str(corpus["tokens"]), [f"data.path={shards}", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_fraction=0.1"])
+    first, held_out = prepare_splits(cfg.data, 1)
+    tables = sorted((tmp_path / "cache" / "token-groups").glob("*.npy"))
+    assert len(tables) == 2  # the training and the held-out documents'
+    read = []
+    real = TokenRows.doc_token
+    monkeypatch.setattr(TokenRows, "doc_token", lambda self, docs: read.append(len(docs)) or real(self, docs))
+    again, held_out_again = prepare_splits(cfg.data, 1)
+    assert read == []
+    assert np.array_equal(again.group_start, first.group_start) and np.array_equal(held_out_again.group_first_row, held_out.group_first_row)
+    os.utime(shards / "train_00001.bin", ns=(1, 1))
+    prepare_splits(cfg.data, 1)
+    assert read == [len(first.group_start) + 1, len(held_out.group_start) + 1]
+
+
 def test_tokenize_killed_midway_and_run_again_equals_an_uninterrupted_one(corpus):
     root = corpus["root"]
     cache = root / "cache-killed"

@@ -128,7 +128,7 @@ def prepare_splits(
     if cfg.sources is not None:  # each source on its own, then tagged and concatenated
         return mixture_splits(cfg, lambda one: prepare_splits(one, seed, tokenizer, report))
     if cfg.format == "tokens":
-        return token_splits(cfg, tokenizer.pad_id, tokenizer.vocab_size)
+        return token_splits(cfg, tokenizer.pad_id, tokenizer.vocab_size, cache_root(cfg))
     train_docs, eval_docs = split_sources(cfg, seed, report)
     if progress:
         datasets.enable_progress_bars()
