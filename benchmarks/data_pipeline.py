@@ -10,8 +10,10 @@ For each --sizes-mb size, generates a JSON-lines corpus of about that many MB of
    each: the time from the process start to the first metrics row (step 1; the median), and the peak memory of
    the process while it trains --steps steps (PSS, and its anonymous part: what it allocated, without the pages of
    the files it maps; the largest).
+3. the data part of such a start alone, in a fresh process after its imports: preparing the splits, the
+   epoch's order and the first window's rows (the median of --repeats).
 At the end, the largest size against the first side by side (start difference, memory ratio) and the
-tokenize speed-up of 2 processes over 1.
+tokenize speed-up of 2 processes over 1 (both with --tokens-out).
 
 Run from the repository root (the corpora, caches and shards take about 3x the text on disk under --work:
 delete it afterwards):
@@ -149,6 +151,33 @@ def run_tokenize(config: Path, cache: Path, num_proc: int, tokens_out: Path | No
     return out.strip().splitlines()[-1], memory.peak_tree / 2**20, memory.peak_tree_anon / 2**20
 
 
+DATA_PART = """
+import sys, time
+from launcher.batches import BatchLayout
+from launcher.config import load_config
+from launcher.data import TrainData, prepare_splits
+from launcher.tokenizer import load_tokenizer
+cfg = load_config(sys.argv[1])
+tokenizer = load_tokenizer(cfg)
+started_s = time.perf_counter()
+train, _ = prepare_splits(cfg.data, cfg.seed, tokenizer)
+TrainData(train, BatchLayout(cfg.train.micro_batch_size, 1, 1), 0, cfg.seed, cfg.data.shuffle, False).window(0)
+print(time.perf_counter() - started_s)
+"""
+
+
+def data_part(config: Path, cache: Path, repeats: int) -> float:
+    """Seconds a start spends on its data, in a fresh process after the imports: preparing the splits (a cache hit),
+    the epoch's order and the first window's rows; the median of `repeats`."""
+    times = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", DATA_PART, str(config)], cwd=REPO, env=env_for(cache), capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"the data part failed:\n{out.stderr[-3000:]}")
+        times.append(float(out.stdout.strip().splitlines()[-1]))
+    return float(np.median(times))
+
+
 def run_train(config: Path, cache: Path, work: Path, repeats: int) -> tuple[float, float, float]:
     """`launcher train` from process start, `repeats` times: the median of the seconds to the first step's metrics row,
     and the largest peak PSS and anonymous PSS (MiB)."""
@@ -190,7 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows, scaling = [], None
+    rows, scaling, parts = [], None, {}
     for n, size_mb in enumerate(args.sizes_mb):
         corpus, tokenizer = prepare(work, size_mb)
         cache, shards = work / f"cache-{size_mb}mb", work / f"tokens-{size_mb}mb"
@@ -204,15 +233,19 @@ def main() -> None:
         if n == 0:  # the scaling: the same corpus with 1 process, cold, into a cache of its own
             cache_1 = work / f"cache-{size_mb}mb-np1"
             shutil.rmtree(cache_1, ignore_errors=True)
+            shutil.rmtree(work / "tokens-np1", ignore_errors=True)
             config_1 = write_bench_config(work, size_mb, corpus, tokenizer, cache_1, args.steps, name="-np1")
             started_s = time.perf_counter()
-            line, peak, own = run_tokenize(config_1, cache_1, 1, None)
+            line, peak, own = run_tokenize(config_1, cache_1, 1, work / "tokens-np1")  # the same work as the 2 processes
             scaling = (time.perf_counter() - started_s, two_s)
             print(f"{size_mb} MB, launcher tokenize --num-proc 1: {line} (peak PSS {peak:,.0f} MiB, {own:,.0f} MiB not mapped)", flush=True)
             shutil.rmtree(cache_1, ignore_errors=True)
+            shutil.rmtree(work / "tokens-np1", ignore_errors=True)
         text = run_train(config, cache, work, args.repeats)
         tokens_config = write_bench_config(work, size_mb, shards / "train", tokenizer, cache, args.steps, format="tokens")
         tokens = run_train(tokens_config, cache, work, args.repeats)
+        parts[size_mb] = {what: data_part(c, cache, args.repeats) for what, c in (("text (cache hit)", config), ("token shards", tokens_config))}
+        print(f"{size_mb} MB, the data part of a start, in-process (median of {args.repeats}): {parts[size_mb]}", flush=True)
         for what, (first_step_s, pss, anon) in (("text (cache hit)", text), ("token shards", tokens)):
             rows.append((size_mb, what, first_step_s, pss, anon))
             print(
@@ -228,7 +261,11 @@ def main() -> None:
         print(f"\n{large:,} MB against {small:,} MB, side by side:")
         for what in ("text (cache hit)", "token shards"):
             a, b = (next(r for r in rows if r[0] == size and r[1] == what) for size in (small, large))
-            print(f"  {what}: start {b[2] - a[2]:+.2f} s; memory not mapped x{b[4] / a[4]:.3f}")
+            data_a, data_b = parts[small][what], parts[large][what]
+            print(
+                f"  {what}: start {b[2] - a[2]:+.2f} s (of it the data part: {1e3 * data_a:.0f} -> {1e3 * data_b:.0f} ms);"
+                f" memory not mapped x{b[4] / a[4]:.3f}"
+            )
     if scaling is not None:
         print(
             f"  launcher tokenize at {small:,} MB, end to end (process start included): 1 process {scaling[0]:.1f} s,"
