@@ -7,11 +7,12 @@ For each --sizes-mb size, generates a JSON-lines corpus of about that many MB of
    tokenizer are kept, their contents fixed by the seed), with `--tokens-out`: the token shards of the same
    documents;
 2. `launcher train` on the text (a cache hit) and on the token shards (data.format: tokens), --repeats times
-   each: the time from the process start to the first metrics row (step 1; the median), and the peak memory of
-   the process while it trains --steps steps (PSS, and its anonymous part: what it allocated, without the pages of
-   the files it maps; the largest).
+   each, every size's runs interleaved: the time from the process start to the first metrics row (step 1; the
+   median), and the peak memory of the process while it trains --steps steps (PSS, and its anonymous part: what
+   it allocated, without the pages of the files it maps; the largest).
 3. the data part of such a start alone, in a fresh process after its imports: preparing the splits, the
-   epoch's order and the first window's rows (the median of --repeats).
+   epoch's order and the first window's rows (the median of --repeats), and once more with the page cache
+   dropped first (as root), as on a node that has not read the data since it was written.
 At the end, the largest size against the first side by side (start difference, memory ratio) and the
 tokenize speed-up of 2 processes over 1 (both with --tokens-out).
 
@@ -166,23 +167,20 @@ print(time.perf_counter() - started_s)
 """
 
 
-def data_part(config: Path, cache: Path, repeats: int) -> float:
+def data_part(config: Path, cache: Path, cold: bool) -> float:
     """Seconds a start spends on its data, in a fresh process after the imports: preparing the splits (a cache hit),
-    the epoch's order and the first window's rows; the median of `repeats`."""
-    times = []
-    for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", DATA_PART, str(config)], cwd=REPO, env=env_for(cache), capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"the data part failed:\n{out.stderr[-3000:]}")
-        times.append(float(out.stdout.strip().splitlines()[-1]))
-    return float(np.median(times))
+    the epoch's order and the first window's rows; `cold`: with the page cache dropped first (root only)."""
+    if cold:
+        drop_page_cache()
+    out = subprocess.run([sys.executable, "-c", DATA_PART, str(config)], cwd=REPO, env=env_for(cache), capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"the data part failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
 
 
-def run_train(config: Path, cache: Path, work: Path, repeats: int) -> tuple[float, float, float]:
-    """`launcher train` from process start, `repeats` times: the median of the seconds to the first step's metrics row,
-    and the largest peak PSS and anonymous PSS (MiB)."""
-    runs = [train_once(config, cache, work) for _ in range(repeats)]
-    return float(np.median([r[0] for r in runs])), max(r[1] for r in runs), max(r[2] for r in runs)
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def train_once(config: Path, cache: Path, work: Path) -> tuple[float, float, float]:
@@ -214,13 +212,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[50, 2000])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each training measurement: the median start, the largest peak")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each start measurement: the median start, the largest peak")
     parser.add_argument("--work", default="/tmp/launcher-data-bench")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows, scaling, parts = [], None, {}
-    for n, size_mb in enumerate(args.sizes_mb):
+    kinds = ("text (cache hit)", "token shards")
+    configs, scaling = {}, None
+    for n, size_mb in enumerate(args.sizes_mb):  # 1. each size tokenized, cold
         corpus, tokenizer = prepare(work, size_mb)
         cache, shards = work / f"cache-{size_mb}mb", work / f"tokens-{size_mb}mb"
         for folder in (cache, shards):  # cold: what an earlier run of the benchmark prepared is made again
@@ -230,42 +229,56 @@ def main() -> None:
         line, peak, own = run_tokenize(config, cache, 2, shards)
         two_s = time.perf_counter() - started_s
         print(f"{size_mb} MB, launcher tokenize --num-proc 2: {line} (peak PSS with workers {peak:,.0f} MiB, {own:,.0f} MiB not mapped)", flush=True)
-        if n == 0:  # the scaling: the same corpus with 1 process, cold, into a cache of its own
-            cache_1 = work / f"cache-{size_mb}mb-np1"
-            shutil.rmtree(cache_1, ignore_errors=True)
-            shutil.rmtree(work / "tokens-np1", ignore_errors=True)
+        if n == 0:  # the scaling: the same corpus and work with 1 process, cold, into a cache of its own
+            cache_1, shards_1 = work / f"cache-{size_mb}mb-np1", work / "tokens-np1"
+            for folder in (cache_1, shards_1):
+                shutil.rmtree(folder, ignore_errors=True)
             config_1 = write_bench_config(work, size_mb, corpus, tokenizer, cache_1, args.steps, name="-np1")
             started_s = time.perf_counter()
-            line, peak, own = run_tokenize(config_1, cache_1, 1, work / "tokens-np1")  # the same work as the 2 processes
+            line, peak, own = run_tokenize(config_1, cache_1, 1, shards_1)
             scaling = (time.perf_counter() - started_s, two_s)
             print(f"{size_mb} MB, launcher tokenize --num-proc 1: {line} (peak PSS {peak:,.0f} MiB, {own:,.0f} MiB not mapped)", flush=True)
-            shutil.rmtree(cache_1, ignore_errors=True)
-            shutil.rmtree(work / "tokens-np1", ignore_errors=True)
-        text = run_train(config, cache, work, args.repeats)
+            for folder in (cache_1, shards_1):
+                shutil.rmtree(folder, ignore_errors=True)
         tokens_config = write_bench_config(work, size_mb, shards / "train", tokenizer, cache, args.steps, format="tokens")
-        tokens = run_train(tokens_config, cache, work, args.repeats)
-        parts[size_mb] = {what: data_part(c, cache, args.repeats) for what, c in (("text (cache hit)", config), ("token shards", tokens_config))}
-        print(f"{size_mb} MB, the data part of a start, in-process (median of {args.repeats}): {parts[size_mb]}", flush=True)
-        for what, (first_step_s, pss, anon) in (("text (cache hit)", text), ("token shards", tokens)):
-            rows.append((size_mb, what, first_step_s, pss, anon))
-            print(
-                f"{size_mb} MB, {what}: process start to the first step {first_step_s:.1f}s (median of {args.repeats});"
-                f" peak while training {args.steps} steps: PSS {pss:,.0f} MiB, {anon:,.0f} MiB without memory-mapped file pages",
-                flush=True,
-            )
-    print("\n| corpus | data | start to first step | peak PSS | of it not memory-mapped |\n|---|---|---|---|---|")
-    for size_mb, what, first_step_s, pss, anon in rows:
-        print(f"| {size_mb:,} MB | {what} | {first_step_s:.2f} s | {pss:,.0f} MiB | {anon:,.0f} MiB |")
+        configs[size_mb] = {kinds[0]: (config, cache), kinds[1]: (tokens_config, cache)}
+    os.sync()  # what tokenize wrote is on disk before anything is timed, not flushed during it
+    starts = {(size, kind): [] for size in args.sizes_mb for kind in kinds}
+    for _ in range(args.repeats):  # 2. the starts, the sizes interleaved so that the machine's drift falls on all alike
+        for size_mb in args.sizes_mb:
+            for kind in kinds:
+                starts[size_mb, kind].append(train_once(*configs[size_mb][kind], work))
+    rows = []
+    for (size_mb, kind), runs in starts.items():
+        rows.append((size_mb, kind, float(np.median([r[0] for r in runs])), max(r[1] for r in runs), max(r[2] for r in runs)))
+        print(
+            f"{size_mb} MB, {kind}: process start to the first step {rows[-1][2]:.2f}s (median of {args.repeats}: "
+            f"{', '.join(f'{r[0]:.2f}' for r in runs)}); peak while training {args.steps} steps: PSS {rows[-1][3]:,.0f} MiB,"
+            f" {rows[-1][4]:,.0f} MiB without memory-mapped file pages",
+            flush=True,
+        )
+    parts = {}  # 3. the data part alone, warm (the median of --repeats) and with the page cache dropped (root)
+    can_drop = os.geteuid() == 0
+    for size_mb in args.sizes_mb:
+        for kind in kinds:
+            warm = float(np.median([data_part(*configs[size_mb][kind], cold=False) for _ in range(args.repeats)]))
+            parts[size_mb, kind] = (warm, data_part(*configs[size_mb][kind], cold=True) if can_drop else None)
+            cold = f", {parts[size_mb, kind][1]:.3f}s from a dropped page cache" if can_drop else ""
+            print(f"{size_mb} MB, {kind}: the data part of a start {warm:.3f}s (page cache warm){cold}", flush=True)
+    print("\n| corpus | data | start to first step | data part (warm) | data part (cold) | peak PSS | of it not memory-mapped |")
+    print("|---|---|---|---|---|---|---|")
+    for size_mb, kind, first_step_s, pss, anon in rows:
+        warm, cold = parts[size_mb, kind]
+        cold_text = f"{cold:.3f} s" if cold is not None else "not run"
+        print(f"| {size_mb:,} MB | {kind} | {first_step_s:.2f} s | {warm:.3f} s | {cold_text} | {pss:,.0f} MiB | {anon:,.0f} MiB |")
     small, large = args.sizes_mb[0], args.sizes_mb[-1]
     if small != large:
         print(f"\n{large:,} MB against {small:,} MB, side by side:")
-        for what in ("text (cache hit)", "token shards"):
-            a, b = (next(r for r in rows if r[0] == size and r[1] == what) for size in (small, large))
-            data_a, data_b = parts[small][what], parts[large][what]
-            print(
-                f"  {what}: start {b[2] - a[2]:+.2f} s (of it the data part: {1e3 * data_a:.0f} -> {1e3 * data_b:.0f} ms);"
-                f" memory not mapped x{b[4] / a[4]:.3f}"
-            )
+        for kind in kinds:
+            a, b = (next(r for r in rows if r[0] == size and r[1] == kind) for size in (small, large))
+            (warm_a, cold_a), (warm_b, cold_b) = parts[small, kind], parts[large, kind]
+            cold = f", cold {cold_b - cold_a:+.3f} s" if can_drop else ""
+            print(f"  {kind}: start {b[2] - a[2]:+.2f} s (the data part: warm {warm_b - warm_a:+.3f} s{cold}); memory not mapped x{b[4] / a[4]:.3f}")
     if scaling is not None:
         print(
             f"  launcher tokenize at {small:,} MB, end to end (process start included): 1 process {scaling[0]:.1f} s,"
