@@ -14,10 +14,10 @@ Rows are those format `text` makes with `pack: true` from the same documents (pa
 GROUP documents concatenated and cut into rows of `seq_len + 1`, a group's last short row kept when it has
 a target; with `data.separate_documents`, with the same kinds (START where the row and each document in it
 begin), found from the offsets inside the row. So a corpus given as text and as tokens trains on identical
-batches. A row is located from its
-index in O(log groups): the start reads one offset per group (every GROUP-th), never the tokens, and keeps
-those in a table under the data cache, so a later start reads 8 bytes per group instead of paging in most of
-each index; a rank holds only memory maps and per-group arrays (24 bytes per GROUP documents).
+batches. A row is located from its index in O(log groups): the start reads one offset per group (every
+GROUP-th), never the tokens, and keeps those in a table under the data cache, so a later start reads 8 bytes
+per group instead of paging in most of each index; a rank holds only memory maps and per-group arrays (24 bytes
+per GROUP documents).
 
 Checked at start, cheaply: each header, the file sizes it implies (a truncated `.bin`, one of the other
 dtype, an index of another shard), the first and last offsets, and the largest token id against the
@@ -157,7 +157,7 @@ class TokenRows:
 
     def group_starts(self, cache_dir: Path | None) -> np.ndarray:
         """The first token of each group of GROUP documents, and the end: read from every GROUP-th offset, which pages
-        in most of each index (1.6 s for 300 M documents, 600 GB of tokens, from the disk), or from the table an earlier
+        in most of each index (1.6 to 2.7 s measured for 300 M documents, 600 GB of tokens, from the disk), or from the table an earlier
         start wrote under `cache_dir/token-groups/` (8 bytes a group), keyed by each shard's name, size, modification
         time and counts."""
         lo, hi = self.doc_range
