@@ -1,7 +1,8 @@
 """Batch arithmetic and which samples make up each optimizer step.
 
-The samples of global step `s` are a slice of a seeded per-epoch permutation of the training split
-(an array, or for very large splits a permutation computed per slice: `order_kind`), `global_batch_size` long (shorter for the last step of an epoch). They depend on the seed, the
+The samples of global step `s` are a slice of a seeded per-epoch permutation of the training split (an
+array, or for large splits a permutation computed per slice: `order_kind`), `global_batch_size` long
+(shorter for the last step of an epoch). They depend on the seed, the
 epoch and the global batch size only, never on how the global batch is split into ranks and
 micro-steps: a run moved from 2 ranks x 4 micro-steps to 1 rank x 8 gets the same updates.
 """

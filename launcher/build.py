@@ -17,7 +17,7 @@ from torch import nn
 
 from launcher.backends import Backend, make_backend
 from launcher.bare_model import build_bare_model
-from launcher.batches import BatchLayout
+from launcher.batches import ORDER_KINDS, BatchLayout
 from launcher.checkpoints import load_checkpoint, set_aside_newer
 from launcher.config import Config, DistributedConfig
 from launcher.data import EvalData, TrainData, data_identity, make_mixture, prepare_splits
@@ -102,6 +102,11 @@ def _build_run(cfg: Config, overwrite: bool, start: StartingPoint | None, checke
     pin = accelerator.device.type == "cuda"
     mixture = make_mixture(cfg.data, train_blocks, cfg.seed)  # data.sources: which rows each epoch takes
     resumed_order = (start.state.sample_order or "array") if start.state is not None else None  # a resume orders as its run did
+    if resumed_order not in (None, *ORDER_KINDS):
+        raise UsageError(
+            f"resume: checkpoint '{checkpoint}' orders its samples as '{resumed_order}', which this launcher does not know;"
+            " resume it with the launcher version that wrote it"
+        )
     train_data = TrainData(
         train_blocks, plan, rank, cfg.seed, cfg.data.shuffle, pin, cfg.train.overfit_batches, tokenizer.pad_id, mixture, resumed_order
     )

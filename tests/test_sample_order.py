@@ -79,6 +79,14 @@ def test_a_resume_orders_as_its_checkpoint_recorded(tmp_path: Path):
         losses[recorded] = [r["loss"] for r in metrics(out) if "loss" in r]
         last = json.loads((out / "checkpoints" / "step-000000004" / "trainer_state.json").read_text())
         assert last["sample_order"] == (recorded or "array")
+    unknown = tmp_path / "recorded-zigzag"  # a checkpoint of a launcher that knows other orders: one line, exit 2
+    shutil.copytree(straight / "checkpoints" / "step-000000002", unknown)
+    (unknown / "trainer_state.json").write_text(json.dumps(state | {"sample_order": "zigzag"}))
+    refused = run_cli("train", str(config), f"output_dir={tmp_path / 'refused'}", f"resume={unknown}")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"launcher: error: resume: checkpoint '{unknown}' orders its samples as 'zigzag', which this launcher does not know;"
+        " resume it with the launcher version that wrote it"
+    ], refused.stderr
     want = [r["loss"] for r in metrics(straight) if "loss" in r][2:]
     assert losses[None] == want
     assert losses["keyed"] != want

@@ -123,16 +123,22 @@ class MappedColumn:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def __getitem__(self, idx) -> np.ndarray:
+    def __getitem__(self, idx) -> np.ndarray | int:
         if isinstance(idx, slice):
             idx = np.arange(len(self))[idx]
+        if np.ndim(idx) == 0:  # one row's number
+            return int(self[np.array([idx])][0])
         idx = np.asarray(idx, dtype=np.int64)
+        idx = np.where(idx < 0, idx + len(self), idx)
         chunk = np.searchsorted(self.starts, idx, side="right") - 1
         out = np.empty(len(idx), dtype=np.int64)
         for c in np.unique(chunk):
             mine = chunk == c
             out[mine] = self.chunks[c][idx[mine] - self.starts[c]]
         return out
+
+    def __iter__(self):
+        return (int(v) for chunk in self.chunks for v in chunk)
 
     def sum(self) -> int:
         return sum(int(c.sum(dtype=np.int64)) for c in self.chunks)
