@@ -114,7 +114,7 @@ class RowStore:
 
 class MappedColumn:
     """A number per row (a length, a target count) read where the split's Arrow chunks lie, memory-mapped from the
-    cache: 8 bytes per chunk of about 1,000 rows are held, not 4 per row (1.5 GB per rank at 100 GB of text)."""
+    cache: a numpy view and 8 bytes per chunk of about 1,000 rows are held (a few hundred bytes), not 4 bytes per row."""
 
     def __init__(self, column):
         self.chunks = [c.to_numpy(zero_copy_only=True) for c in column.chunks]
